@@ -1,0 +1,142 @@
+"""Group gradients and their alignment with a reference direction (exact reference path).
+
+Notation: P groups · D scored parameters (flattened). g_p = grad_theta L_p (see `grpo`).
+
+- validation direction: g_V = sum_v g_v (or sum_v g_v / (||g_v|| + 1e-5) with
+  ``mean_of_unit``), then g^_V = g_V / (||g_V|| + 1e-5)   (GradAlign, arXiv 2602.21492)
+- chunk direction (LearnAlign-style `align` mode): g^_C from g_C = sum_{p in chunk} g_p
+- per candidate: dot_val = <g_p, g^_V>, dot_chunk = <g_p, g^_C>, norm = ||g_p||
+
+The exact path runs one backward per group and reads each g_p as a flat vector; it is the
+reference that faster scorers are tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradalign.grpo import SequenceBatch, scoring_loss
+
+EPS = 1e-5
+ValAggregate = Literal["sum", "mean_of_unit"]
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class GroupAlignment:
+    """Alignment statistics of P candidate groups (all float64 [P])."""
+
+    dot_val: np.ndarray  # <g_p, g^_V>
+    dot_chunk: np.ndarray  # <g_p, g^_C>
+    norm: np.ndarray  # ||g_p||
+
+    @property
+    def cos_val(self) -> np.ndarray:
+        return self.dot_val / (self.norm + EPS)
+
+    @property
+    def cos_chunk(self) -> np.ndarray:
+        return self.dot_chunk / (self.norm + EPS)
+
+
+def scored_parameters(model: torch.nn.Module, subset: str = "all") -> list[torch.nn.Parameter]:
+    """Parameters whose gradient is scored.
+
+    ``all``: every trainable parameter; ``lora``: LoRA adapter weights only;
+    ``last:N``: the last N transformer blocks plus the final norm (and an untied LM head).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if subset == "all":
+        return [p for _, p in named]
+    if subset == "lora":
+        chosen = [p for n, p in named if "lora_" in n]
+        if not chosen:
+            raise ValueError("score.params='lora' but the model has no LoRA parameters")
+        return chosen
+    if subset.startswith("last:"):
+        n_last = int(subset.split(":", 1)[1])
+        layers = sorted({int(n.split("layers.")[1].split(".")[0]) for n, _ in named if "layers." in n})
+        if not 1 <= n_last <= len(layers):
+            raise ValueError(f"score.params='{subset}': the model has {len(layers)} blocks")
+        keep = {f"layers.{i}." for i in layers[-n_last:]}
+        return [
+            p for n, p in named
+            if any(k in n for k in keep) or ("layers." not in n and "embed" not in n)
+        ]
+    raise ValueError(f"score.params='{subset}': expected 'all', 'lora' or 'last:N'")
+
+
+def flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
+    """grad of `loss` over `params`, flattened and concatenated. # [D]"""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([
+        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+        for g, p in zip(grads, params)
+    ])
+
+
+def _group_rows(batch: SequenceBatch) -> list[Tensor]:
+    return [torch.nonzero(batch.group == p).squeeze(1) for p in range(batch.num_groups)]
+
+
+def iter_group_gradients(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch
+) -> Iterator[Tensor]:
+    """g_p for p = 0..P-1, one backward per group. Yields [D] (float64)."""
+    for rows in _group_rows(batch):
+        sub = batch.select(rows, 1, torch.zeros(len(rows), dtype=torch.long))
+        yield flat_grad(scoring_loss(model, sub), params)
+
+
+def summed_gradient(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch,
+    groups_per_micro: int = 8,
+) -> Tensor:
+    """sum_p g_p, computed over micro-batches of whole groups. # [D]"""
+    rows_of = _group_rows(batch)
+    total = None
+    for start in range(0, batch.num_groups, groups_per_micro):
+        chunk = rows_of[start : start + groups_per_micro]
+        rows = torch.cat(chunk)
+        group = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in enumerate(chunk)])
+        g = flat_grad(scoring_loss(model, batch.select(rows, len(chunk), group)), params)
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+def unit(v: Tensor) -> Tensor:
+    return v / (v.norm() + EPS)
+
+
+def validation_direction(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch,
+    aggregate: ValAggregate = "sum",
+) -> Tensor:
+    """g^_V = g_V / (||g_V|| + 1e-5), g_V = sum_v g_v (or sum_v unit(g_v)). # [D]"""
+    if aggregate == "sum":
+        return unit(summed_gradient(model, params, batch))
+    total = sum(unit(g) for g in iter_group_gradients(model, params, batch))
+    return unit(total)  # type: ignore[arg-type]
+
+
+def exact_alignment(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch,
+    val_direction: Tensor, progress: Progress | None = None,
+) -> GroupAlignment:
+    """dot_val, dot_chunk and norm of every candidate group, one backward per group."""
+    chunk_direction = unit(summed_gradient(model, params, batch))
+    dot_val, dot_chunk, norm = [], [], []
+    for g in iter_group_gradients(model, params, batch):
+        dot_val.append(float(g @ val_direction))
+        dot_chunk.append(float(g @ chunk_direction))
+        norm.append(float(g.norm()))
+        if progress is not None:
+            progress(1)
+    return GroupAlignment(np.array(dot_val), np.array(dot_chunk), np.array(norm))

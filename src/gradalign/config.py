@@ -1,0 +1,271 @@
+"""Typed configuration: dataclasses loaded from YAML with ``section.field=value`` overrides.
+
+Each field is documented once, in its `doc(...)` help text; `gradalign fields` prints them.
+A bad value is rejected at load time with a message naming the field, the value and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gradalign.selection import Mode, ZeroVariance
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("builtin:tiny", "'builtin:tiny' (0.5M), 'builtin:small' (5M) or a local HF model directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "weights dtype")
+    device: str = doc("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
+    warmstart_steps: int = doc(600, "supervised warm-start steps for built-in models (0 = none)")
+    warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
+    warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
+    cache_dir: str = doc("", "warm-start cache ('' = $GRADALIGN_CACHE or ~/.cache/gradalign)")
+
+
+@dataclass
+class DataConfig:
+    families: list[str] = doc(["addition", "countdown"], "built-in task families in every set")
+    pool_size: int = doc(1024, "candidate training problems in the pool")
+    val_size: int = doc(32, "trusted validation problems (gradient reference, never trained on)")
+    eval_size: int = doc(256, "held-out eval problems (accuracy only; disjoint from validation)")
+    seed: int = doc(0, "seed of the task generator")
+
+
+@dataclass
+class RolloutConfig:
+    k_r: int = doc(8, "rollouts per candidate problem (k_r)")
+    k_v: int = doc(8, "rollouts per validation problem (k_v)")
+    temperature: float = doc(1.0, "sampling temperature for candidate and validation rollouts")
+    top_p: float = doc(1.0, "nucleus sampling threshold")
+    max_new_tokens: int = doc(12, "completion length limit (also GRPO's max_completion_length)")
+    prompts_per_batch: int = doc(64, "prompts per `generate` call (each with k samples)")
+
+
+@dataclass
+class SelectConfig:
+    mode: Mode = doc("sim", "how a chunk is ranked (DESIGN §3); 'none' = plain GRPO on the pool")
+    chunk_size: int = doc(64, "pool problems scored per round (M)")
+    k: int = doc(4, "selection ratio: keep n = chunk_size // k problems per round")
+    zero_variance: ZeroVariance = doc("zero", "score of all-equal-reward groups: zero | last | exclude")
+    val_aggregate: Literal["sum", "mean_of_unit"] = doc("sum", "g_V = sum of g_v, or of unit g_v")
+    scale_advantages: bool = doc(False, "divide scoring advantages by the group std")
+    params: str = doc("all", "scored parameters: 'all', 'lora' or 'last:N' blocks")
+    scorer: Literal["exact"] = doc("exact", "gradient scorer: 'exact' = one backward per group")
+
+
+@dataclass
+class TrainConfig:
+    steps_per_round: int = doc(8, "GRPO optimizer steps per round")
+    batch_size: int = doc(8, "problems per GRPO step (each with num_generations completions)")
+    num_generations: int = doc(8, "completions per problem in GRPO training")
+    learning_rate: float = doc(2e-5, "GRPO learning rate (AdamW, constant)")
+    beta: float = doc(0.0, "KL coefficient to the initial policy (0 = no reference model)")
+    micro_batch: int = doc(64, "sequences per forward/backward in training")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = doc("dapo", "TRL GRPO loss type")
+    scale_rewards: Literal["group", "batch", "none"] = doc("group", "TRL advantage scaling")
+    max_grad_norm: float = doc(1.0, "gradient clipping")
+
+
+@dataclass
+class Config:
+    rounds: int = doc(10, "rounds of score → select → train")
+    seed: int = doc(0, "seed of every random choice of the run (rollouts, sampling, training)")
+    out_dir: str = doc("runs/default", "run directory")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def n_select(self) -> int:
+        """n = chunk_size // k problems trained on per round."""
+        return self.select.chunk_size // self.select.k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        if value not in typing.get_args(typ):
+            choices = ", ".join(map(str, typing.get_args(typ)))
+            raise ConfigError(f"{name}: {value!r} is not one of {choices}")
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if typ in (int, float):
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if typ is int and ok and float(value).is_integer():
+            return int(value)
+        if typ is float and ok:
+            return float(value)
+        raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}")
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{name}: unsupported type {typ}")  # pragma: no cover
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown field (known in {prefix.rstrip('.') or 'config'}: "
+            f"{', '.join(sorted(known))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
+        elif isinstance(typ, types.UnionType):  # pragma: no cover - none at present
+            kwargs[name] = value
+        else:
+            kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected FIELD=VALUE, e.g. select.mode=dot")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data, "")
+    check(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def _positive(cfg: Config) -> None:
+    for section, obj in [("", cfg)] + [(f"{f}.", getattr(cfg, f)) for f in
+                                       ("model", "data", "rollout", "select", "train")]:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.name in ("seed", "warmstart_steps", "beta"):
+                if isinstance(value, (int, float)) and value < 0:
+                    raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+                raise ConfigError(f"{section}{f.name}: must be > 0, got {value}")
+
+
+def check(cfg: Config) -> None:
+    """Cross-field invariants of the round arithmetic, with messages naming field and fix."""
+    _positive(cfg)
+    s, t, d, r = cfg.select, cfg.train, cfg.data, cfg.rollout
+    if s.chunk_size > d.pool_size:
+        raise ConfigError(
+            f"select.chunk_size ({s.chunk_size}) exceeds data.pool_size ({d.pool_size}); "
+            "lower chunk_size or grow the pool"
+        )
+    if cfg.n_select < 1:
+        raise ConfigError(
+            f"select.k ({s.k}) leaves 0 problems from chunk_size {s.chunk_size}; "
+            "lower k or raise chunk_size"
+        )
+    trained_on = d.pool_size if s.mode == "none" else cfg.n_select
+    if t.batch_size > trained_on:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
+            f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
+        )
+    for name, value in (("rollout.k_r", r.k_r), ("rollout.k_v", r.k_v),
+                        ("train.num_generations", t.num_generations)):
+        if value < 2:
+            raise ConfigError(f"{name}: needs >= 2 rollouts per group for an advantage, got {value}")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    if not (s.params in ("all", "lora") or s.params.startswith("last:")):
+        raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
+    from gradalign.tasks import FAMILIES
+
+    for fam in d.families:
+        if fam not in FAMILIES:
+            raise ConfigError(f"data.families: unknown family {fam!r} (known: {', '.join(FAMILIES)})")
+    if not d.families:
+        raise ConfigError("data.families: give at least one task family")
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(name, default, help) of every field, for `gradalign fields`."""
+    rows = []
+    cfg = Config()
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                rows.append((f"{f.name}.{g.name}", repr(getattr(value, g.name)), g.metadata["help"]))
+        else:
+            rows.append((f.name, repr(value), f.metadata["help"]))
+    return rows

@@ -1,0 +1,128 @@
+"""The policy: a causal LM and its tokenizer.
+
+Two ways in: ``builtin:tiny`` / ``builtin:small`` build a Llama-style model from a
+transformers config with a character-level tokenizer (no hub, no download), and any local
+Hugging Face directory (config, safetensors weights, tokenizer with a chat template) loads
+through ``AutoModelForCausalLM`` exactly as a user's checkpoint would.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+CHARS = (
+    list("0123456789+-*/=()<>.,:;?!'\" \n")
+    + [chr(c) for c in range(97, 123)]
+    + [chr(c) for c in range(65, 91)]
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}Q:{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}A:{{ m['content'] }}<eos>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}A:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySize:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+# Sizes measured in the machine notes: tiny ≈ 0.5M parameters, small ≈ 5M.
+BUILTIN_SIZES = {
+    "tiny": TinySize(128, 2, 4, 512),
+    "small": TinySize(256, 6, 4, 768),
+}
+
+
+def build_tokenizer():
+    """Character-level tokenizer (one token per character) with a Q:/A: chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_model(tokenizer, size: str = "tiny", seed: int = 0):
+    """A randomly initialised Llama-style causal LM sized for CPU experiments."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if size not in BUILTIN_SIZES:
+        raise ValueError(f"unknown built-in size '{size}' (known: {', '.join(BUILTIN_SIZES)})")
+    s = BUILTIN_SIZES[size]
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        intermediate_size=s.intermediate,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    _set_generation_ids(model, tokenizer)
+    return model
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+
+def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a local Hugging Face causal-LM directory and its tokenizer (offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer in {path} has no chat template")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    _set_generation_ids(model, tokenizer)
+    return model, tokenizer
+
+
+def format_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant turn opener."""
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
+    ids = enc["input_ids"] if not isinstance(enc, list) else enc
+    return list(ids)

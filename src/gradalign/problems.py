@@ -1,0 +1,144 @@
+"""Problems, their JSONL I/O, and the chunking of a pool into rounds.
+
+A *problem* is one prompt with its reference answer, a ``source`` label and a stable
+integer ``id``. The *pool* is the list of candidate training problems; a *chunk* is the
+``chunk_size`` pool problems scored in one round. Chunks cycle through a seeded shuffle of
+the pool (one permutation per pass).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ProblemError(ValueError):
+    """A problem record is malformed; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: int  # stable integer id, unique within a pool
+    prompt: str  # user message (the chat template is applied by the policy)
+    answer: str  # reference answer checked by the reward function
+    source: str  # task family or data source, e.g. "addition", "countdown", "gsm8k"
+    reward: str = "exact"  # name of the reward function in `gradalign.rewards.REWARDS`
+    meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # `meta` records what a regime did to the problem (e.g. {"corruption": "coinflip"}),
+    # for measurement only: selection never reads it.
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_REQUIRED = {"id": int, "prompt": str, "answer": str, "source": str}
+
+
+def problem_from_record(rec: Any, where: str) -> Problem:
+    """Build a Problem from a decoded JSON record; `where` is "file:line" for messages."""
+    if not isinstance(rec, dict):
+        raise ProblemError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for name, typ in _REQUIRED.items():
+        if name not in rec:
+            raise ProblemError(f"{where}: missing field '{name}'")
+        value = rec[name]
+        if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ProblemError(f"{where}: field 'id' must be an integer, got {value!r}")
+        if typ is str and not isinstance(value, str):
+            raise ProblemError(f"{where}: field '{name}' must be a string, got {value!r}")
+    if not rec["prompt"].strip():
+        raise ProblemError(f"{where}: field 'prompt' is empty")
+    reward = rec.get("reward", "exact")
+    if not isinstance(reward, str):
+        raise ProblemError(f"{where}: field 'reward' must be a string, got {reward!r}")
+    meta = rec.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ProblemError(f"{where}: field 'meta' must be an object, got {meta!r}")
+    return Problem(rec["id"], rec["prompt"], rec["answer"], rec["source"], reward, meta)
+
+
+def read_problems(path: str | Path) -> list[Problem]:
+    """Read problems from a JSONL file (one object per line, blank lines ignored)."""
+    path = Path(path)
+    problems: list[Problem] = []
+    seen: dict[int, int] = {}
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ProblemError(f"{where}: invalid UTF-8 ({err.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ProblemError(f"{where}: invalid JSON ({err.msg})") from None
+            problem = problem_from_record(rec, where)
+            if problem.id in seen:
+                raise ProblemError(
+                    f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
+                )
+            seen[problem.id] = lineno
+            problems.append(problem)
+    return problems
+
+
+def write_problems(path: str | Path, problems: Iterable[Problem]) -> None:
+    from gradalign.rundir import write_jsonl
+
+    write_jsonl(path, (p.to_json() for p in problems))
+
+
+def check_disjoint(a: list[Problem], b: list[Problem], names: tuple[str, str]) -> None:
+    """Raise if two problem sets share a prompt (e.g. validation and eval sets)."""
+    shared = {p.prompt for p in a} & {p.prompt for p in b}
+    if shared:
+        example = sorted(shared)[0]
+        raise ProblemError(
+            f"the {names[0]} and {names[1]} sets share {len(shared)} prompt(s), e.g. {example!r}"
+        )
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """Chunks of `chunk_size` problems cycling through seeded shuffles of the pool.
+
+    Pass e (0, 1, ...) uses permutation `rng(seed + e)` of the pool; a chunk never spans
+    two passes, so a pool of 100 with chunk_size 32 yields 3 chunks per pass.
+    """
+
+    pool_size: int
+    chunk_size: int
+    seed: int
+
+    @property
+    def chunks_per_pass(self) -> int:
+        return self.pool_size // self.chunk_size
+
+    def chunk(self, r: int) -> np.ndarray:
+        """Pool positions of chunk r (round r). # [chunk_size]"""
+        per_pass = self.chunks_per_pass
+        epoch, j = divmod(r, per_pass)
+        perm = np.random.default_rng(self.seed + epoch).permutation(self.pool_size)
+        return perm[j * self.chunk_size : (j + 1) * self.chunk_size]
+
+    def manifest(self, rounds: int) -> dict[str, Any]:
+        return {
+            "pool_size": self.pool_size,
+            "chunk_size": self.chunk_size,
+            "shuffle_seed": self.seed,
+            "chunks_per_pass": self.chunks_per_pass,
+            "chunks": [self.chunk(r).tolist() for r in range(rounds)],
+        }
+
+
+def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,148 @@
+"""Rollouts: k sampled completions per problem with HF `generate`, and their rewards.
+
+Notation: P problems · k rollouts per problem · N = P*k sequences.
+The sampled token ids are kept exactly as generated (EOS included when it was sampled; the
+padding after it dropped), so scoring never re-tokenises text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences
+from gradalign.policy import format_prompt
+from gradalign.problems import Problem
+from gradalign.rewards import score_completion
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    problems: list[Problem]  # [P]
+    prompt_ids: list[list[int]]  # [P] chat-formatted prompt token ids
+    completion_ids: list[list[int]]  # [N] sampled token ids (EOS included when sampled)
+    texts: list[str]  # [N] decoded completions (special tokens dropped)
+    rewards: np.ndarray  # float [N]
+    group: np.ndarray  # int [N], index into `problems`
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.problems)
+
+    def pass_rates(self) -> np.ndarray:
+        """a_p: mean reward of each problem's rollouts. # [P]"""
+        count = np.bincount(self.group, minlength=self.num_groups)
+        return np.bincount(self.group, self.rewards, self.num_groups) / np.maximum(count, 1)
+
+    def zero_variance(self) -> np.ndarray:
+        """True where all of a problem's rewards are equal. # [P]"""
+        hi = np.full(self.num_groups, -np.inf)
+        lo = np.full(self.num_groups, np.inf)
+        np.maximum.at(hi, self.group, self.rewards)
+        np.minimum.at(lo, self.group, self.rewards)
+        return hi == lo
+
+    def to_batch(self, pad_id: int, scale_advantages: bool = False) -> SequenceBatch:
+        prompts = [self.prompt_ids[g] for g in self.group]
+        input_ids, attention_mask, completion_mask = pack_sequences(
+            prompts, self.completion_ids, pad_id
+        )
+        group = torch.as_tensor(self.group, dtype=torch.long)
+        adv = group_advantages(
+            torch.as_tensor(self.rewards), group, self.num_groups, scale_advantages
+        )
+        return SequenceBatch(input_ids, attention_mask, completion_mask, adv, group, self.num_groups)
+
+    def records(self, role: str) -> list[dict]:
+        return [
+            {
+                "role": role,
+                "problem_id": self.problems[g].id,
+                "sample": int(j),
+                "tokens": self.completion_ids[i],
+                "text": self.texts[i],
+                "reward": float(self.rewards[i]),
+            }
+            for i, (g, j) in enumerate(zip(self.group, _sample_index(self.group)))
+        ]
+
+
+def _sample_index(group: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(group), dtype=int)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(group):
+        out[i] = seen.get(int(g), 0)
+        seen[int(g)] = out[i] + 1
+    return out
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 12
+    prompts_per_batch: int = 64
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def _trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
+    if eos_id in row:
+        return row[: row.index(eos_id) + 1]
+    return [t for t in row if t != pad_id]
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, problems: list[Problem], k: int, sampling: SamplingConfig, seed: int,
+    greedy: bool = False, salt: str = "", progress: Callable[[int], None] | None = None,
+) -> Rollouts:
+    """k completions for each problem (greedy: k must be 1), rewarded by each problem's
+    reward function. Seeded: the same model, problems and seed give the same rollouts."""
+    if greedy and k != 1:
+        raise ValueError("greedy decoding gives one completion per problem (k=1)")
+    device = next(model.parameters()).device
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
+    completions: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(problems), sampling.prompts_per_batch):
+            batch = prompt_ids[start : start + sampling.prompts_per_batch]
+            ids, mask = _left_pad(batch, pad_id)
+            kwargs = (
+                {"do_sample": False}
+                if greedy
+                else {"do_sample": True, "temperature": sampling.temperature,
+                      "top_p": sampling.top_p, "top_k": 0}
+            )
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                max_new_tokens=sampling.max_new_tokens, num_return_sequences=k,
+                pad_token_id=pad_id, eos_token_id=eos_id, **kwargs,
+            )
+            for row in out[:, ids.shape[1] :].tolist():
+                completions.append(_trim(row, eos_id, pad_id))
+            if progress is not None:
+                progress(len(batch))
+    model.train(was_training)
+    group = np.repeat(np.arange(len(problems)), k)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    rewards = np.array([
+        score_completion(problems[g], text, salt=f"{salt}:{i}")
+        for i, (g, text) in enumerate(zip(group, texts))
+    ], dtype=np.float64)
+    return Rollouts(problems, prompt_ids, completions, texts, rewards, group)

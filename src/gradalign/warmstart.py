@@ -1,0 +1,119 @@
+"""Supervised warm start of a built-in policy, cached on disk.
+
+RL needs a policy that sometimes succeeds: a randomly initialised model never earns a
+reward, so GRPO has nothing to learn from. The warm start trains the built-in model on
+reference solutions of the task families (loss on completion tokens only, AdamW, cosine
+decay) for a fixed number of steps, then saves it as a Hugging Face directory keyed by a
+hash of everything that determines it, so a second run loads it instead of redoing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gradalign.grpo import pack_sequences
+from gradalign.policy import build_model, build_tokenizer, format_prompt
+from gradalign.rundir import write_json
+from gradalign.tasks import warmstart_examples
+
+WARMSTART_VERSION = 1  # bump when the recipe changes, to invalidate caches
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("GRADALIGN_CACHE", Path.home() / ".cache" / "gradalign"))
+
+
+def warmstart_key(size: str, families: list[str], steps: int, lr: float, batch: int,
+                  seed: int, exclude: set[str]) -> str:
+    spec = {"v": WARMSTART_VERSION, "size": size, "families": families, "steps": steps,
+            "lr": lr, "batch": batch, "seed": seed,
+            "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def supervised_warmstart(
+    model, tokenizer, examples: list[tuple[str, str]], steps: int, lr: float, batch: int,
+    seed: int, progress: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train on (prompt, solution) pairs, loss on solution tokens + EOS. Returns losses."""
+    prompts = [format_prompt(tokenizer, p) for p, _ in examples]
+    answers = [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for _, s in examples]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warm = max(1, steps * 3 // 100)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=gen)
+    losses, pos = [], 0
+    model.train()
+    for step in range(steps):
+        if pos + batch > len(order):
+            order, pos = torch.randperm(len(examples), generator=gen), 0
+        idx = order[pos : pos + batch].tolist()
+        pos += batch
+        ids, attn, mask = pack_sequences([prompts[i] for i in idx], [answers[i] for i in idx],
+                                         tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T, V]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        ).view_as(mask)  # [B, T]
+        loss = (nll * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        if progress is not None:
+            progress(step + 1, float(loss))
+    model.eval()
+    return losses
+
+
+def load_or_warmstart(
+    size: str, families: list[str], steps: int, lr: float, batch: int, seed: int,
+    exclude: set[str], cache_dir: str = "",
+    progress: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+):
+    """The warm-started built-in (model, tokenizer): from the cache, or trained and cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = warmstart_key(size, families, steps, lr, batch, seed, exclude)
+    path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
+    if (path / "warmstart.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        log(f"warm start: loaded from cache {path}")
+        return model, tokenizer
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, size, seed=seed)
+    if steps == 0:
+        return model, tokenizer
+    examples = warmstart_examples(families, 20_000, seed + 17, exclude)
+    log(f"warm start: {steps} supervised steps on {len(examples)} examples ({size} model)")
+    t0 = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        losses = supervised_warmstart(model, tokenizer, examples, steps, lr, batch, seed, progress)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(tmp / "warmstart.json", {"steps": steps, "final_loss": losses[-1],
+                                        "seconds": time.perf_counter() - t0})
+    os.replace(tmp, path) if not path.exists() else None
+    log(f"warm start: done in {time.perf_counter() - t0:.0f} s, cached at {path}")
+    return model, tokenizer
