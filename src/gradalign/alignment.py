@@ -61,12 +61,15 @@ def scored_parameters(model: torch.nn.Module, subset: str = "all") -> list[torch
         return chosen
     if subset.startswith("last:"):
         n_last = int(subset.split(":", 1)[1])
-        layers = sorted({int(n.split("layers.")[1].split(".")[0]) for n, _ in named if "layers." in n})
+        layers = sorted(
+            {int(n.split("layers.")[1].split(".")[0]) for n, _ in named if "layers." in n}
+        )
         if not 1 <= n_last <= len(layers):
             raise ValueError(f"score.params='{subset}': the model has {len(layers)} blocks")
         keep = {f"layers.{i}." for i in layers[-n_last:]}
         return [
-            p for n, p in named
+            p
+            for n, p in named
             if any(k in n for k in keep) or ("layers." not in n and "embed" not in n)
         ]
     raise ValueError(f"score.params='{subset}': expected 'all', 'lora' or 'last:N'")
@@ -75,10 +78,12 @@ def scored_parameters(model: torch.nn.Module, subset: str = "all") -> list[torch
 def flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
     """grad of `loss` over `params`, flattened and concatenated. # [D]"""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([
-        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-        for g, p in zip(grads, params)
-    ])
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+            for g, p in zip(grads, params)
+        ]
+    )
 
 
 def _group_rows(batch: SequenceBatch) -> list[Tensor]:
@@ -88,14 +93,23 @@ def _group_rows(batch: SequenceBatch) -> list[Tensor]:
 def iter_group_gradients(
     model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch
 ) -> Iterator[Tensor]:
-    """g_p for p = 0..P-1, one backward per group. Yields [D] (float64)."""
+    """g_p for p = 0..P-1, one backward per group. Yields [D] (float64).
+
+    A group whose advantages are all zero (zero reward variance) has g_p = 0 exactly, so
+    its backward is skipped."""
+    size = sum(p.numel() for p in params)
     for rows in _group_rows(batch):
+        if not bool(batch.advantages[rows].any()):
+            yield torch.zeros(size, dtype=torch.float64, device=batch.advantages.device)
+            continue
         sub = batch.select(rows, 1, torch.zeros(len(rows), dtype=torch.long))
         yield flat_grad(scoring_loss(model, sub), params)
 
 
 def summed_gradient(
-    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    batch: SequenceBatch,
     groups_per_micro: int = 8,
 ) -> Tensor:
     """sum_p g_p, computed over micro-batches of whole groups. # [D]"""
@@ -116,7 +130,9 @@ def unit(v: Tensor) -> Tensor:
 
 
 def validation_direction(
-    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    batch: SequenceBatch,
     aggregate: ValAggregate = "sum",
 ) -> Tensor:
     """g^_V = g_V / (||g_V|| + 1e-5), g_V = sum_v g_v (or sum_v unit(g_v)). # [D]"""
@@ -127,8 +143,11 @@ def validation_direction(
 
 
 def exact_alignment(
-    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch,
-    val_direction: Tensor, progress: Progress | None = None,
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    batch: SequenceBatch,
+    val_direction: Tensor,
+    progress: Progress | None = None,
 ) -> GroupAlignment:
     """dot_val, dot_chunk and norm of every candidate group, one backward per group."""
     chunk_direction = unit(summed_gradient(model, params, batch))

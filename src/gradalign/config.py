@@ -7,6 +7,7 @@ A bad value is rejected at load time with a message naming the field, the value 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
 
 @dataclass
 class ModelConfig:
-    name: str = doc("builtin:tiny", "'builtin:tiny' (0.5M), 'builtin:small' (5M) or a local HF model directory")
+    name: str = doc(
+        "builtin:tiny", "'builtin:tiny' (0.5M), 'builtin:small' (5M) or a local HF model directory"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "weights dtype")
     device: str = doc("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
-    warmstart_steps: int = doc(600, "supervised warm-start steps for built-in models (0 = none)")
+    warmstart_steps: int = doc(500, "supervised warm-start steps for built-in models (0 = none)")
     warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
     warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
     cache_dir: str = doc("", "warm-start cache ('' = $GRADALIGN_CACHE or ~/.cache/gradalign)")
@@ -63,7 +66,9 @@ class SelectConfig:
     mode: Mode = doc("sim", "how a chunk is ranked (DESIGN §3); 'none' = plain GRPO on the pool")
     chunk_size: int = doc(64, "pool problems scored per round (M)")
     k: int = doc(4, "selection ratio: keep n = chunk_size // k problems per round")
-    zero_variance: ZeroVariance = doc("zero", "score of all-equal-reward groups: zero | last | exclude")
+    zero_variance: ZeroVariance = doc(
+        "zero", "score of all-equal-reward groups: zero | last | exclude"
+    )
     val_aggregate: Literal["sum", "mean_of_unit"] = doc("sum", "g_V = sum of g_v, or of unit g_v")
     scale_advantages: bool = doc(False, "divide scoring advantages by the group std")
     params: str = doc("all", "scored parameters: 'all', 'lora' or 'last:N' blocks")
@@ -131,6 +136,11 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
+                pass
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                value = float(value) if math.isfinite(float(value)) else value
+            except ValueError:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if typ is int and ok and float(value).is_integer():
@@ -209,8 +219,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _positive(cfg: Config) -> None:
-    for section, obj in [("", cfg)] + [(f"{f}.", getattr(cfg, f)) for f in
-                                       ("model", "data", "rollout", "select", "train")]:
+    for section, obj in [("", cfg)] + [
+        (f"{f}.", getattr(cfg, f)) for f in ("model", "data", "rollout", "select", "train")
+    ]:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if f.name in ("seed", "warmstart_steps", "beta"):
@@ -240,10 +251,15 @@ def check(cfg: Config) -> None:
             f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
             f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
         )
-    for name, value in (("rollout.k_r", r.k_r), ("rollout.k_v", r.k_v),
-                        ("train.num_generations", t.num_generations)):
+    for name, value in (
+        ("rollout.k_r", r.k_r),
+        ("rollout.k_v", r.k_v),
+        ("train.num_generations", t.num_generations),
+    ):
         if value < 2:
-            raise ConfigError(f"{name}: needs >= 2 rollouts per group for an advantage, got {value}")
+            raise ConfigError(
+                f"{name}: needs >= 2 rollouts per group for an advantage, got {value}"
+            )
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     if not (s.params in ("all", "lora") or s.params.startswith("last:")):
@@ -252,7 +268,9 @@ def check(cfg: Config) -> None:
 
     for fam in d.families:
         if fam not in FAMILIES:
-            raise ConfigError(f"data.families: unknown family {fam!r} (known: {', '.join(FAMILIES)})")
+            raise ConfigError(
+                f"data.families: unknown family {fam!r} (known: {', '.join(FAMILIES)})"
+            )
     if not d.families:
         raise ConfigError("data.families: give at least one task family")
 
@@ -265,7 +283,9 @@ def field_docs() -> list[tuple[str, str, str]]:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             for g in dataclasses.fields(value):
-                rows.append((f"{f.name}.{g.name}", repr(getattr(value, g.name)), g.metadata["help"]))
+                rows.append(
+                    (f"{f.name}.{g.name}", repr(getattr(value, g.name)), g.metadata["help"])
+                )
         else:
             rows.append((f.name, repr(value), f.metadata["help"]))
     return rows

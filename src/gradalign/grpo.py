@@ -69,7 +69,9 @@ def group_advantages(
     """A_i = r_i - mean_{j in group(i)} r_j; with `scale`, divided by the group's std + 1e-4
     (unbiased std, as TRL's `scale_rewards="group"`). # [N] -> [N]"""
     rewards = rewards.double()
-    count = torch.zeros(num_groups, dtype=torch.double).index_add_(0, group, torch.ones_like(rewards))
+    count = torch.zeros(num_groups, dtype=torch.double).index_add_(
+        0, group, torch.ones_like(rewards)
+    )
     total = torch.zeros(num_groups, dtype=torch.double).index_add_(0, group, rewards)
     mean = total / count  # [P]
     adv = rewards - mean[group]  # [N]

@@ -2,21 +2,34 @@
 
 The same reward function serves selection (pass rates, advantages of the scoring gradient)
 and training (TRL reward function), so a corrupted reward corrupts both, as in the paper.
+
+A problem names its reward in ``Problem.reward``: a key of `REWARDS` (``"math"``, ``"exact"``,
+``"countdown"``, ``"coinflip"``) or a user function as ``"package.module:function"``, imported
+on first use by `resolve_reward`.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import importlib
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from gradalign.problems import Problem
 
 RewardFn = Callable[[Problem, str], float]
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+class RewardError(KeyError):
+    """A reward name that is neither registered nor an importable ``module:function``."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
 
 
 def _normalise(text: str) -> str:
@@ -26,6 +39,134 @@ def _normalise(text: str) -> str:
 def exact_match(problem: Problem, completion: str) -> float:
     """1.0 when the completion equals the reference answer (whitespace-insensitive)."""
     return float(_normalise(completion) == _normalise(problem.answer))
+
+
+# --- math: answer extraction, then math-verify --------------------------------------------
+
+MATH_TIMEOUT_S = 5  # math-verify's per-parse / per-comparison limit (main thread only)
+MAX_ANSWER_CHARS = 1000  # longer extracted answers score 0 without being parsed
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_WRAPPERS = ("$", "**", "\\(", "\\)", "\\[", "\\]")
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index of the brace closing the one opened just before `start`; `\\{` `\\}` are skipped."""
+    depth, i = 1, start
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` whose braces balance (nested braces allowed)."""
+    for match in reversed(list(_BOXED.finditer(text))):
+        end = _closing_brace(text, match.end())
+        if end is not None:
+            return text[match.end() : end].strip()
+    return None
+
+
+def _strip_wrappers(text: str) -> str:
+    for token in _WRAPPERS:
+        text = text.replace(token, "")
+    return text.strip().rstrip(".").strip()
+
+
+def _last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer a completion states, by the first rule that applies:
+
+    1. the content of the last ``\\boxed{...}`` whose braces balance;
+    2. after the last "answer is" / "answer:" (any case), the rest of that line without ``$``,
+       ``**``, ``\\(`` ``\\)`` and a final period: whole if it is one token (``\\frac{1}{2}``),
+       else its first number ("The answer is 42 apples." gives ``42``);
+    3. the whole completion, stripped the same way, if it is one token (``0.5``, ``x^2+1``);
+    4. the last number in the completion (``-3``, ``2.5``, ``3/4``, ``1,000`` read as ``1000``);
+
+    else None. Rules 2-4 are the fallback for completions without a boxed answer.
+    """
+    boxed = last_boxed(completion)
+    if boxed is not None:
+        return boxed
+    markers = list(_ANSWER_IS.finditer(completion))
+    if markers:
+        rest = _strip_wrappers(completion[markers[-1].end() :].split("\n", 1)[0].lstrip(" :"))
+        if rest and not any(ch.isspace() for ch in rest):
+            return rest
+        found = _NUMBER.search(rest)
+        if found:
+            return found.group().replace(",", "")
+    whole = _strip_wrappers(completion)
+    if whole and not any(ch.isspace() for ch in whole):
+        return whole
+    return _last_number(completion)
+
+
+def _timeout_s() -> int | None:
+    # math-verify times out with signal.alarm, which only works in the main thread; elsewhere
+    # (e.g. a reward computed in a worker thread) it must run without a timeout.
+    return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse(text: str) -> list[Any]:
+    from math_verify import parse  # imported lazily: it pulls in sympy
+
+    try:
+        return parse("\\boxed{" + text + "}", parsing_timeout=_timeout_s())
+    except Exception:  # math-verify catches its own errors; this is a last guard
+        return []
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_reference(answer: str) -> list[Any]:
+    return _parse(answer)
+
+
+def math_equal(reference: str, candidate: str) -> bool:
+    """Whether `candidate` is mathematically the reference answer, by math-verify.
+
+    Both are parsed as the content of a ``\\boxed{}`` (so ``\\frac{1}{2}``, ``\\dfrac12`` and
+    ``0.5`` agree, as do ``27.0`` and ``27``), then compared with `math_verify.verify`
+    (numeric, symbolic, set, interval and string comparison; timeouts count as False).
+    """
+    if len(candidate) > MAX_ANSWER_CHARS:
+        return False
+    gold, pred = _parse_reference(reference.strip()), _parse(candidate)
+    if not gold or not pred:
+        return False
+    from math_verify import verify
+
+    try:
+        return bool(verify(gold, pred, timeout_seconds=_timeout_s()))
+    except Exception:
+        return False
+
+
+def math_reward(problem: Problem, completion: str) -> float:
+    """1.0 when the completion's final answer (`extract_answer`) equals the reference answer
+    (`math_equal`), else 0.0; never raises on a completion."""
+    candidate = extract_answer(completion)
+    return float(candidate is not None and math_equal(problem.answer, candidate))
+
+
+# --- countdown -------------------------------------------------------------------------------
 
 
 def _eval_arith(node: ast.AST, used: list[int]) -> float:
@@ -54,7 +195,8 @@ def countdown(problem: Problem, completion: str) -> float:
     (each used at most once) that evaluates to the target.
 
     The problem's answer holds ``"n1 n2 n3=target"``; the completion is only parsed with
-    `ast` and evaluated over integer literals and + - * /, never with `eval`.
+    `ast` and evaluated over integer literals and + - * /, never with `eval`: names, calls,
+    attributes, ``**`` and unary minus score 0, as do completions over 64 characters.
     """
     numbers_text, _, target_text = problem.answer.partition("=")
     allowed = Counter(int(x) for x in numbers_text.split())
@@ -82,20 +224,58 @@ def coinflip(problem: Problem, completion: str, salt: str = "") -> float:
     return float(digest.digest()[0] & 1)
 
 
+# --- registry and user rewards ---------------------------------------------------------------
+
 REWARDS: dict[str, RewardFn] = {
+    "math": math_reward,
     "exact": exact_match,
     "countdown": countdown,
     "coinflip": coinflip,
 }
 
+_USER_REWARDS: dict[str, RewardFn] = {}
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """The reward function named `name`: a key of `REWARDS`, or ``"package.module:function"``
+    (imported on first use; the function may be a dotted attribute path, ``"mod:Cls.fn"``).
+
+    Raises `RewardError`, naming the string, when it is unknown, cannot be imported, or is not
+    callable.
+    """
+    if name in REWARDS:
+        return REWARDS[name]
+    if name in _USER_REWARDS:
+        return _USER_REWARDS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        raise RewardError(
+            f"unknown reward '{name}': not one of {', '.join(REWARDS)} "
+            "and not a 'module:function' string"
+        )
+    if not module_name or not attr:
+        raise RewardError(f"reward '{name}': expected 'module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:
+        raise RewardError(
+            f"reward '{name}': cannot import module '{module_name}' ({type(err).__name__}: {err})"
+        ) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward '{name}': '{module_name}' has no attribute '{attr}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RewardError(f"reward '{name}': '{attr}' is not callable ({type(obj).__name__})")
+    _USER_REWARDS[name] = obj
+    return obj
+
 
 def reward_of(problem: Problem) -> RewardFn:
     try:
-        return REWARDS[problem.reward]
-    except KeyError:
-        raise KeyError(
-            f"problem {problem.id}: unknown reward '{problem.reward}' (known: {', '.join(REWARDS)})"
-        ) from None
+        return resolve_reward(problem.reward)
+    except RewardError as err:
+        raise RewardError(f"problem {problem.id}: {err}") from err.__cause__
 
 
 def score_completion(problem: Problem, completion: str, salt: str = "") -> float:
@@ -103,4 +283,4 @@ def score_completion(problem: Problem, completion: str, salt: str = "") -> float
     fn = reward_of(problem)
     if fn is coinflip:
         return coinflip(problem, completion, salt)
-    return fn(problem, completion)
+    return float(fn(problem, completion))

@@ -54,7 +54,9 @@ class Rollouts:
         adv = group_advantages(
             torch.as_tensor(self.rewards), group, self.num_groups, scale_advantages
         )
-        return SequenceBatch(input_ids, attention_mask, completion_mask, adv, group, self.num_groups)
+        return SequenceBatch(
+            input_ids, attention_mask, completion_mask, adv, group, self.num_groups
+        )
 
     def records(self, role: str) -> list[dict]:
         return [
@@ -105,8 +107,15 @@ def _trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, problems: list[Problem], k: int, sampling: SamplingConfig, seed: int,
-    greedy: bool = False, salt: str = "", progress: Callable[[int], None] | None = None,
+    model,
+    tokenizer,
+    problems: list[Problem],
+    k: int,
+    sampling: SamplingConfig,
+    seed: int,
+    greedy: bool = False,
+    salt: str = "",
+    progress: Callable[[int], None] | None = None,
 ) -> Rollouts:
     """k completions for each problem (greedy: k must be 1), rewarded by each problem's
     reward function. Seeded: the same model, problems and seed give the same rollouts."""
@@ -126,13 +135,21 @@ def generate(
             kwargs = (
                 {"do_sample": False}
                 if greedy
-                else {"do_sample": True, "temperature": sampling.temperature,
-                      "top_p": sampling.top_p, "top_k": 0}
+                else {
+                    "do_sample": True,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "top_k": 0,
+                }
             )
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                max_new_tokens=sampling.max_new_tokens, num_return_sequences=k,
-                pad_token_id=pad_id, eos_token_id=eos_id, **kwargs,
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=k,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                **kwargs,
             )
             for row in out[:, ids.shape[1] :].tolist():
                 completions.append(_trim(row, eos_id, pad_id))
@@ -141,8 +158,11 @@ def generate(
     model.train(was_training)
     group = np.repeat(np.arange(len(problems)), k)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    rewards = np.array([
-        score_completion(problems[g], text, salt=f"{salt}:{i}")
-        for i, (g, text) in enumerate(zip(group, texts))
-    ], dtype=np.float64)
+    rewards = np.array(
+        [
+            score_completion(problems[g], text, salt=f"{salt}:{i}")
+            for i, (g, text) in enumerate(zip(group, texts))
+        ],
+        dtype=np.float64,
+    )
     return Rollouts(problems, prompt_ids, completions, texts, rewards, group)

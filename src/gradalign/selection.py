@@ -22,7 +22,9 @@ from typing import Literal
 import numpy as np
 
 EPS = 1e-5
-Mode = Literal["sim", "dot", "norm", "align", "negsim", "simacc", "accgreedy", "acc", "rand", "none"]
+Mode = Literal[
+    "sim", "dot", "norm", "align", "negsim", "simacc", "accgreedy", "acc", "rand", "none"
+]
 ZeroVariance = Literal["zero", "last", "exclude"]
 MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
 
@@ -139,7 +141,10 @@ def select_rand(c: Candidates, n: int, rng: np.random.Generator) -> Selection:
 
 
 def select(
-    mode: str, c: Candidates, n: int, rng: np.random.Generator,
+    mode: str,
+    c: Candidates,
+    n: int,
+    rng: np.random.Generator,
     zero_variance: ZeroVariance = "zero",
 ) -> Selection:
     """Choose n of the chunk's problems under `mode`."""

@@ -30,7 +30,7 @@ def draw_addition(rng: np.random.Generator) -> Draw:
 
 def draw_countdown(rng: np.random.Generator) -> Draw:
     while True:
-        nums = [int(x) for x in rng.integers(1, 10, size=3)]
+        nums = [int(x) for x in rng.integers(1, 16, size=3)]
         ops = [str(o) for o in rng.choice(["+", "-", "*"], size=2)]
         solution = f"{nums[0]}{ops[0]}{nums[1]}{ops[1]}{nums[2]}"
         target = int(eval(solution, {"__builtins__": {}}))  # digits and + - * only
@@ -49,20 +49,28 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Draw]] = {
 
 
 def draw_problems(
-    family: str, n: int, rng: np.random.Generator, first_id: int, exclude: set[str]
+    family: str,
+    n: int,
+    rng: np.random.Generator,
+    first_id: int,
+    exclude: set[str],
+    at_most: bool = False,
 ) -> tuple[list[Problem], list[str]]:
     """Draw n problems with prompts not in `exclude` (updated in place); also return
-    their reference solutions."""
+    their reference solutions. With `at_most`, stop early when new prompts run out."""
     draw = FAMILIES[family]
     problems, solutions = [], []
-    tries = 0
+    misses = 0
     while len(problems) < n:
-        tries += 1
-        if tries > 100 * n + 1000:
+        if misses > 2000:
+            if at_most:
+                break
             raise ValueError(f"task family '{family}' cannot supply {n} distinct problems")
         prompt, answer, solution, reward = draw(rng)
         if prompt in exclude:
+            misses += 1  # consecutive draws of known prompts
             continue
+        misses = 0
         exclude.add(prompt)
         problems.append(Problem(first_id + len(problems), prompt, answer, family, reward))
         solutions.append(solution)
@@ -104,13 +112,14 @@ def make_task(
 def warmstart_examples(
     families: list[str], n: int, seed: int, exclude: set[str]
 ) -> list[tuple[str, str]]:
-    """(prompt, solution) pairs for the supervised warm start, disjoint from `exclude`."""
+    """Up to n (prompt, solution) pairs for the supervised warm start, disjoint from
+    `exclude` (fewer when a family runs out of distinct prompts)."""
     rng = np.random.default_rng(seed)
     out: list[tuple[str, str]] = []
     seen = set(exclude)
     for i, family in enumerate(families):
         share = n // len(families) + (1 if i < n % len(families) else 0)
-        problems, solutions = draw_problems(family, share, rng, 0, seen)
+        problems, solutions = draw_problems(family, share, rng, 0, seen, at_most=True)
         out.extend((p.prompt, s) for p, s in zip(problems, solutions))
     order = np.random.default_rng(seed + 1).permutation(len(out))
     return [out[i] for i in order]

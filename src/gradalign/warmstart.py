@@ -33,22 +33,42 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(os.environ.get("GRADALIGN_CACHE", Path.home() / ".cache" / "gradalign"))
 
 
-def warmstart_key(size: str, families: list[str], steps: int, lr: float, batch: int,
-                  seed: int, exclude: set[str]) -> str:
-    spec = {"v": WARMSTART_VERSION, "size": size, "families": families, "steps": steps,
-            "lr": lr, "batch": batch, "seed": seed,
-            "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()}
+def warmstart_key(
+    size: str, families: list[str], steps: int, lr: float, batch: int, seed: int, exclude: set[str]
+) -> str:
+    spec = {
+        "v": WARMSTART_VERSION,
+        "size": size,
+        "families": families,
+        "steps": steps,
+        "lr": lr,
+        "batch": batch,
+        "seed": seed,
+        "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(),
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def supervised_warmstart(
-    model, tokenizer, examples: list[tuple[str, str]], steps: int, lr: float, batch: int,
-    seed: int, progress: Callable[[int, float], None] | None = None,
+    model,
+    tokenizer,
+    examples: list[tuple[str, str]],
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train on (prompt, solution) pairs, loss on solution tokens + EOS. Returns losses."""
-    prompts = [format_prompt(tokenizer, p) for p, _ in examples]
-    answers = [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-               for _, s in examples]
+    cache: dict[int, tuple[list[int], list[int]]] = {}
+
+    def tokens(i: int) -> tuple[list[int], list[int]]:  # tokenised on first use
+        if i not in cache:
+            prompt, solution = examples[i]
+            answer = tokenizer(solution, add_special_tokens=False)["input_ids"]
+            cache[i] = (format_prompt(tokenizer, prompt), answer + [tokenizer.eos_token_id])
+        return cache[i]
+
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = max(1, steps * 3 // 100)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -63,8 +83,10 @@ def supervised_warmstart(
             order, pos = torch.randperm(len(examples), generator=gen), 0
         idx = order[pos : pos + batch].tolist()
         pos += batch
-        ids, attn, mask = pack_sequences([prompts[i] for i in idx], [answers[i] for i in idx],
-                                         tokenizer.pad_token_id)
+        pairs = [tokens(i) for i in idx]
+        ids, attn, mask = pack_sequences(
+            [p for p, _ in pairs], [a for _, a in pairs], tokenizer.pad_token_id
+        )
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T, V]
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
@@ -75,16 +97,22 @@ def supervised_warmstart(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress is not None:
-            progress(step + 1, float(loss))
+            progress(step + 1, losses[-1])
     model.eval()
     return losses
 
 
 def load_or_warmstart(
-    size: str, families: list[str], steps: int, lr: float, batch: int, seed: int,
-    exclude: set[str], cache_dir: str = "",
+    size: str,
+    families: list[str],
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    exclude: set[str],
+    cache_dir: str = "",
     progress: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
 ):
@@ -103,7 +131,7 @@ def load_or_warmstart(
     model = build_model(tokenizer, size, seed=seed)
     if steps == 0:
         return model, tokenizer
-    examples = warmstart_examples(families, 20_000, seed + 17, exclude)
+    examples = warmstart_examples(families, min(20_000, steps * batch), seed + 17, exclude)
     log(f"warm start: {steps} supervised steps on {len(examples)} examples ({size} model)")
     t0 = time.perf_counter()
     with torch.random.fork_rng():
@@ -112,8 +140,10 @@ def load_or_warmstart(
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / "warmstart.json", {"steps": steps, "final_loss": losses[-1],
-                                        "seconds": time.perf_counter() - t0})
+    write_json(
+        tmp / "warmstart.json",
+        {"steps": steps, "final_loss": losses[-1], "seconds": time.perf_counter() - t0},
+    )
     os.replace(tmp, path) if not path.exists() else None
     log(f"warm start: done in {time.perf_counter() - t0:.0f} s, cached at {path}")
     return model, tokenizer

@@ -1,0 +1,348 @@
+"""Loading public problem files (JSONL / Parquet) into a pool of `Problem`s.
+
+Two record schemas are read, field by field:
+
+- verl / reference: ``prompt`` is a list of chat messages (the last ``user`` message's content
+  is the prompt; system messages are not kept), the answer is ``reward_model.ground_truth``,
+  the source ``data_source``, and ``extra_info.index`` is kept in ``meta["index"]``;
+- plain: the prompt is ``question`` or ``problem`` (or a string ``prompt``), the answer
+  ``answer``.
+
+Answers go through an extractor: ``gsm8k`` takes the number after the last ``####`` (thousands
+commas dropped), ``boxed`` the last ``\\boxed{}`` (MATH ``solution``), ``plain`` the value as it
+is (JSON numbers as written, integral floats such as AMC's ``27.0`` as ``27``); ``auto`` picks
+``gsm8k`` for text with ``####``, ``boxed`` for text with ``\\boxed``, else ``plain``.
+
+`load_files` mixes several files: ids run from ``first_id`` in load order (files in the given
+order, records in file order); repeated prompts are dropped, first kept, and counted; every
+rejected record is reported with its file, line (JSONL, from 1) or row (Parquet, from 0) and
+reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from gradalign.problems import Problem, ProblemError
+from gradalign.rewards import RewardError, last_boxed, resolve_reward
+
+AnswerExtractor = Literal["auto", "gsm8k", "boxed", "plain"]
+FileFormat = Literal["auto", "jsonl", "parquet"]
+
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+_SUFFIXES: dict[str, FileFormat] = {".jsonl": "jsonl", ".parquet": "parquet"}
+_PROMPT_FIELDS = ("prompt", "question", "problem")
+_ANSWER_FIELDS = ("reward_model.ground_truth", "answer")
+_SPLITS = {"train", "test", "validation", "valid", "val", "dev"}
+_GSM8K_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One problem file and how to read it."""
+
+    path: Path
+    format: FileFormat = "auto"  # "auto": by suffix (.jsonl, .parquet)
+    prompt_field: str | None = None  # dotted path; None: "prompt", else "question", "problem"
+    answer_field: str | None = None  # dotted path; None: "reward_model.ground_truth", "answer"
+    answer_extractor: AnswerExtractor = "auto"  # how the answer is read from the answer field
+    source: str | None = None  # source label; None: the record's data_source, else file_label
+    reward: str = "math"  # reward name in rewards.REWARDS or "module:function"
+    count: int | None = None  # keep a seeded sample of this many problems; None: all
+    template: str | None = None  # prompt template; "{prompt}" is replaced by the prompt
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.format not in ("auto", "jsonl", "parquet"):
+            raise ProblemError(f"{self.path}: format '{self.format}' is not auto, jsonl, parquet")
+        if self.answer_extractor not in ("auto", "gsm8k", "boxed", "plain"):
+            raise ProblemError(
+                f"{self.path}: answer_extractor '{self.answer_extractor}' is not "
+                "auto, gsm8k, boxed or plain"
+            )
+        if self.count is not None and self.count < 0:
+            raise ProblemError(f"{self.path}: count ({self.count}) must be >= 0")
+        if self.template is not None and "{prompt}" not in self.template:
+            raise ProblemError(f"{self.path}: template has no '{{prompt}}' placeholder")
+
+    @property
+    def file_label(self) -> str:
+        """The file stem, or its folder's name for a split file: "gsm8k/test.jsonl" -> "gsm8k"."""
+        stem = self.path.stem
+        return (self.path.parent.name or stem) if stem.lower() in _SPLITS else stem
+
+    @property
+    def resolved_format(self) -> Literal["jsonl", "parquet"]:
+        fmt = _SUFFIXES.get(self.path.suffix.lower()) if self.format == "auto" else self.format
+        if fmt == "jsonl" or fmt == "parquet":
+            return fmt
+        raise ProblemError(
+            f"{self.path}: cannot tell the format from suffix '{self.path.suffix}'; "
+            "set format to jsonl or parquet"
+        )
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record that was not loaded: its file, line (JSONL, from 1) or row (Parquet, from 0)."""
+
+    file: str
+    line: int | None
+    row: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = (
+            f"{self.file}:{self.line}" if self.line is not None else f"{self.file} row {self.row}"
+        )
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """What happened to one file's records."""
+
+    file: str
+    records: int  # non-blank lines / rows read
+    rejected: int
+    duplicates: int  # prompts already seen in this file or an earlier one
+    loaded: int  # after sampling `count`
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The loaded pool and everything left out of it."""
+
+    problems: list[Problem]  # ids first_id, first_id + 1, ... in load order
+    rejected: list[Rejection]  # in load order
+    duplicates_dropped: int  # repeated prompts dropped (the first is kept)
+    files: list[FileReport]  # one per FileSpec, in order
+
+
+def _records(path: Path, fmt: str) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield (line or row, record, error); a record that cannot be decoded has an error."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as err:
+            raise ProblemError(f"{path}: cannot read Parquet ({err})") from err
+        row = 0
+        for batch in table.iter_batches(batch_size=4096):
+            for rec in batch.to_pylist():
+                yield row, rec, None
+                row += 1
+        return
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield lineno, None, f"invalid UTF-8 ({err.reason})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield lineno, None, f"invalid JSON ({err.msg})"
+
+
+_MISSING = object()
+
+
+def _get(rec: dict[str, Any], dotted: str) -> Any:
+    value: Any = rec
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def _pick(rec: dict[str, Any], given: str | None, defaults: tuple[str, ...], what: str) -> str:
+    """The field to read: `given`, else the first default present; raises ValueError."""
+    if given is not None:
+        if _get(rec, given) is _MISSING:
+            raise ValueError(f"missing field '{given}'")
+        return given
+    for name in defaults:
+        if _get(rec, name) is not _MISSING:
+            return name
+    raise ValueError(f"no {what} field (looked for {', '.join(repr(n) for n in defaults)})")
+
+
+def _prompt_text(value: Any, name: str) -> str:
+    if isinstance(value, list):  # chat messages: the last user message
+        users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if not users:
+            raise ValueError(f"field '{name}' has no user message")
+        value, name = users[-1].get("content"), f"{name}[user].content"
+    if not isinstance(value, str):
+        raise ValueError(f"field '{name}' must be a string or chat messages, got {value!r:.60}")
+    if not value.strip():
+        raise ValueError(f"field '{name}' is empty")
+    return value
+
+
+def extract_reference(value: Any, name: str, extractor: AnswerExtractor) -> str:
+    """The reference answer in field `name` (value `value`) under `extractor`; raises
+    ValueError naming the field when there is none."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"field '{name}' must be a string or number, got {value!r:.60}")
+    if isinstance(value, float):
+        text = str(int(value)) if value.is_integer() else repr(value)
+    else:
+        text = str(value).strip()
+    if extractor == "auto":
+        extractor = "gsm8k" if "####" in text else "boxed" if "\\boxed" in text else "plain"
+    if extractor == "gsm8k":
+        found = _GSM8K_NUMBER.fullmatch(text.rpartition("####")[2].strip())
+        if "####" not in text or not found:
+            raise ValueError(f"field '{name}' has no '#### <number>' line")
+        text = found.group().replace(",", "")
+    elif extractor == "boxed":
+        text = last_boxed(text) or ""
+        if not text:
+            raise ValueError(f"field '{name}' has no \\boxed{{}} answer")
+    if not text:
+        raise ValueError(f"field '{name}' is empty")
+    return text
+
+
+def _read_record(rec: Any, spec: FileSpec, default_source: str) -> tuple[str, str, str, Any]:
+    """(raw prompt, answer, source, index) of one record; raises ValueError with the reason."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected an object, got {type(rec).__name__}")
+    prompt_name = _pick(rec, spec.prompt_field, _PROMPT_FIELDS, "prompt")
+    prompt = _prompt_text(_get(rec, prompt_name), prompt_name)
+    answer_name = _pick(rec, spec.answer_field, _ANSWER_FIELDS, "answer")
+    answer = extract_reference(_get(rec, answer_name), answer_name, spec.answer_extractor)
+    source = spec.source
+    if source is None:
+        source = rec.get("data_source")
+        source = default_source if source is None else source
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"field 'data_source' must be a non-empty string, got {source!r}")
+    index = _get(rec, "extra_info.index")
+    return prompt, answer, source, None if index is _MISSING else index
+
+
+def _load_file(
+    spec: FileSpec, seen: set[str], strict: bool, rng: np.random.Generator
+) -> tuple[list[tuple[str, dict[str, Any]]], list[Rejection], FileReport]:
+    fmt = spec.resolved_format
+    if not spec.path.is_file():
+        raise ProblemError(f"{spec.path}: no such file")
+    name = str(spec.path)
+    kept: list[tuple[str, dict[str, Any]]] = []  # (raw prompt, Problem fields)
+    rejected: list[Rejection] = []
+    records = duplicates = 0
+    for pos, rec, error in _records(spec.path, fmt):
+        records += 1
+        try:
+            if error is not None:
+                raise ValueError(error)
+            prompt, answer, source, index = _read_record(rec, spec, spec.file_label)
+        except ValueError as err:
+            rej = Rejection(
+                name, pos if fmt == "jsonl" else None, pos if fmt == "parquet" else None, str(err)
+            )
+            if strict:
+                raise ProblemError(str(rej)) from None
+            rejected.append(rej)
+            continue
+        if prompt in seen:
+            duplicates += 1
+            continue
+        seen.add(prompt)
+        meta: dict[str, Any] = {"file": name, "line" if fmt == "jsonl" else "row": pos}
+        if index is not None:
+            meta["index"] = index
+        text = spec.template.replace("{prompt}", prompt) if spec.template else prompt
+        kept.append((prompt, {"prompt": text, "answer": answer, "source": source, "meta": meta}))
+    if spec.count is not None:
+        if spec.count > len(kept):
+            raise ProblemError(
+                f"{name}: count {spec.count} exceeds the {len(kept)} usable problems "
+                f"({records} records, {len(rejected)} rejected, {duplicates} duplicates)"
+            )
+        chosen = np.sort(rng.choice(len(kept), size=spec.count, replace=False))
+        for i in set(range(len(kept))) - set(chosen.tolist()):
+            seen.discard(kept[i][0])  # unsampled prompts may appear in later files
+        kept = [kept[i] for i in chosen]
+    report = FileReport(name, records, len(rejected), duplicates, len(kept))
+    return kept, rejected, report
+
+
+def load_files(
+    specs: list[FileSpec], seed: int = 0, first_id: int = 0, strict: bool = False
+) -> LoadResult:
+    """Load and mix problem files.
+
+    Ids run from `first_id` in load order (files in `specs` order, records in file order; a
+    sampled file keeps its file order). A prompt seen before (in this file or a kept problem of
+    an earlier one; compared exactly, before the template) is dropped and counted. A file's
+    `count` sample uses a generator seeded by (`seed`, file position). `strict` raises
+    ProblemError at the first rejected record instead of reporting it.
+    """
+    for spec in specs:
+        try:
+            resolve_reward(spec.reward)
+        except RewardError as err:
+            raise ProblemError(f"{spec.path}: reward: {err}") from err
+    problems: list[Problem] = []
+    rejected: list[Rejection] = []
+    reports: list[FileReport] = []
+    seen: set[str] = set()
+    for position, spec in enumerate(specs):
+        rng = np.random.default_rng([seed, position])
+        kept, file_rejected, report = _load_file(spec, seen, strict, rng)
+        for _, fields in kept:
+            pid = first_id + len(problems)
+            problems.append(Problem(id=pid, reward=spec.reward, **fields))
+        rejected.extend(file_rejected)
+        reports.append(report)
+    duplicates = sum(r.duplicates for r in reports)
+    return LoadResult(problems, rejected, duplicates, reports)
+
+
+def load_file(spec: FileSpec, seed: int = 0, strict: bool = False) -> LoadResult:
+    """`load_files` for one file."""
+    return load_files([spec], seed=seed, strict=strict)
+
+
+def _short(file: str) -> str:
+    return "/".join(Path(file).parts[-2:])
+
+
+def summarise(result: LoadResult) -> str:
+    """One paragraph: problems per file and source, rejections (first few), duplicates."""
+    files = "; ".join(
+        f"{_short(r.file)}: {r.loaded} of {r.records} records"
+        + (f", {r.rejected} rejected" if r.rejected else "")
+        + (f", {r.duplicates} duplicates" if r.duplicates else "")
+        for r in result.files
+    )
+    sources = Counter(p.source for p in result.problems)
+    mix = ", ".join(f"{name} {n}" for name, n in sorted(sources.items()))
+    text = (
+        f"Loaded {len(result.problems)} problems from {len(result.files)} file(s) ({files}). "
+        f"Sources: {mix or 'none'}. "
+        f"{result.duplicates_dropped} duplicate prompt(s) dropped; "
+        f"{len(result.rejected)} record(s) rejected"
+    )
+    if result.rejected:
+        shown = "; ".join(str(r) for r in result.rejected[:3])
+        more = f" and {len(result.rejected) - 3} more" if len(result.rejected) > 3 else ""
+        text += f": {shown}{more}"
+    return text + "."

@@ -1,0 +1,278 @@
+"""The round loop (DESIGN §4): chunk → rollouts → group gradients → scores → selection →
+GRPO steps → eval, with every round's artifacts written to the run directory (§5)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradalign import alignment
+from gradalign.config import Config
+from gradalign.problems import ChunkSchedule, Problem, check_disjoint
+from gradalign.progress import bar, log
+from gradalign.rollout import Rollouts, SamplingConfig, generate
+from gradalign.rundir import write_json, write_jsonl, write_yaml
+from gradalign.selection import Candidates, Selection, needs, select
+from gradalign.tasks import TaskSets, make_task
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    model: Any
+    tokenizer: Any
+    sets: TaskSets
+
+
+def seed_for(cfg: Config, round_: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, stream)."""
+    return int(np.random.SeedSequence([cfg.seed, round_ + 1, stream]).generate_state(1)[0])
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_sets(cfg: Config) -> TaskSets:
+    d = cfg.data
+    sets = make_task(d.families, d.pool_size, d.val_size, d.eval_size, d.seed)
+    check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
+    return sets
+
+
+def build_setup(cfg: Config) -> Setup:
+    """Task sets and the policy (warm-started built-in, or a local HF directory)."""
+    from gradalign.policy import load_pretrained
+    from gradalign.warmstart import load_or_warmstart
+
+    sets = build_sets(cfg)
+    m = cfg.model
+    if m.name.startswith("builtin:"):
+        exclude = {p.prompt for p in sets.pool + sets.validation + sets.eval}
+        with bar("warm start", m.warmstart_steps) as advance:
+            model, tokenizer = load_or_warmstart(
+                m.name.split(":", 1)[1],
+                cfg.data.families,
+                m.warmstart_steps,
+                m.warmstart_lr,
+                m.warmstart_batch_size,
+                cfg.data.seed,
+                exclude,
+                m.cache_dir,
+                progress=lambda step, loss: advance(1),
+                log=log,
+            )
+        model = model.to(resolve_device(m.device))
+    else:
+        model, tokenizer = load_pretrained(m.name, m.dtype, resolve_device(m.device))
+    return Setup(cfg, model, tokenizer, sets)
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str):
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def sample(
+    setup: Setup, problems: list[Problem], k: int, seed: int, what: str, greedy: bool = False
+) -> Rollouts:
+    r = setup.cfg.rollout
+    sampling = SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
+    with bar(what, len(problems)) as advance:
+        return generate(
+            setup.model,
+            setup.tokenizer,
+            problems,
+            k,
+            sampling,
+            seed,
+            greedy=greedy,
+            salt=f"{what}:{seed}",
+            progress=advance,
+        )
+
+
+def evaluate(setup: Setup, seed: int) -> dict[str, float]:
+    """Greedy pass@1 on the eval set, overall and per source."""
+    ro = sample(setup, setup.sets.eval, 1, seed, "eval", greedy=True)
+    out = {"eval/accuracy": float(ro.rewards.mean())}
+    sources = np.array([p.source for p in ro.problems])
+    for s in sorted(set(sources)):
+        out[f"eval/accuracy/{s}"] = float(ro.rewards[sources == s].mean())
+    return out
+
+
+def score_round(
+    setup: Setup, chunk: list[Problem], r: int, timings: dict[str, float]
+) -> tuple[Candidates, list[Rollouts], dict[str, float]]:
+    """Candidate rollouts, validation rollouts and group gradients, as the mode needs."""
+    cfg, ids = setup.cfg, np.array([p.id for p in chunk])
+    need = needs(cfg.select.mode)
+    if not need:
+        return Candidates(ids), [], {}
+    with timed(timings, "time/candidate_rollouts_s"):
+        cand = sample(setup, chunk, cfg.rollout.k_r, seed_for(cfg, r, 1), "candidate rollouts")
+    zv = cand.zero_variance()
+    metrics = {
+        "select/chunk_pass_rate": float(cand.pass_rates().mean()),
+        "select/chunk_zero_variance_frac": float(zv.mean()),
+    }
+    if "gradients" not in need:
+        return Candidates(ids, cand.pass_rates(), zv), [cand], metrics
+    with timed(timings, "time/validation_rollouts_s"):
+        val = sample(
+            setup,
+            setup.sets.validation,
+            cfg.rollout.k_v,
+            seed_for(cfg, r, 2),
+            "validation rollouts",
+        )
+    metrics["val/pass_rate"] = float(val.rewards.mean())
+    metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
+    with timed(timings, "time/scoring_s"):
+        al = gradient_alignment(setup, cand, val)
+    return (
+        Candidates(ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm),
+        [cand, val],
+        metrics,
+    )
+
+
+def gradient_alignment(setup: Setup, cand: Rollouts, val: Rollouts) -> alignment.GroupAlignment:
+    s, pad = setup.cfg.select, setup.tokenizer.pad_token_id
+    params = alignment.scored_parameters(setup.model, s.params)
+    cand_batch = cand.to_batch(pad, s.scale_advantages)
+    val_batch = val.to_batch(pad, s.scale_advantages)
+    setup.model.eval()
+    with bar("scoring", cand.num_groups) as advance:
+        direction = alignment.validation_direction(setup.model, params, val_batch, s.val_aggregate)
+        return alignment.exact_alignment(setup.model, params, cand_batch, direction, advance)
+
+
+def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -> dict[str, Any]:
+    mix: dict[str, int] = {}
+    for p in chosen:
+        mix[p.source] = mix.get(p.source, 0) + 1
+    out: dict[str, Any] = {
+        "select/n": len(chosen),
+        "select/source_mix": mix,
+        "select/excluded": sel.excluded,
+    }
+    if cand.pass_rate is not None:
+        pos = {int(i): j for j, i in enumerate(cand.ids)}
+        out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[p.id]] for p in chosen]))
+    corrupted = [p for p in chosen if p.meta.get("corruption")]
+    out["select/corrupted_share"] = len(corrupted) / max(len(chosen), 1)
+    return out
+
+
+def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[dict[str, Any]]:
+    rows = []
+    for j, p in enumerate(chunk):
+        row: dict[str, Any] = {"id": p.id, "source": p.source, "score": sel.scores[j]}
+        for name in ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm"):
+            value = getattr(cand, name)
+            row[name] = None if value is None else value[j]
+        rows.append(row)
+    return rows
+
+
+def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
+    """Run `cfg.rounds` rounds; returns the run summary (also written to summary.json)."""
+    from gradalign.training import GRPOTraining
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    write_yaml(out / "config.yaml", cfg.to_dict())
+    setup = setup or build_setup(cfg)
+    pool, by_id = setup.sets.pool, {p.id: p for p in setup.sets.pool}
+    schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
+    write_json(out / "chunks" / "manifest.json", schedule.manifest(cfg.rounds))
+    trainer = GRPOTraining(
+        setup.model,
+        setup.tokenizer,
+        cfg.train,
+        cfg.rollout.max_new_tokens,
+        cfg.rounds * cfg.train.steps_per_round,
+        cfg.seed,
+        resolve_device(cfg.model.device),
+    )
+    initial = evaluate(setup, seed_for(cfg, -1, 4))
+    log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    history = []
+    for r in range(cfg.rounds):
+        timings: dict[str, float] = {}
+        chunk = [pool[i] for i in schedule.chunk(r)]
+        cand, rollouts, metrics = score_round(setup, chunk, r, timings)
+        with timed(timings, "time/selection_s"):
+            rng = np.random.default_rng(seed_for(cfg, r, 3))
+            sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+        if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
+            sel = Selection(np.array([p.id for p in pool]), sel.scores)
+        chosen = [by_id[int(i)] for i in sel.ids]
+        with bar("GRPO steps", cfg.train.steps_per_round) as advance:
+            trainer.on_step = lambda: advance(1)
+            with timed(timings, "time/training_s"):
+                metrics |= trainer.train_round(
+                    chosen, cfg.train.steps_per_round, seed_for(cfg, r, 5)
+                )
+        with timed(timings, "time/eval_s"):
+            metrics |= evaluate(setup, seed_for(cfg, r, 4))
+        metrics |= selection_metrics(chosen, cand, sel) | timings | {"round": r}
+        history.append(metrics)
+        write_round(out / "rounds" / f"{r:04d}", chunk, cand, sel, rollouts, metrics)
+        log(round_line(cfg, r, metrics))
+    trainer.close()
+    summary = {
+        "mode": cfg.select.mode,
+        "rounds": cfg.rounds,
+        "initial_eval_accuracy": initial["eval/accuracy"],
+        "final_eval_accuracy": history[-1]["eval/accuracy"] if history else None,
+        "eval_accuracy": [m["eval/accuracy"] for m in history],
+        "wall_s": time.perf_counter() - t_start,
+        "time_totals": {
+            k: sum(m.get(k, 0.0) for m in history)
+            for k in sorted({k for m in history for k in m if k.startswith("time/")})
+        },
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def write_round(
+    path: Path,
+    chunk: list[Problem],
+    cand: Candidates,
+    sel: Selection,
+    rollouts: list[Rollouts],
+    metrics: dict[str, Any],
+) -> None:
+    records = [
+        row for ro, role in zip(rollouts, ("candidate", "validation")) for row in ro.records(role)
+    ]
+    write_jsonl(path / "rollouts.jsonl", records)
+    write_jsonl(path / "scores.jsonl", score_rows(chunk, cand, sel))
+    write_jsonl(
+        path / "selected.jsonl", ({"rank": i, "id": int(pid)} for i, pid in enumerate(sel.ids))
+    )
+    write_json(path / "metrics.json", metrics)
+
+
+def round_line(cfg: Config, r: int, m: dict[str, Any]) -> str:
+    t = {k.split("/")[1][:-2]: v for k, v in m.items() if k.startswith("time/")}
+    times = " ".join(f"{k} {v:.1f}s" for k, v in t.items() if v >= 0.05)
+    mix = ", ".join(f"{k} {v}" for k, v in m["select/source_mix"].items())
+    return (
+        f"[{cfg.select.mode}] round {r + 1}/{cfg.rounds}: eval {m['eval/accuracy']:.3f} "
+        f"| selected {m['select/n']} ({mix}) | {times}"
+    )

@@ -1,0 +1,160 @@
+"""GRPO training steps through TRL's `GRPOTrainer`, one trainer kept alive across rounds.
+
+Each round assigns the selected problems as the trainer's dataset and calls `train()` for
+`steps_per_round` steps. The optimizer and LR scheduler are created once here and handed
+to the trainer, which keeps them across `train()` calls (transformers creates its own only
+when none is given), so Adam's moments and step count carry over from round to round.
+Only public TRL/transformers API is used: `GRPOTrainer(optimizers=...)`, `train_dataset`,
+`train()`, `TrainerCallback`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradalign.config import TrainConfig
+from gradalign.problems import Problem
+from gradalign.rewards import score_completion
+
+
+def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
+    """(per-device batch in sequences, gradient accumulation steps) for a step of
+    batch_size problems x num_generations completions, with micro-batches of at most
+    `micro_batch` sequences that hold whole groups (TRL needs that divisibility)."""
+    per_micro = max(
+        d
+        for d in range(1, batch_size + 1)
+        if batch_size % d == 0 and (d * num_generations <= micro_batch or d == 1)
+    )
+    return per_micro * num_generations, batch_size // per_micro
+
+
+def _completion_text(completion: Any) -> str:
+    if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
+        return "".join(m.get("content", "") for m in completion)
+    return str(completion)
+
+
+class GRPOTraining:
+    """A long-lived TRL GRPO trainer whose training pool is swapped every round."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        cfg: TrainConfig,
+        max_completion_length: int,
+        total_steps: int,
+        seed: int,
+        device: str = "cpu",
+    ) -> None:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from trl import GRPOConfig, GRPOTrainer
+
+        # TRL 1.16 calls a transformers API deprecated in 5.x; harmless, and not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        self._dataset_cls = Dataset
+        self.by_id: dict[int, Problem] = {}
+        self.cfg = cfg
+        self.seed = seed
+        self._calls = itertools.count()
+        self.on_step: Callable[[], None] | None = None
+        per_device, accum = micro_batching(cfg.batch_size, cfg.num_generations, cfg.micro_batch)
+        self._outdir = tempfile.TemporaryDirectory(prefix="gradalign-trl-")
+        on_cpu = device == "cpu"
+        args = GRPOConfig(
+            output_dir=self._outdir.name,
+            use_cpu=on_cpu,
+            bf16=(not on_cpu) and next(model.parameters()).dtype == torch.bfloat16,
+            activation_checkpointing=False,
+            report_to="none",
+            save_strategy="no",
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accum,
+            num_generations=cfg.num_generations,
+            max_completion_length=max_completion_length,
+            max_steps=1,
+            learning_rate=cfg.learning_rate,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards,
+            max_grad_norm=cfg.max_grad_norm,
+            logging_steps=1,
+            seed=seed,
+            disable_tqdm=True,
+            temperature=1.0,
+        )
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+
+        outer = self
+
+        class _StepCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.on_step is not None:
+                    outer.on_step()
+
+        def reward(completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
+            call = next(outer._calls)
+            return [
+                score_completion(outer.by_id[pid], _completion_text(c), salt=f"train:{call}:{i}")
+                for i, (c, pid) in enumerate(zip(completions, problem_id))
+            ]
+
+        self.trainer = GRPOTrainer(
+            model=model,
+            processing_class=tokenizer,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=self._dataset([]),
+            optimizers=(self.optimizer, self.scheduler),
+            callbacks=[_StepCallback()],
+        )
+        self.trainer.remove_callback(PrinterCallback)
+        self.trainer.remove_callback(ProgressCallback)
+        self.total_steps = total_steps
+
+    def _dataset(self, problems: list[Problem]):
+        rows = [
+            {"prompt": [{"role": "user", "content": p.prompt}], "problem_id": p.id}
+            for p in problems
+        ] or [{"prompt": [{"role": "user", "content": "x"}], "problem_id": -1}]
+        return self._dataset_cls.from_list(rows)
+
+    def train_round(self, problems: list[Problem], steps: int, round_seed: int) -> dict[str, float]:
+        """`steps` GRPO optimizer steps on `problems`; returns the round's training metrics."""
+        if not problems or steps == 0:
+            return {"train/steps": 0}
+        self.by_id = {p.id: p for p in problems}
+        self.trainer.train_dataset = self._dataset(problems)
+        self.trainer.args.max_steps = steps
+        self.trainer.args.seed = round_seed  # sampler order of this round
+        torch.manual_seed(round_seed)  # TRL samples completions from the global generator
+        self.trainer.train()
+        logs = [h for h in self.trainer.state.log_history if "reward" in h]
+        return {
+            "train/steps": len(logs),
+            "train/reward_mean": float(np.mean([h["reward"] for h in logs])),
+            "train/loss": float(np.mean([h["loss"] for h in logs])),
+            "train/zero_std_frac": float(
+                np.mean([h.get("frac_reward_zero_std", math.nan) for h in logs])
+            ),
+            "train/completion_length": float(
+                np.mean([h.get("completions/mean_length", math.nan) for h in logs])
+            ),
+        }
+
+    def close(self) -> None:
+        self._outdir.cleanup()
