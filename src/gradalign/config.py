@@ -39,6 +39,11 @@ class ModelConfig:
     warmstart_steps: int = doc(500, "supervised warm-start steps for built-in models (0 = none)")
     warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
     warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
+    lora_r: int = doc(0, "LoRA rank (0 = full fine-tuning); with LoRA, scoring uses the adapters")
+    lora_alpha: int = doc(16, "LoRA alpha")
+    lora_targets: list[str] = doc(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get LoRA adapters"
+    )
     cache_dir: str = doc("", "warm-start cache ('' = $GRADALIGN_CACHE or ~/.cache/gradalign)")
 
 
@@ -48,7 +53,24 @@ class DataConfig:
     pool_size: int = doc(1024, "candidate training problems in the pool")
     val_size: int = doc(32, "trusted validation problems (gradient reference, never trained on)")
     eval_size: int = doc(256, "held-out eval problems (accuracy only; disjoint from validation)")
-    seed: int = doc(0, "seed of the task generator")
+    seed: int = doc(0, "seed of the task generator and of the regime's corruption")
+    regime: Literal["clean", "noisy", "imbalance", "lowutility"] = doc(
+        "noisy", "built-in data regime: clean | noisy (unreliable rewards) | imbalance | lowutility"
+    )
+    corrupt_frac: float = doc(0.5, "noisy: fraction of pool problems corrupted")
+    corruption: Literal["coinflip", "labelflip"] = doc(
+        "coinflip", "noisy: coin-flip reward (reference mechanism) or wrong reference answer"
+    )
+    majority_frac: float = doc(0.9, "imbalance: share of the pool from the majority families")
+    minority: str = doc("addition", "imbalance: family of the validation and eval sets")
+    lowutility_frac: float = doc(0.8, "lowutility: fraction of the pool that is garbled filler")
+    pool_files: list[dict] = doc(
+        [],
+        "problem files for the pool (replaces the built-in task); "
+        "each {path, count, prompt_field, answer_field, answer_extractor, source, reward, template}",
+    )
+    val_files: list[dict] = doc([], "problem files for the validation set (with pool_files)")
+    eval_files: list[dict] = doc([], "problem files for the eval set (with pool_files)")
 
 
 @dataclass
@@ -58,6 +80,9 @@ class RolloutConfig:
     temperature: float = doc(1.0, "sampling temperature for candidate and validation rollouts")
     top_p: float = doc(1.0, "nucleus sampling threshold")
     max_new_tokens: int = doc(12, "completion length limit (also GRPO's max_completion_length)")
+    backend: Literal["hf", "vllm"] = doc(
+        "hf", "rollout engine: HF generate, or vLLM (GPU, optional extra)"
+    )
     prompts_per_batch: int = doc(64, "prompts per `generate` call (each with k samples)")
 
 
@@ -125,6 +150,10 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)
         return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if typ is dict or typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
     if typ is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -224,7 +253,7 @@ def _positive(cfg: Config) -> None:
     ]:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.name in ("seed", "warmstart_steps", "beta"):
+            if f.name in ("seed", "warmstart_steps", "beta", "lora_r"):
                 if isinstance(value, (int, float)) and value < 0:
                     raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
@@ -271,6 +300,17 @@ def check(cfg: Config) -> None:
             raise ConfigError(
                 f"data.families: unknown family {fam!r} (known: {', '.join(FAMILIES)})"
             )
+    for name in ("corrupt_frac", "majority_frac", "lowutility_frac"):
+        if not 0 <= getattr(d, name) <= 1:
+            raise ConfigError(f"data.{name}: must be in [0, 1], got {getattr(d, name)}")
+    if d.regime == "imbalance" and d.minority not in d.families:
+        raise ConfigError(
+            f"data.minority: {d.minority!r} is not in data.families {d.families}; add it or pick one"
+        )
+    if bool(d.pool_files) != bool(d.val_files) or bool(d.pool_files) != bool(d.eval_files):
+        raise ConfigError(
+            "data.pool_files, data.val_files and data.eval_files: give all three or none"
+        )
     if not d.families:
         raise ConfigError("data.families: give at least one task family")
 

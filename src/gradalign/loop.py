@@ -19,7 +19,7 @@ from gradalign.progress import bar, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
 from gradalign.rundir import write_json, write_jsonl, write_yaml
 from gradalign.selection import Candidates, Selection, needs, select
-from gradalign.tasks import TaskSets, make_task
+from gradalign.tasks import TaskSets, make_regime
 
 
 @dataclass
@@ -43,7 +43,9 @@ def resolve_device(device: str) -> str:
 
 def build_sets(cfg: Config) -> TaskSets:
     d = cfg.data
-    sets = make_task(d.families, d.pool_size, d.val_size, d.eval_size, d.seed)
+    sets = make_regime(d.regime, d.families, d.pool_size, d.val_size, d.eval_size, d.seed,
+                       d.corrupt_frac, d.corruption, d.majority_frac, d.minority,
+                       d.lowutility_frac)
     check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
     return sets
 

@@ -14,7 +14,7 @@ prompts, ids unique across the three sets.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -123,3 +123,108 @@ def warmstart_examples(
         out.extend((p.prompt, s) for p, s in zip(problems, solutions))
     order = np.random.default_rng(seed + 1).permutation(len(out))
     return [out[i] for i in order]
+
+
+# ---------------------------------------------------------------- data regimes (paper §5)
+# Each regime is built from a seed; what was done to a problem is recorded in its `meta`
+# ("corruption", "utility") for measurement only: selection never reads `meta`.
+
+Regime = str  # "clean" | "noisy" | "imbalance" | "lowutility"
+
+
+def corrupt(pool: list[Problem], frac: float, kind: str, seed: int) -> list[Problem]:
+    """Unreliable rewards: `frac` of the pool, chosen with `seed`, gets a coin-flip reward
+    independent of the answer (``coinflip``, the reference code's mechanism) or a wrong
+    reference answer (``labelflip``)."""
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(len(pool), size=round(frac * len(pool)), replace=False).tolist())
+    out = []
+    for i, p in enumerate(pool):
+        if i not in chosen:
+            out.append(p)
+        elif kind == "coinflip":
+            out.append(replace(p, reward="coinflip", meta={**p.meta, "corruption": "coinflip"}))
+        elif kind == "labelflip":
+            out.append(
+                replace(
+                    p,
+                    answer=_wrong_answer(p, rng),
+                    meta={**p.meta, "corruption": "labelflip", "true_answer": p.answer},
+                )
+            )
+        else:
+            raise ValueError(f"unknown corruption '{kind}' (coinflip or labelflip)")
+    return out
+
+
+def _wrong_answer(p: Problem, rng: np.random.Generator) -> str:
+    offset = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+    if p.reward == "countdown":  # "n1 n2 n3=target": move the target
+        numbers, _, target = p.answer.partition("=")
+        return f"{numbers}={int(target) + offset}"
+    return str(int(p.answer) + offset) if p.answer.lstrip("-").isdigit() else p.answer + "x"
+
+
+def garble(p: Problem, rng: np.random.Generator) -> Problem:
+    """Low-utility filler: the prompt's characters shuffled, so no answer can be right."""
+    chars = list(p.prompt)
+    rng.shuffle(chars)
+    return replace(
+        p,
+        prompt="".join(chars) + "?",
+        answer="#",
+        reward="exact",
+        meta={**p.meta, "utility": "garbled"},
+    )
+
+
+def make_regime(
+    regime: Regime,
+    families: list[str],
+    pool_size: int,
+    val_size: int,
+    eval_size: int,
+    seed: int,
+    corrupt_frac: float = 0.5,
+    corruption: str = "coinflip",
+    majority_frac: float = 0.9,
+    minority: str = "addition",
+    lowutility_frac: float = 0.8,
+) -> TaskSets:
+    """The pool, validation and eval sets of a data regime.
+
+    - ``clean``: `make_task`, nothing altered;
+    - ``noisy``: `corrupt_frac` of the pool corrupted (`corrupt`); validation and eval clean;
+    - ``imbalance``: `majority_frac` of the pool from the other families, the rest from
+      `minority`; validation and eval sets from `minority` only;
+    - ``lowutility``: `lowutility_frac` of the pool garbled (`garble`), the rest useful.
+    """
+    if regime == "imbalance":
+        if minority not in families or len(families) < 2:
+            raise ValueError(f"imbalance needs 2+ families including minority '{minority}'")
+        majority = [f for f in families if f != minority]
+        n_min = max(1, round((1 - majority_frac) * pool_size))
+        base = make_task([minority], n_min, val_size, eval_size, seed)
+        seen = {p.prompt for p in base.pool + base.validation + base.eval}
+        rng = np.random.default_rng(seed + 1)
+        extra: list[Problem] = []
+        for i, fam in enumerate(majority):
+            share = (pool_size - n_min) // len(majority) + (i < (pool_size - n_min) % len(majority))
+            drawn, _ = draw_problems(fam, share, rng, 0, seen)
+            extra.extend(drawn)
+        pool = [replace(p, id=i) for i, p in enumerate(base.pool + extra)]
+        order = np.random.default_rng(seed + 2).permutation(len(pool))
+        return TaskSets([pool[i] for i in order], base.validation, base.eval)
+    sets = make_task(families, pool_size, val_size, eval_size, seed)
+    if regime == "clean":
+        return sets
+    if regime == "noisy":
+        return replace(sets, pool=corrupt(sets.pool, corrupt_frac, corruption, seed + 3))
+    if regime == "lowutility":
+        rng = np.random.default_rng(seed + 4)
+        chosen = set(
+            rng.choice(pool_size, size=round(lowutility_frac * pool_size), replace=False).tolist()
+        )
+        pool = [garble(p, rng) if i in chosen else p for i, p in enumerate(sets.pool)]
+        return replace(sets, pool=pool)
+    raise ValueError(f"unknown regime '{regime}' (clean, noisy, imbalance, lowutility)")
