@@ -102,7 +102,7 @@ def iter_group_gradients(
         if not bool(batch.advantages[rows].any()):
             yield torch.zeros(size, dtype=torch.float64, device=batch.advantages.device)
             continue
-        sub = batch.select(rows, 1, torch.zeros(len(rows), dtype=torch.long))
+        sub = batch.select(rows, 1, torch.zeros(len(rows), dtype=torch.long, device=rows.device))
         yield flat_grad(scoring_loss(model, sub), params)
 
 
@@ -118,7 +118,12 @@ def summed_gradient(
     for start in range(0, batch.num_groups, groups_per_micro):
         chunk = rows_of[start : start + groups_per_micro]
         rows = torch.cat(chunk)
-        group = torch.cat([torch.full((len(r),), j, dtype=torch.long) for j, r in enumerate(chunk)])
+        group = torch.cat(
+            [
+                torch.full((len(r),), j, dtype=torch.long, device=r.device)
+                for j, r in enumerate(chunk)
+            ]
+        )
         g = flat_grad(scoring_loss(model, batch.select(rows, len(chunk), group)), params)
         total = g if total is None else total + g
     assert total is not None

@@ -33,6 +33,16 @@ class SequenceBatch:
     group: Tensor  # long [N], group index in 0..P-1
     num_groups: int  # P
 
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return SequenceBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.completion_mask.to(device),
+            self.advantages.to(device),
+            self.group.to(device),
+            self.num_groups,
+        )
+
     def select(self, rows: Tensor, num_groups: int, group: Tensor) -> SequenceBatch:
         """Rows `rows` with their groups renumbered to `group` (0..num_groups-1)."""
         length = int(self.attention_mask[rows].sum(1).max())  # trim common padding

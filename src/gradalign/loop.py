@@ -43,9 +43,19 @@ def resolve_device(device: str) -> str:
 
 def build_sets(cfg: Config) -> TaskSets:
     d = cfg.data
-    sets = make_regime(d.regime, d.families, d.pool_size, d.val_size, d.eval_size, d.seed,
-                       d.corrupt_frac, d.corruption, d.majority_frac, d.minority,
-                       d.lowutility_frac)
+    sets = make_regime(
+        d.regime,
+        d.families,
+        d.pool_size,
+        d.val_size,
+        d.eval_size,
+        d.seed,
+        d.corrupt_frac,
+        d.corruption,
+        d.majority_frac,
+        d.minority,
+        d.lowutility_frac,
+    )
     check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
     return sets
 
@@ -153,8 +163,9 @@ def score_round(
 def gradient_alignment(setup: Setup, cand: Rollouts, val: Rollouts) -> alignment.GroupAlignment:
     s, pad = setup.cfg.select, setup.tokenizer.pad_token_id
     params = alignment.scored_parameters(setup.model, s.params)
-    cand_batch = cand.to_batch(pad, s.scale_advantages)
-    val_batch = val.to_batch(pad, s.scale_advantages)
+    device = next(setup.model.parameters()).device
+    cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
+    val_batch = val.to_batch(pad, s.scale_advantages).to(device)
     setup.model.eval()
     with bar("scoring", cand.num_groups) as advance:
         direction = alignment.validation_direction(setup.model, params, val_batch, s.val_aggregate)

@@ -1,0 +1,20 @@
+"""Shared fixtures. The tiny model is built once per session; tests must not modify it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from gradalign.policy import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    """The built-in 'tiny' Llama-style model (random init, seed 0, fp32, CPU)."""
+    from gradalign.policy import build_model
+
+    return build_model(tokenizer, "tiny", seed=0)
