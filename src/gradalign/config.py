@@ -264,7 +264,9 @@ def check(cfg: Config) -> None:
     """Cross-field invariants of the round arithmetic, with messages naming field and fix."""
     _positive(cfg)
     s, t, d, r = cfg.select, cfg.train, cfg.data, cfg.rollout
-    if s.chunk_size > d.pool_size:
+    if s.params == "lora" and cfg.model.lora_r == 0:
+        raise ConfigError("select.params: 'lora' needs LoRA adapters; set model.lora_r > 0")
+    if not d.pool_files and s.chunk_size > d.pool_size:  # file pools are checked once loaded
         raise ConfigError(
             f"select.chunk_size ({s.chunk_size}) exceeds data.pool_size ({d.pool_size}); "
             "lower chunk_size or grow the pool"
@@ -275,7 +277,7 @@ def check(cfg: Config) -> None:
             "lower k or raise chunk_size"
         )
     trained_on = d.pool_size if s.mode == "none" else cfg.n_select
-    if t.batch_size > trained_on:
+    if t.batch_size > trained_on and not (d.pool_files and s.mode == "none"):
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
             f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"

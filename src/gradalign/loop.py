@@ -3,17 +3,19 @@ GRPO steps → eval, with every round's artifacts written to the run directory (
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gradalign import alignment
 from gradalign.config import Config
+from gradalign.policy import resolve_device
 from gradalign.problems import ChunkSchedule, Problem, check_disjoint
 from gradalign.progress import bar, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
@@ -28,6 +30,7 @@ class Setup:
     model: Any
     tokenizer: Any
     sets: TaskSets
+    generate: Callable[..., Rollouts] = generate  # rollout engine (HF generate or vLLM)
 
 
 def seed_for(cfg: Config, round_: int, stream: int) -> int:
@@ -35,14 +38,13 @@ def seed_for(cfg: Config, round_: int, stream: int) -> int:
     return int(np.random.SeedSequence([cfg.seed, round_ + 1, stream]).generate_state(1)[0])
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def build_sets(cfg: Config) -> TaskSets:
+    """Pool, validation and eval sets: from problem files, or a built-in regime."""
     d = cfg.data
+    if d.pool_files:
+        from gradalign.sources import sets_from_files
+
+        return sets_from_files(cfg, log)
     sets = make_regime(
         d.regime,
         d.families,
@@ -61,10 +63,15 @@ def build_sets(cfg: Config) -> TaskSets:
 
 
 def build_setup(cfg: Config) -> Setup:
-    """Task sets and the policy (warm-started built-in, or a local HF directory)."""
-    from gradalign.policy import load_pretrained
+    """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
+    asked) and the rollout engine."""
+    from gradalign.policy import apply_lora
     from gradalign.warmstart import load_or_warmstart
 
+    if cfg.rollout.backend == "vllm":
+        from gradalign.vllm_backend import require
+
+        require()  # fail before loading anything
     sets = build_sets(cfg)
     m = cfg.model
     if m.name.startswith("builtin:"):
@@ -83,9 +90,18 @@ def build_setup(cfg: Config) -> Setup:
                 log=log,
             )
         model = model.to(resolve_device(m.device))
+        if m.lora_r > 0:
+            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
     else:
-        model, tokenizer = load_pretrained(m.name, m.dtype, resolve_device(m.device))
-    return Setup(cfg, model, tokenizer, sets)
+        from gradalign.sources import policy_from_config
+
+        model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
+    setup = Setup(cfg, model, tokenizer, sets)
+    if cfg.rollout.backend == "vllm":
+        from gradalign.vllm_backend import engine_from_config, generate_vllm
+
+        setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
+    return setup
 
 
 @contextmanager
@@ -184,8 +200,9 @@ def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -
     if cand.pass_rate is not None:
         pos = {int(i): j for j, i in enumerate(cand.ids)}
         out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[p.id]] for p in chosen]))
-    corrupted = [p for p in chosen if p.meta.get("corruption")]
-    out["select/corrupted_share"] = len(corrupted) / max(len(chosen), 1)
+    n = max(len(chosen), 1)
+    out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in chosen) / n
+    out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in chosen) / n
     return out
 
 

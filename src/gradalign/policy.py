@@ -3,7 +3,8 @@
 Two ways in: ``builtin:tiny`` / ``builtin:small`` build a Llama-style model from a
 transformers config with a character-level tokenizer (no hub, no download), and any local
 Hugging Face directory (config, safetensors weights, tokenizer with a chat template) loads
-through ``AutoModelForCausalLM`` exactly as a user's checkpoint would.
+through ``AutoModelForCausalLM`` exactly as a user's checkpoint would. Either can be wrapped
+with LoRA adapters (`apply_lora`), after which only the adapters are trained and scored.
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ def _set_generation_ids(model, tokenizer) -> None:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
 
 
+# Generation-config fields that reshape the sampling distribution. A checkpoint's own
+# generation_config.json may set them (Qwen2.5-Instruct: repetition_penalty 1.05); they are
+# reset so rollouts are samples of pi_theta itself, as the on-policy scoring gradient assumes.
+_NEUTRAL_SAMPLING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a CUDA GPU is visible, else 'cpu'; anything else unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu"):
     """Load a local Hugging Face causal-LM directory and its tokenizer (offline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,7 +130,38 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
         raise ValueError(f"tokenizer in {path} has no chat template")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     _set_generation_ids(model, tokenizer)
+    for name, value in _NEUTRAL_SAMPLING.items():
+        setattr(model.generation_config, name, value)
     return model, tokenizer
+
+
+def apply_lora(model, r: int, alpha: int, targets: list[str], seed: int = 0):
+    """Wrap `model` with LoRA adapters (Hu et al., 2021) on the linear layers named `targets`
+    (module name suffixes, e.g. q_proj). Only the adapters are trainable afterwards; dropout
+    is 0 so the scoring gradient of a group is deterministic. Returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    linear = sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+    missing = [t for t in targets if t not in linear]
+    if missing or not targets:
+        raise ValueError(
+            f"model.lora_targets: {missing or targets} name no linear layer of the model "
+            f"(its linear layers: {', '.join(linear)})"
+        )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # LoRA A is drawn at random (B starts at 0)
+        return get_peft_model(model, config)
 
 
 def format_prompt(tokenizer, prompt: str) -> list[int]:

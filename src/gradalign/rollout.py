@@ -89,6 +89,28 @@ class SamplingConfig:
     prompts_per_batch: int = 64
 
 
+def score_rollouts(
+    tokenizer,
+    problems: list[Problem],
+    prompt_ids: list[list[int]],
+    completions: list[list[int]],
+    k: int,
+    salt: str,
+) -> Rollouts:
+    """Decode k completions per problem (problem-major order) and reward each with its
+    problem's reward function; rollout i gets the salt "{salt}:{i}" (coin-flip rewards)."""
+    group = np.repeat(np.arange(len(problems)), k)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    rewards = np.array(
+        [
+            score_completion(problems[g], t, salt=f"{salt}:{i}")
+            for i, (g, t) in enumerate(zip(group, texts))
+        ],
+        dtype=np.float64,
+    )
+    return Rollouts(problems, prompt_ids, completions, texts, rewards, group)
+
+
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -99,10 +121,10 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _trim(row: list[int], eos_id: int, pad_id: int) -> list[int]:
-    if eos_id in row:
-        return row[: row.index(eos_id) + 1]
-    return [t for t in row if t != pad_id]
+def _trim(row: list[int], eos_id: int) -> list[int]:
+    """Sampled tokens up to and including the first EOS (generation pads only after it);
+    a row without EOS ran to max_new_tokens and is kept whole."""
+    return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
 @torch.no_grad()
@@ -152,17 +174,8 @@ def generate(
                 **kwargs,
             )
             for row in out[:, ids.shape[1] :].tolist():
-                completions.append(_trim(row, eos_id, pad_id))
+                completions.append(_trim(row, eos_id))
             if progress is not None:
                 progress(len(batch))
     model.train(was_training)
-    group = np.repeat(np.arange(len(problems)), k)
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    rewards = np.array(
-        [
-            score_completion(problems[g], text, salt=f"{salt}:{i}")
-            for i, (g, text) in enumerate(zip(group, texts))
-        ],
-        dtype=np.float64,
-    )
-    return Rollouts(problems, prompt_ids, completions, texts, rewards, group)
+    return score_rollouts(tokenizer, problems, prompt_ids, completions, k, salt)

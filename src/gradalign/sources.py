@@ -1,0 +1,167 @@
+"""Where a run's problems and policy come from when the user brings their own: problem files
+(``data.pool_files`` / ``val_files`` / ``eval_files``) and a local Hugging Face model directory
+(``model.name``), optionally wrapped with LoRA (``model.lora_r > 0``).
+
+Every error names the config field it comes from (``data.pool_files[0].path: ...``), so a bad
+YAML entry is found without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gradalign.config import Config, ConfigError
+from gradalign.data import FileSpec, LoadResult, load_files, summarise
+from gradalign.problems import Problem, ProblemError, check_disjoint
+from gradalign.rewards import RewardError, resolve_reward
+from gradalign.tasks import TaskSets
+
+# First problem id of each set: ids stay unique across the three sets (as in `tasks.make_task`).
+SET_FIELDS = (
+    ("pool_files", "pool", 0),
+    ("val_files", "validation", 1_000_000),
+    ("eval_files", "eval", 2_000_000),
+)
+_SPEC_KEYS = [f.name for f in dataclasses.fields(FileSpec)]
+
+
+def _check_value(where: str, key: str, value: Any) -> None:
+    """Reject a value of the wrong type: `count` is an integer, every other key a string."""
+    if key == "count":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.count: expected an integer, got {value!r}")
+    elif not isinstance(value, str) and not (value is None and key != "path"):
+        raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+
+
+def file_specs(entries: list[Any], name: str) -> list[FileSpec]:
+    """`FileSpec`s of a ``data.*_files`` list; errors name the entry (``name[i].key``)."""
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"{name}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with at least 'path', got {entry!r}")
+        unknown = sorted(set(entry) - set(_SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(_SPEC_KEYS)})")
+        if "path" not in entry:
+            raise ConfigError(f"{where}: missing 'path' (the JSONL or Parquet file to read)")
+        for key, value in entry.items():
+            _check_value(where, key, value)
+        fields = {**entry, "path": Path(entry["path"]).expanduser()}
+        try:
+            spec = FileSpec(**fields)
+            spec.resolved_format  # noqa: B018 - raises for an unknown suffix
+        except ProblemError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        if not spec.path.is_file():
+            raise ConfigError(
+                f"{where}.path: {spec.path} is not a file "
+                f"(relative paths are read from the working directory {Path.cwd()})"
+            )
+        try:
+            resolve_reward(spec.reward)
+        except RewardError as err:
+            raise ConfigError(f"{where}.reward: {err}") from None
+        specs.append(spec)
+    return specs
+
+
+def load_set(entries: list[Any], name: str, seed: int, first_id: int) -> LoadResult:
+    """Load the files of one ``data.*_files`` field; an unusable result names the field."""
+    specs = file_specs(entries, name)
+    if not specs:
+        raise ConfigError(f"{name}: give at least one file")
+    try:
+        result = load_files(specs, seed=seed, first_id=first_id)
+    except ProblemError as err:
+        raise ConfigError(f"{name}: {err}") from None
+    if not result.problems:
+        raise ConfigError(f"{name}: no usable problems ({summarise(result)})")
+    return result
+
+
+def _drop_shared(pool: list[Problem], held_out: list[Problem]) -> tuple[list[Problem], int]:
+    """The pool without prompts of the validation or eval sets (never trained on)."""
+    shared = {p.prompt for p in held_out}
+    kept = [p for p in pool if p.prompt not in shared]
+    return kept, len(pool) - len(kept)
+
+
+def sets_from_files(cfg: Config, log: Callable[[str], None] | None = None) -> TaskSets:
+    """Pool, validation and eval sets from ``data.pool_files`` / ``val_files`` / ``eval_files``.
+
+    Ids: pool 0.., validation 1_000_000.., eval 2_000_000..; each set's `count` samples use
+    ``data.seed``. Each set's load summary (files, sources, rejected records, duplicates) is
+    passed to `log`. The validation and eval sets must not share a prompt; pool problems whose
+    prompt is in either are dropped (and counted), so the pool never trains on them.
+    """
+    if log is None:
+        from gradalign.progress import log
+    d = cfg.data
+    loaded: dict[str, list[Problem]] = {}
+    for field, role, first_id in SET_FIELDS:
+        result = load_set(getattr(d, field), f"data.{field}", d.seed, first_id)
+        log(f"{role} set (data.{field}): {summarise(result)}")
+        loaded[role] = result.problems
+    try:
+        check_disjoint(loaded["validation"], loaded["eval"], ("validation", "eval"))
+    except ProblemError as err:
+        raise ConfigError(f"data.val_files and data.eval_files: {err}") from None
+    pool, dropped = _drop_shared(loaded["pool"], loaded["validation"] + loaded["eval"])
+    if dropped:
+        log(f"pool: dropped {dropped} problem(s) whose prompt is in the validation or eval set")
+    _check_pool_size(cfg, len(pool))
+    return TaskSets(pool=pool, validation=loaded["validation"], eval=loaded["eval"])
+
+
+def _check_pool_size(cfg: Config, size: int) -> None:
+    s = cfg.select
+    if s.chunk_size > size:
+        raise ConfigError(
+            f"select.chunk_size ({s.chunk_size}) exceeds the {size} pool problems loaded from "
+            "data.pool_files; lower chunk_size or add problems"
+        )
+    if s.mode == "none" and cfg.train.batch_size > size:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) exceeds the {size} pool problems "
+            "loaded from data.pool_files"
+        )
+
+
+def policy_from_config(cfg: Config):
+    """(model, tokenizer) from the local Hugging Face directory ``model.name``, in
+    ``model.dtype`` on ``model.device`` ('auto': cuda when available), wrapped with LoRA
+    when ``model.lora_r > 0`` (then only the adapters are trainable)."""
+    import torch
+
+    from gradalign.policy import apply_lora, load_pretrained, resolve_device
+
+    m = cfg.model
+    path = Path(m.name).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"model.name: {m.name!r} is not a directory; give 'builtin:tiny', 'builtin:small' "
+            "or a local Hugging Face model directory (config.json, weights, tokenizer)"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.name: {path} has no config.json; point it at a Hugging Face model "
+            "directory (the one holding config.json, *.safetensors and the tokenizer files)"
+        )
+    device = resolve_device(m.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {m.device!r} but no CUDA GPU is visible; use cpu or auto")
+    try:
+        model, tokenizer = load_pretrained(path, m.dtype, device)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name: cannot load {path}: {err}") from err
+    if m.lora_r > 0:
+        try:
+            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return model, tokenizer
