@@ -27,9 +27,13 @@ EOS = 1
 # three groups of unequal sizes and lengths; group 1 has equal rewards (zero variance)
 PROMPTS = [[5, 6, 7], [5, 6, 7], [5, 6, 7], [8, 9], [8, 9], [10, 11, 12, 13], [10, 11, 12, 13]]
 COMPLETIONS = [
-    [20, 21, EOS], [22, EOS], [23, 24, 25, 26, EOS],  # group 0
-    [27, EOS], [28, 29, EOS],  # group 1
-    [30, 31, 32, EOS], [33, EOS],  # group 2
+    [20, 21, EOS],
+    [22, EOS],
+    [23, 24, 25, 26, EOS],  # group 0
+    [27, EOS],
+    [28, 29, EOS],  # group 1
+    [30, 31, 32, EOS],
+    [33, EOS],  # group 2
 ]
 GROUP = [0, 0, 0, 1, 1, 2, 2]
 REWARDS = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]
@@ -93,8 +97,7 @@ def test_group_gradient_equals_autograd_of_hand_written_loss(tiny_model, params,
         assert_vec_close(group_grads[p], expected)
 
 
-def test_zero_variance_group_has_exactly_zero_gradient(tiny_model, params, cand_batch,
-                                                       group_grads):
+def test_zero_variance_group_has_exactly_zero_gradient(tiny_model, params, cand_batch, group_grads):
     assert torch.equal(group_grads[1], torch.zeros_like(group_grads[1]))
     # also without the shortcut: the loss of a group with A = 0 has an exactly zero gradient
     sub = cand_batch.select(torch.tensor([3, 4]), 1, torch.tensor([0, 0]))
@@ -102,8 +105,7 @@ def test_zero_variance_group_has_exactly_zero_gradient(tiny_model, params, cand_
     assert torch.equal(g, torch.zeros_like(g))
 
 
-def test_summed_gradient_is_the_sum_of_group_gradients(tiny_model, params, cand_batch,
-                                                       group_grads):
+def test_summed_gradient_is_the_sum_of_group_gradients(tiny_model, params, cand_batch, group_grads):
     expected = group_grads[0] + group_grads[1] + group_grads[2]
     for per_micro in (1, 2, 8):  # micro-batch boundaries must not matter
         assert_vec_close(summed_gradient(tiny_model, params, cand_batch, per_micro), expected)
@@ -122,8 +124,9 @@ def test_validation_direction_sum_and_mean_of_unit(tiny_model, params):
 
 
 def test_exact_alignment_stats_match_flat_gradients(tiny_model, params, cand_batch, group_grads):
-    direction = torch.randn(group_grads[0].shape[0], generator=torch.Generator().manual_seed(0),
-                            dtype=torch.float64)
+    direction = torch.randn(
+        group_grads[0].shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     direction = direction / direction.norm()
     ticks = []
     al = exact_alignment(tiny_model, params, cand_batch, direction, progress=ticks.append)
@@ -150,8 +153,14 @@ def test_zero_variance_group_scores_zero_in_gradient_modes(tiny_model, params, c
     al = exact_alignment(tiny_model, params, cand_batch, direction)
     assert al.norm[1] == 0.0 and al.dot_val[1] == 0.0 and al.dot_chunk[1] == 0.0
     # flags left off: the 0.0 comes from g_p = 0 itself, not from the zero_variance guard
-    c = Candidates(np.array([10, 11, 12]), np.array([1 / 3, 1.0, 0.5]),
-                   np.zeros(3, bool), al.dot_val, al.dot_chunk, al.norm)
+    c = Candidates(
+        np.array([10, 11, 12]),
+        np.array([1 / 3, 1.0, 0.5]),
+        np.zeros(3, bool),
+        al.dot_val,
+        al.dot_chunk,
+        al.norm,
+    )
     for mode in ("sim", "dot", "norm", "align"):
         assert select(mode, c, 1, np.random.default_rng(0)).scores[1] == 0.0, mode
 

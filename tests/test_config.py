@@ -89,10 +89,17 @@ def test_missing_file_names_the_path(tmp_path):
 
 
 def test_overrides_parse_scalars_and_lists():
-    data = apply_overrides({"select": {"mode": "dot"}}, [
-        "select.k=8", "train.learning_rate=0.001", "select.scale_advantages=true",
-        "data.families=[addition, countdown]", "model.name=builtin:small", "out_dir=",
-    ])
+    data = apply_overrides(
+        {"select": {"mode": "dot"}},
+        [
+            "select.k=8",
+            "train.learning_rate=0.001",
+            "select.scale_advantages=true",
+            "data.families=[addition, countdown]",
+            "model.name=builtin:small",
+            "out_dir=",
+        ],
+    )
     assert data == {
         "select": {"mode": "dot", "k": 8, "scale_advantages": True},
         "train": {"learning_rate": 0.001},
@@ -103,11 +110,20 @@ def test_overrides_parse_scalars_and_lists():
 
 
 def test_overrides_coerce_to_the_field_types():
-    cfg = load_config(overrides=[
-        "select.k=8", "select.chunk_size=32.0", "train.learning_rate=1e-5",
-        "train.max_grad_norm=2", "select.scale_advantages=false", "data.seed=3",
-        "data.families=addition", "rollout.temperature=0.7", "model.name=123", "train.batch_size=4",
-    ])
+    cfg = load_config(
+        overrides=[
+            "select.k=8",
+            "select.chunk_size=32.0",
+            "train.learning_rate=1e-5",
+            "train.max_grad_norm=2",
+            "select.scale_advantages=false",
+            "data.seed=3",
+            "data.families=addition",
+            "rollout.temperature=0.7",
+            "model.name=123",
+            "train.batch_size=4",
+        ]
+    )
     assert cfg.select.k == 8 and type(cfg.select.k) is int
     assert cfg.select.chunk_size == 32 and type(cfg.select.chunk_size) is int
     assert cfg.train.learning_rate == 1e-5 and type(cfg.train.learning_rate) is float
@@ -128,11 +144,20 @@ def test_overrides_apply_on_top_of_the_file(tmp_path):
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = load_config(overrides=[
-        "rounds=3", "select.mode=simacc", "select.zero_variance=exclude", "select.k=2",
-        "train.learning_rate=3e-6", "train.batch_size=4", "data.families=[countdown]",
-        "select.params=last:1", "select.scale_advantages=true", "model.device=cuda:1",
-    ])
+    cfg = load_config(
+        overrides=[
+            "rounds=3",
+            "select.mode=simacc",
+            "select.zero_variance=exclude",
+            "select.k=2",
+            "train.learning_rate=3e-6",
+            "train.batch_size=4",
+            "data.families=[countdown]",
+            "select.params=last:1",
+            "select.scale_advantages=true",
+            "model.device=cuda:1",
+        ]
+    )
     assert cfg != Config()
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from gradalign.config import load_config
@@ -103,3 +104,51 @@ def test_warmstart_is_cached(tmp_path):
     assert "loaded from cache" in logs[-1] and "loaded from cache" not in logs[0]
     for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert (a == b).all(), n
+
+
+@pytest.mark.slow
+def test_batched_scorer_matches_exact_in_the_loop(tmp_path):
+    """The default batched scorer and the exact reference score the same round alike."""
+    rows = {}
+    for scorer in ("batched", "exact"):
+        cfg = load_config(
+            None,
+            TINY
+            + [
+                "rounds=1",
+                "select.mode=align",
+                f"select.scorer={scorer}",
+                f"out_dir={tmp_path / scorer}",
+                f"model.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+        run(cfg)
+        d = tmp_path / scorer / "rounds" / "0000"
+        rows[scorer] = (read_jsonl(d / "scores.jsonl"), read_jsonl(d / "selected.jsonl"))
+    (fast, fast_sel), (ref, ref_sel) = rows["batched"], rows["exact"]
+    assert [r["id"] for r in fast] == [r["id"] for r in ref]
+    for a, b in zip(fast, ref):
+        for key in ("dot_val", "dot_chunk", "norm", "score"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert fast_sel == ref_sel
+
+
+@pytest.mark.slow
+def test_projection_features_and_adam_preconditioning(tmp_path):
+    cfg = load_config(
+        None,
+        TINY
+        + [
+            "select.project_dim=8",
+            "select.precondition=adam",
+            f"out_dir={tmp_path / 'run'}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    run(cfg)
+    for r in range(2):
+        d = tmp_path / "run" / "rounds" / f"{r:04d}"
+        features = np.load(d / "features.npy")
+        assert features.shape == (16, 8)
+        zero = [s["zero_variance"] for s in read_jsonl(d / "scores.jsonl")]
+        assert np.all(features[np.array(zero)] == 0.0)

@@ -29,11 +29,14 @@ def write_lines(path, lines: list[str | bytes]) -> None:
 
 def test_read_problems_reads_records_and_skips_blank_lines(tmp_path):
     path = tmp_path / "pool.jsonl"
-    write_lines(path, [
-        json.dumps(rec(3, prompt="2+2?", answer="4", source="addition")),
-        "",
-        json.dumps(rec(1, reward="math", meta={"corruption": "coinflip"})),
-    ])
+    write_lines(
+        path,
+        [
+            json.dumps(rec(3, prompt="2+2?", answer="4", source="addition")),
+            "",
+            json.dumps(rec(1, reward="math", meta={"corruption": "coinflip"})),
+        ],
+    )
     problems = read_problems(path)
     assert problems == [Problem(3, "2+2?", "4", "addition"), Problem(1, "p1", "a", "s", "math")]
     assert problems[1].meta == {"corruption": "coinflip"}

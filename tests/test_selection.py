@@ -27,16 +27,43 @@ TABLE = [
 IDS = [row[0] for row in TABLE]
 
 # hand scores in table order (ids 7, 3, 12, 5, 1, 9, 4, 10, 2)
-SIM = [1 / 2.00001, 0.5 / 1.00001, 0.0, 3 / 10.00001, 0.5 / 1.00001, -2 / 4.00001, 0.0,
-       0.5 / 1.00001, -0.1 / 0.50001]
+SIM = [
+    1 / 2.00001,
+    0.5 / 1.00001,
+    0.0,
+    3 / 10.00001,
+    0.5 / 1.00001,
+    -2 / 4.00001,
+    0.0,
+    0.5 / 1.00001,
+    -0.1 / 0.50001,
+]
 DOT = [1.0, 0.5, 0.0, 3.0, 0.5, -2.0, 0.0, 0.5, -0.1]
 NORM = [2.0, 1.0, 0.0, 10.0, 1.0, 4.0, 0.0, 1.0, 0.5]
-ALIGN = [-0.6 / 2.00001, 0.5 / 1.00001, 0.0, 6 / 10.00001, 0.1 / 1.00001, -1 / 4.00001, 0.0,
-         -0.2 / 1.00001, 0.3 / 0.50001]
+ALIGN = [
+    -0.6 / 2.00001,
+    0.5 / 1.00001,
+    0.0,
+    6 / 10.00001,
+    0.1 / 1.00001,
+    -1 / 4.00001,
+    0.0,
+    -0.2 / 1.00001,
+    0.3 / 0.50001,
+]
 # 4a(1-a) for a = .5, .25, 1, .75, .5, .125, 0, .875, .375:
 #          = 1,  .75, 0, .75, 1, .4375, 0, .4375, .9375
-SIMACC = [SIM[0], 0.75 * SIM[1], 0.0, 0.75 * SIM[3], SIM[4], 0.4375 * SIM[5], 0.0,
-          0.4375 * SIM[7], 0.9375 * SIM[8]]
+SIMACC = [
+    SIM[0],
+    0.75 * SIM[1],
+    0.0,
+    0.75 * SIM[3],
+    SIM[4],
+    0.4375 * SIM[5],
+    0.0,
+    0.4375 * SIM[7],
+    0.9375 * SIM[8],
+]
 ACCGREEDY = [0.0, -0.25, -0.5, -0.25, 0.0, -0.375, -0.5, -0.375, -0.125]
 
 # (mode, hand scores, full rank order under zero_variance="zero")
@@ -182,8 +209,18 @@ def test_rank_top_breaks_ties_by_ascending_id():
 
 
 def test_needs_and_mode_list():
-    assert set(MODES) == {"sim", "dot", "norm", "align", "negsim", "simacc", "accgreedy",
-                          "acc", "rand", "none"}
+    assert set(MODES) == {
+        "sim",
+        "dot",
+        "norm",
+        "align",
+        "negsim",
+        "simacc",
+        "accgreedy",
+        "acc",
+        "rand",
+        "none",
+    }
     assert needs("sim") == needs("simacc") == {"rollouts", "gradients"}
     assert needs("acc") == needs("accgreedy") == {"rollouts"}
     assert needs("rand") == needs("none") == set()

@@ -153,13 +153,15 @@ def exact_alignment(
     batch: SequenceBatch,
     val_direction: Tensor,
     progress: Progress | None = None,
+    chunk: bool = True,
 ) -> GroupAlignment:
-    """dot_val, dot_chunk and norm of every candidate group, one backward per group."""
-    chunk_direction = unit(summed_gradient(model, params, batch))
+    """dot_val, dot_chunk and norm of every candidate group, one backward per group.
+    ``chunk=False`` skips g^_C (dot_chunk is then NaN; only the `align` mode reads it)."""
+    chunk_direction = unit(summed_gradient(model, params, batch)) if chunk else None
     dot_val, dot_chunk, norm = [], [], []
     for g in iter_group_gradients(model, params, batch):
         dot_val.append(float(g @ val_direction))
-        dot_chunk.append(float(g @ chunk_direction))
+        dot_chunk.append(float(g @ chunk_direction) if chunk_direction is not None else np.nan)
         norm.append(float(g.norm()))
         if progress is not None:
             progress(1)

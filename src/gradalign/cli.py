@@ -94,15 +94,24 @@ def fields() -> None:
     console.print(table)
 
 
+SHARE_LABELS = {"corrupted": "corrupt sel", "minority": "minority sel", "low_utility": "filler sel"}
+
+
 def comparison_table(summaries: dict[str, dict]) -> Table:
-    """Eval accuracy per round and final, with the time spent selecting and training."""
+    """Eval accuracy per round and final, the share of selected problems that the regime
+    made bad (or, for imbalance, that come from the minority family), and the time spent
+    selecting and training."""
     rounds = max(len(s["eval_accuracy"]) for s in summaries.values())
+    shares = [
+        k
+        for k in SHARE_LABELS
+        if any(k in s.get("selected_share", {}) for s in summaries.values())
+        and (k == "minority" or any(s["selected_share"].get(k, 0) > 0 for s in summaries.values()))
+    ]
     table = Table(title="greedy eval accuracy (pass@1) after each round", box=None)
-    for col in (
-        ["mode", "start"]
-        + [f"r{i + 1}" for i in range(rounds)]
-        + ["final", "Δ", "select s", "train s", "wall s"]
-    ):
+    columns = ["mode", "start", *[f"r{i + 1}" for i in range(rounds)], "final", "Δ"]
+    columns += [SHARE_LABELS[k] for k in shares] + ["select s", "train s", "wall s"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "mode" else "right")
     for mode, s in summaries.items():
         t = s["time_totals"]
@@ -113,8 +122,108 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
             *[f"{a:.3f}" for a in s["eval_accuracy"]],
             f"{s['final_eval_accuracy']:.3f}",
             f"{s['final_eval_accuracy'] - s['initial_eval_accuracy']:+.3f}",
+            *[f"{100 * s['selected_share'][k]:.0f}%" for k in shares],
             f"{select_s:.0f}",
             f"{t.get('time/training_s', 0):.0f}",
             f"{s['wall_s']:.0f}",
         )
     return table
+
+
+# ---------------------------------------------------------------- bench and report
+
+from gradalign import bench  # noqa: E402 - light (config, rundir); its constants feed the help
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks over modes, regimes and seeds.")
+app.add_typer(bench_app, name="bench")
+
+
+def _names(value: str, known: tuple[str, ...], what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        console.print(f"[red]{what}:[/red] {unknown or value!r} not in {', '.join(known)}")
+        raise typer.Exit(2)
+    return names
+
+
+@bench_app.command("regimes")
+def bench_regimes(
+    regimes: Annotated[str, typer.Option(help="comma-separated data regimes")] = ",".join(bench.BENCH_REGIMES),
+    modes: Annotated[str, typer.Option(help="comma-separated selection modes")] = ",".join(bench.BENCH_MODES),
+    seeds: Annotated[int | None, typer.Option(min=1, help=f"seeds 0..N-1 per cell (default 3; {bench.QUICK_SEEDS} with --quick)")] = None,
+    out: Annotated[Path | None, typer.Option(help="bench directory (default runs/bench; runs/bench-quick with --quick)")] = None,
+    quick: Annotated[bool, typer.Option(help=f"smoke-size runs: --set {' '.join(bench.QUICK)}")] = False,
+    jobs: Annotated[int, typer.Option(min=1, help="runs in parallel (each its own process)")] = 1,
+    data_seed: Annotated[int | None, typer.Option(help="pin data.seed for every seed (default: data.seed = seed)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config every run starts from")] = None,
+    set_: SetOpt = None,
+) -> None:  # fmt: skip
+    """Every mode on every regime over seeds, one process and run directory per run
+    (OUT/<regime>/<mode>/seed<k>; finished runs are skipped), then OUT/report/."""
+    from typing import get_args, get_type_hints
+
+    from gradalign.config import DataConfig
+    from gradalign.report import build_report
+    from gradalign.selection import MODES
+
+    out = out or Path("runs/bench-quick" if quick else "runs/bench")
+    try:
+        results, wall = bench.run_regimes(
+            out,
+            _names(regimes, get_args(get_type_hints(DataConfig)["regime"]), "--regimes"),
+            _names(modes, MODES, "--modes"),
+            seeds if seeds is not None else (bench.QUICK_SEEDS if quick else 3),
+            [*(bench.QUICK if quick else ()), *(set_ or [])],
+            data_seed,
+            config,
+            jobs,
+        )
+    except bench.BenchError as err:
+        console.print(f"[red]bench error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(results_table(build_report(out)))
+    failed = sum(r.status == "failed" for r in results)
+    console.print(
+        f"bench wall time {wall:.0f} s ({failed} failed, "
+        f"{sum(r.status == 'skipped' for r in results)} skipped) · report: {out}/report/report.md"
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="bench directory or one run directory")],
+) -> None:
+    """Rebuild DIR/report/ (report.md, results.json, plots) from the saved runs; runs nothing."""
+    from gradalign.report import build_report
+
+    try:
+        res = build_report(directory)
+    except FileNotFoundError as err:
+        console.print(f"[red]report error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(results_table(res))
+    console.print(f"report: {directory / 'report' / 'report.md'}")
+
+
+def results_table(res: dict) -> Table:
+    """Final accuracy and the paired difference to rand, mean ± 95% CI, per regime and mode."""
+    from gradalign.report import fmt_ci
+
+    def cell(stat: dict | None, signed: bool = False) -> str:
+        return fmt_ci(stat, signed).split(" (n=")[0]
+
+    table = Table(title="final eval accuracy, mean ± 95% CI over seeds", box=None)
+    for col in ("regime", "mode", "seeds", "accuracy", "Δ vs rand (paired)"):
+        table.add_column(col, justify="left" if col in ("regime", "mode") else "right")
+    for regime, by_mode in res["final_accuracy"].items():
+        for mode, stat in by_mode.items():
+            diff = res["vs_rand"].get(regime, {}).get(mode)
+            table.add_row(regime, mode, str(stat["n"]), cell(stat), cell(diff, signed=True))
+    return table
+
+
+if __name__ == "__main__":
+    app()

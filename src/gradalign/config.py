@@ -97,7 +97,17 @@ class SelectConfig:
     val_aggregate: Literal["sum", "mean_of_unit"] = doc("sum", "g_V = sum of g_v, or of unit g_v")
     scale_advantages: bool = doc(False, "divide scoring advantages by the group std")
     params: str = doc("all", "scored parameters: 'all', 'lora' or 'last:N' blocks")
-    scorer: Literal["exact"] = doc("exact", "gradient scorer: 'exact' = one backward per group")
+    scorer: Literal["batched", "exact"] = doc(
+        "batched",
+        "gradient scorer: one batched backward (default) or 'exact', one backward per group",
+    )
+    precondition: Literal["none", "adam"] = doc(
+        "none", "'adam': score g_p / (sqrt(v) + 1e-8) with the trainer's Adam second moment (LESS)"
+    )
+    project_dim: int = doc(
+        0, "save seeded random-projection features [P, dim] of each g_p per round (0 = off)"
+    )
+    groups_per_micro: int = doc(16, "groups per forward/backward micro-batch when scoring")
 
 
 @dataclass
@@ -253,7 +263,7 @@ def _positive(cfg: Config) -> None:
     ]:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if f.name in ("seed", "warmstart_steps", "beta", "lora_r"):
+            if f.name in ("seed", "warmstart_steps", "beta", "lora_r", "project_dim"):
                 if isinstance(value, (int, float)) and value < 0:
                     raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:

@@ -103,7 +103,9 @@ def zero_variance_groups(rewards: Tensor, group: Tensor, num_groups: int) -> Ten
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """log pi(x_{t+1} | x_{<=t}) for every position. # [N, L] -> [N, T]"""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # [N, L, V]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).logits  # [N, L, V]
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, T, V]
     return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [N, T]
 

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from gradalign import alignment
 from gradalign.config import Config
 from gradalign.policy import resolve_device
 from gradalign.problems import ChunkSchedule, Problem, check_disjoint
-from gradalign.progress import bar, log
+from gradalign.progress import bar, console, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
-from gradalign.rundir import write_json, write_jsonl, write_yaml
+from gradalign.rundir import write_json, write_jsonl, write_npy, write_yaml
 from gradalign.selection import Candidates, Selection, needs, select
 from gradalign.tasks import TaskSets, make_regime
 
@@ -86,7 +87,9 @@ def build_setup(cfg: Config) -> Setup:
                 cfg.data.seed,
                 exclude,
                 m.cache_dir,
-                progress=lambda step, loss: advance(1),
+                progress=lambda step, loss: warmstart_progress(
+                    advance, step, loss, m.warmstart_steps
+                ),
                 log=log,
             )
         model = model.to(resolve_device(m.device))
@@ -102,6 +105,12 @@ def build_setup(cfg: Config) -> Setup:
 
         setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
     return setup
+
+
+def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
+    advance(1)
+    if step % max(total // 5, 1) == 0 and not console.is_terminal:  # a few lines in logs
+        log(f"warm start: step {step}/{total}, loss {loss:.3f}")
 
 
 @contextmanager
@@ -140,14 +149,26 @@ def evaluate(setup: Setup, seed: int) -> dict[str, float]:
     return out
 
 
+@dataclass
+class RoundScores:
+    candidates: Candidates
+    rollouts: list[Rollouts]  # candidate, then validation rollouts (as computed)
+    metrics: dict[str, float]
+    features: np.ndarray | None = None  # [P, select.project_dim] projections of g_p
+
+
 def score_round(
-    setup: Setup, chunk: list[Problem], r: int, timings: dict[str, float]
-) -> tuple[Candidates, list[Rollouts], dict[str, float]]:
+    setup: Setup,
+    chunk: list[Problem],
+    r: int,
+    timings: dict[str, float],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> RoundScores:
     """Candidate rollouts, validation rollouts and group gradients, as the mode needs."""
     cfg, ids = setup.cfg, np.array([p.id for p in chunk])
     need = needs(cfg.select.mode)
     if not need:
-        return Candidates(ids), [], {}
+        return RoundScores(Candidates(ids), [], {})
     with timed(timings, "time/candidate_rollouts_s"):
         cand = sample(setup, chunk, cfg.rollout.k_r, seed_for(cfg, r, 1), "candidate rollouts")
     zv = cand.zero_variance()
@@ -156,7 +177,7 @@ def score_round(
         "select/chunk_zero_variance_frac": float(zv.mean()),
     }
     if "gradients" not in need:
-        return Candidates(ids, cand.pass_rates(), zv), [cand], metrics
+        return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
     with timed(timings, "time/validation_rollouts_s"):
         val = sample(
             setup,
@@ -168,24 +189,60 @@ def score_round(
     metrics["val/pass_rate"] = float(val.rewards.mean())
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
     with timed(timings, "time/scoring_s"):
-        al = gradient_alignment(setup, cand, val)
-    return (
-        Candidates(ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm),
-        [cand, val],
-        metrics,
-    )
+        al, features = gradient_alignment(setup, cand, val, optimizer)
+    metrics["score/cos_mean"] = float(np.mean(al.cos_val))
+    cands = Candidates(ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm)
+    return RoundScores(cands, [cand, val], metrics, features)
 
 
-def gradient_alignment(setup: Setup, cand: Rollouts, val: Rollouts) -> alignment.GroupAlignment:
-    s, pad = setup.cfg.select, setup.tokenizer.pad_token_id
-    params = alignment.scored_parameters(setup.model, s.params)
-    device = next(setup.model.parameters()).device
+def gradient_alignment(
+    setup: Setup, cand: Rollouts, val: Rollouts, optimizer: torch.optim.Optimizer | None
+) -> tuple[alignment.GroupAlignment, np.ndarray | None]:
+    """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
+    the batched scorer or the exact reference; optional projection features [P, dim]."""
+    from gradalign import fastscore
+
+    s, model, pad = setup.cfg.select, setup.model, setup.tokenizer.pad_token_id
+    params = alignment.scored_parameters(model, s.params)
+    device = next(model.parameters()).device
     cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
     val_batch = val.to_batch(pad, s.scale_advantages).to(device)
-    setup.model.eval()
+    need_chunk = s.mode == "align"
+    exp_avg_sq = None
+    if s.precondition == "adam" and optimizer is not None and optimizer.state:
+        exp_avg_sq = fastscore.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
+    model.eval()
     with bar("scoring", cand.num_groups) as advance:
-        direction = alignment.validation_direction(setup.model, params, val_batch, s.val_aggregate)
-        return alignment.exact_alignment(setup.model, params, cand_batch, direction, advance)
+        if s.scorer == "exact":
+            direction = alignment.validation_direction(model, params, val_batch, s.val_aggregate)
+            if exp_avg_sq is not None:
+                al = fastscore.exact_preconditioned_alignment(
+                    model, params, cand_batch, direction, exp_avg_sq
+                )
+            else:
+                al = alignment.exact_alignment(
+                    model, params, cand_batch, direction, advance, chunk=need_chunk
+                )
+        else:
+            direction = fastscore.batched_validation_direction(
+                model, params, val_batch, s.val_aggregate, s.groups_per_micro
+            )
+            al = fastscore.batched_alignment(
+                model,
+                params,
+                cand_batch,
+                direction,
+                s.groups_per_micro,
+                advance,
+                chunk=need_chunk,
+                exp_avg_sq=exp_avg_sq,
+            )
+    features = None
+    if s.project_dim:
+        features = fastscore.projected_gradients(
+            model, params, cand_batch, s.project_dim, setup.cfg.seed, s.groups_per_micro, exp_avg_sq
+        )
+    return al, features
 
 
 def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -> dict[str, Any]:
@@ -243,7 +300,8 @@ def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
     for r in range(cfg.rounds):
         timings: dict[str, float] = {}
         chunk = [pool[i] for i in schedule.chunk(r)]
-        cand, rollouts, metrics = score_round(setup, chunk, r, timings)
+        scored = score_round(setup, chunk, r, timings, trainer.optimizer)
+        cand, metrics = scored.candidates, scored.metrics
         with timed(timings, "time/selection_s"):
             rng = np.random.default_rng(seed_for(cfg, r, 3))
             sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
@@ -260,7 +318,7 @@ def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
             metrics |= evaluate(setup, seed_for(cfg, r, 4))
         metrics |= selection_metrics(chosen, cand, sel) | timings | {"round": r}
         history.append(metrics)
-        write_round(out / "rounds" / f"{r:04d}", chunk, cand, sel, rollouts, metrics)
+        write_round(out / "rounds" / f"{r:04d}", chunk, scored, sel, metrics)
         log(round_line(cfg, r, metrics))
     trainer.close()
     summary = {
@@ -269,6 +327,7 @@ def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
         "initial_eval_accuracy": initial["eval/accuracy"],
         "final_eval_accuracy": history[-1]["eval/accuracy"] if history else None,
         "eval_accuracy": [m["eval/accuracy"] for m in history],
+        "selected_share": bad_share(cfg, history),
         "wall_s": time.perf_counter() - t_start,
         "time_totals": {
             k: sum(m.get(k, 0.0) for m in history)
@@ -279,22 +338,41 @@ def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
     return summary
 
 
+def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean share over rounds of the selected problems that the regime made bad
+    (corrupted / filler) or, for `imbalance`, that come from the minority family."""
+    if not history:
+        return {}
+    out = {
+        "corrupted": float(np.mean([m["select/corrupted_share"] for m in history])),
+        "low_utility": float(np.mean([m["select/low_utility_share"] for m in history])),
+    }
+    if cfg.data.regime == "imbalance" and not cfg.data.pool_files:
+        out["minority"] = float(
+            np.mean(
+                [
+                    m["select/source_mix"].get(cfg.data.minority, 0) / max(m["select/n"], 1)
+                    for m in history
+                ]
+            )
+        )
+    return out
+
+
 def write_round(
-    path: Path,
-    chunk: list[Problem],
-    cand: Candidates,
-    sel: Selection,
-    rollouts: list[Rollouts],
-    metrics: dict[str, Any],
+    path: Path, chunk: list[Problem], scored: RoundScores, sel: Selection, metrics: dict[str, Any]
 ) -> None:
-    records = [
-        row for ro, role in zip(rollouts, ("candidate", "validation")) for row in ro.records(role)
-    ]
-    write_jsonl(path / "rollouts.jsonl", records)
-    write_jsonl(path / "scores.jsonl", score_rows(chunk, cand, sel))
+    roles = ("candidate", "validation")
+    write_jsonl(
+        path / "rollouts.jsonl",
+        [row for ro, role in zip(scored.rollouts, roles) for row in ro.records(role)],
+    )
+    write_jsonl(path / "scores.jsonl", score_rows(chunk, scored.candidates, sel))
     write_jsonl(
         path / "selected.jsonl", ({"rank": i, "id": int(pid)} for i, pid in enumerate(sel.ids))
     )
+    if scored.features is not None:  # rows in chunk order, as scores.jsonl
+        write_npy(path / "features.npy", scored.features)
     write_json(path / "metrics.json", metrics)
 
 

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 console = Console(highlight=False)
+if not console.is_terminal:  # logs and pipes: wide enough for the comparison tables
+    console.width = 160
 
 
 @contextmanager

@@ -87,7 +87,9 @@ def supervised_warmstart(
         ids, attn, mask = pack_sequences(
             [p for p, _ in pairs], [a for _, a in pairs], tokenizer.pad_token_id
         )
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, T, V]
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[
+            :, :-1
+        ]  # [B, T, V]
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         ).view_as(mask)  # [B, T]

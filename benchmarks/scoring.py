@@ -1,0 +1,175 @@
+"""Benchmark: exact per-group scoring vs batched scoring vs the plain-backward floor.
+
+On the same model and the same rollouts (P problems x k rollouts sampled from the randomly
+initialised built-in model, completions cut to 10-24 tokens, rewards drawn from a seeded
+Bernoulli(0.5) so that nearly every group has nonzero variance), prints per model size:
+
+- floor:   one plain forward+backward of sum_p L_p, micro-batched by whole groups
+           (`fastscore.batched_summed_gradient`);
+- batched: `fastscore.batched_alignment` with chunk=False (dot_val + norm: modes sim, dot, norm,
+           negsim, simacc) and chunk=True (adds dot_chunk for `align`: in the same pass while
+           P x D x 4 bytes <= fastscore.MAX_KEEP_BYTES, else after one more floor pass);
+- exact:   `alignment.exact_alignment` (one backward per group, plus its chunk pass);
+
+their wall-clock and process-CPU times, ratios to the floor and to exact, peak memory (RSS above
+the start of each step, sampled every 5 ms, on CPU; torch.cuda.max_memory_allocated on CUDA) and
+the largest disagreement batched vs exact. On a CPU shared with other jobs, `--threads 1` gives
+the steadiest figures (2 threads contending with other processes spin and slow down erratically).
+
+    .venv/bin/python benchmarks/scoring.py --problems 256 --rollouts 8 --sizes tiny,small
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from gradalign.alignment import exact_alignment, scored_parameters
+from gradalign.fastscore import (
+    batched_alignment,
+    batched_summed_gradient,
+    batched_validation_direction,
+    flatten_pieces,
+)
+from gradalign.grpo import SequenceBatch
+from gradalign.policy import build_model, build_tokenizer
+from gradalign.rollout import Rollouts, SamplingConfig, generate
+from gradalign.tasks import draw_problems
+
+
+def measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, float, float]:
+    """(result, wall seconds, process CPU seconds, peak MiB above the start)."""
+    cpu = time.process_time()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return out, time.perf_counter() - start, time.process_time() - cpu, peak
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.005):
+            peak = max(peak, proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    out = fn()
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    done.set()
+    thread.join()
+    peak = max(peak, proc.memory_info().rss)
+    return out, elapsed, cpu, (peak - base) / 2**20
+
+
+def make_rollouts(model, tok, n: int, k: int, seed: int, first_id: int) -> Rollouts:
+    problems, _ = draw_problems("addition", n, np.random.default_rng(seed), first_id, set())
+    ro = generate(
+        model, tok, problems, k, SamplingConfig(max_new_tokens=24, prompts_per_batch=64), seed=seed
+    )
+    rng = np.random.default_rng(seed + 1)
+    cut = [c[: int(rng.integers(10, 25))] for c in ro.completion_ids]  # 10-24 tokens
+    rewards = rng.integers(0, 2, size=len(cut)).astype(np.float64)  # Bernoulli(0.5)
+    return Rollouts(ro.problems, ro.prompt_ids, cut, ro.texts, rewards, ro.group)
+
+
+def to_device(b: SequenceBatch, device: str) -> SequenceBatch:
+    return SequenceBatch(
+        b.input_ids.to(device),
+        b.attention_mask.to(device),
+        b.completion_mask.to(device),
+        b.advantages.to(device),
+        b.group.to(device),
+        b.num_groups,
+    )
+
+
+def worst(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(a).max())
+
+
+def bench(size: str, args: argparse.Namespace) -> None:
+    tok = build_tokenizer()
+    model = build_model(tok, size, seed=args.seed).to(args.device).eval()
+    params = scored_parameters(model, args.params)
+    chunk = make_rollouts(model, tok, args.problems, args.rollouts, args.seed, 0)
+    val = make_rollouts(model, tok, args.val_problems, args.rollouts, args.seed + 7, 10**6)
+    batch = to_device(chunk.to_batch(tok.pad_token_id), args.device)
+    vbatch = to_device(val.to_batch(tok.pad_token_id), args.device)
+    gpm = args.groups_per_micro
+    n_par = sum(p.numel() for p in params)
+    tokens = int(batch.attention_mask.sum())
+    print(
+        f"\n== {size}: {n_par / 1e6:.2f}M scored params, {batch.num_groups} problems x "
+        f"{args.rollouts} rollouts, {tokens} tokens, {int(chunk.zero_variance().sum())} "
+        f"zero-variance groups, {gpm} groups per micro-batch, {args.device}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    val_dir = flatten_pieces(batched_validation_direction(model, params, vbatch, "sum", gpm))
+    val_dir = val_dir.to(args.device)
+    steps: dict[str, Callable[[], Any]] = {
+        "floor (plain fwd+bwd)": lambda: batched_summed_gradient(model, params, batch, gpm),
+        "batched, chunk=False": lambda: batched_alignment(
+            model, params, batch, val_dir, gpm, chunk=False
+        ),
+        "batched, chunk=True": lambda: batched_alignment(model, params, batch, val_dir, gpm),
+        "exact per-group loop": lambda: exact_alignment(model, params, batch, val_dir),
+    }
+    measure(steps["floor (plain fwd+bwd)"], args.device)  # warm-up
+    res = {name: measure(fn, args.device) for name, fn in steps.items()}
+    _, t_floor, c_floor, _ = res["floor (plain fwd+bwd)"]
+    ex, t_ex, c_ex, _ = res["exact per-group loop"]
+    print(f"{'':<23}{'---- wall clock ----':>24}{'---- process CPU ----':>24}")
+    print(
+        f"{'step':<23}{'s':>8}{'x floor':>8}{'exact/x':>8}"
+        f"{'s':>8}{'x floor':>8}{'exact/x':>8}{'peak MiB':>10}"
+    )
+    for name, (_, t, c, m) in res.items():
+        print(
+            f"{name:<23}{t:>8.2f}{t / t_floor:>8.2f}{t_ex / t:>8.2f}"
+            f"{c:>8.2f}{c / c_floor:>8.2f}{c_ex / c:>8.2f}{m:>10.0f}"
+        )
+    b_sim, b_all = res["batched, chunk=False"][0], res["batched, chunk=True"][0]
+    print(
+        f"max rel. diff batched vs exact: dot_val {worst(ex.dot_val, b_all.dot_val):.1e}, "
+        f"dot_chunk {worst(ex.dot_chunk, b_all.dot_chunk):.1e}, "
+        f"norm {worst(ex.norm, b_all.norm):.1e} (chunk=False dot_val "
+        f"{worst(ex.dot_val, b_sim.dot_val):.1e})"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--problems", type=int, default=256, help="candidate problems in the chunk")
+    ap.add_argument("--rollouts", type=int, default=8, help="rollouts per problem (k)")
+    ap.add_argument("--val-problems", type=int, default=16, help="validation problems")
+    ap.add_argument("--sizes", default="tiny,small", help="built-in model sizes, comma-separated")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--params", default="all", help="scored parameters: all | last:N")
+    ap.add_argument("--groups-per-micro", type=int, default=16, help="groups per micro-batch")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: its default)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for size in args.sizes.split(","):
+        bench(size.strip(), args)
+
+
+if __name__ == "__main__":
+    main()

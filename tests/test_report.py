@@ -1,0 +1,201 @@
+"""The report builder on hand-made run directories, against hand-computed numbers.
+
+Noisy regime, seeds 0-2, final eval accuracy:
+  sim       [0.1, 0.2, 0.3]  -> mean 0.2, s = 0.1, half-width t(.975, 2) · 0.1/√3
+                                = 4.302653 · 0.0577350 = 0.248414
+  rand      [0.1, 0.1, 0.2]
+  sim-rand  [0.0, 0.1, 0.1]  -> mean 0.0666667, s = 0.0577350, half 4.302653 · 0.0333333 = 0.143422
+  accgreedy [0.3, 0.5]       (seed 2 failed) -> mean 0.4, s = 0.141421, half 12.706205 · 0.1
+  accgreedy-rand [0.2, 0.4]  -> mean 0.3, half 1.2706205
+Corrupted share of sim per round: seeds [.25,.5], [0,.25], [.5,.75] -> mean [.25, .5].
+Imbalance (minority "countdown"), one seed: mixes {addition 2, countdown 6} and {addition 8}
+of 8 selected -> minority share [0.75, 0.0]; n = 1 -> CI "n/a".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from gradalign.config import load_config
+from gradalign.report import build_report, collect, mean_ci, t_quantile
+from gradalign.rundir import read_json, write_json, write_yaml
+
+FINAL = {
+    "sim": [0.1, 0.2, 0.3],
+    "rand": [0.1, 0.1, 0.2],
+    "accgreedy": [0.3, 0.5],
+}
+SIM_CORRUPTED = [[0.25, 0.5], [0.0, 0.25], [0.5, 0.75]]
+
+
+def write_run(path, regime, mode, seed, finals, shares, mixes=None, extra=(), finished=True):
+    """A run directory as `gradalign run` leaves it: config.yaml, rounds/*, summary.json."""
+    cfg = load_config(
+        None,
+        [
+            f"data.regime={regime}",
+            f"select.mode={mode}",
+            f"seed={seed}",
+            f"data.seed={seed}",
+            f"rounds={len(finals)}",
+            "train.steps_per_round=4",
+            f"out_dir={path}",
+            *extra,
+        ],
+    )
+    write_yaml(path / "config.yaml", cfg.to_dict())
+    for r, (acc, share) in enumerate(zip(finals, shares)):
+        mix = (mixes or [{"addition": 4, "countdown": 4}] * len(finals))[r]
+        metrics = {
+            "round": r,
+            "train/steps": 4,
+            "eval/accuracy": acc,
+            "select/n": 8,
+            "select/source_mix": mix,
+            "select/corrupted_share": share,
+        }
+        write_json(path / "rounds" / f"{r:04d}" / "metrics.json", metrics)
+    if finished:
+        summary = {
+            "mode": mode,
+            "initial_eval_accuracy": 0.05,
+            "final_eval_accuracy": finals[-1],
+            "eval_accuracy": finals,
+            "wall_s": 12.5,
+        }
+        write_json(path / "summary.json", summary)
+
+
+@pytest.fixture()
+def bench_dir(tmp_path):
+    root = tmp_path / "bench"
+    for mode, finals in FINAL.items():
+        for seed, final in enumerate(finals):
+            shares = SIM_CORRUPTED[seed] if mode == "sim" else [0.5, 0.5]
+            write_run(
+                root / "noisy" / mode / f"seed{seed}", "noisy", mode, seed, [0.0, final], shares
+            )
+    failed = root / "noisy" / "accgreedy" / "seed2"
+    record = {"regime": "noisy", "mode": "accgreedy", "seed": 2, "status": "failed",
+              "returncode": 1, "wall_s": 3.0, "stderr_tail": "Traceback\nRuntimeError: boom"}  # fmt: skip
+    write_json(failed / "bench-run.json", record)
+    write_run(root / "noisy" / "dot" / "seed0", "noisy", "dot", 0, [0.9], [1.0], finished=False)
+    write_run(
+        root / "imbalance" / "sim" / "seed0",
+        "imbalance",
+        "sim",
+        0,
+        [0.2, 0.4],
+        [0.0, 0.0],
+        mixes=[{"addition": 2, "countdown": 6}, {"addition": 8}],
+        extra=["data.minority=countdown"],
+    )
+    return root
+
+
+def test_t_quantiles():
+    assert t_quantile(1) == pytest.approx(12.706205, abs=1e-6)
+    assert t_quantile(2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(30) == pytest.approx(2.042272, abs=1e-6)
+    # beyond the table (Cornish-Fisher), against published values
+    assert t_quantile(40) == pytest.approx(2.021075, abs=2e-5)
+    assert t_quantile(120) == pytest.approx(1.979930, abs=2e-5)
+    assert t_quantile(10**6) == pytest.approx(1.959964, abs=1e-5)
+    with pytest.raises(ValueError):
+        t_quantile(0)
+
+
+def test_mean_ci_hand_values():
+    mean, half, n = mean_ci([0.1, 0.2, 0.3])
+    assert (mean, n) == (pytest.approx(0.2, abs=1e-12), 3)
+    assert half == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-9)
+    assert half == pytest.approx(0.248414, abs=1e-6)
+    assert mean_ci([0.7]) == (0.7, None, 1)
+    assert mean_ci([]) == (None, None, 0)
+
+
+def test_collect_reads_status_of_every_run(bench_dir):
+    runs = collect(bench_dir)
+    status = {(r.regime, r.mode, r.seed): r.status for r in runs}
+    assert status[("noisy", "accgreedy", 2)] == "failed"
+    assert status[("noisy", "dot", 0)] == "incomplete"
+    assert sum(s == "done" for s in status.values()) == 9
+    sim0 = next(r for r in runs if (r.regime, r.mode, r.seed) == ("noisy", "sim", 0))
+    assert sim0.steps == [4, 8]
+    assert sim0.train_rollouts == 8 * 8 * 8  # steps × batch_size × num_generations
+    assert sim0.pool_shares["corrupted"] == 0.5
+
+
+def test_report_numbers(bench_dir):
+    res = build_report(bench_dir)
+    acc = res["final_accuracy"]["noisy"]
+    assert acc["sim"]["mean"] == pytest.approx(0.2, abs=1e-12)
+    assert acc["sim"]["ci95"] == pytest.approx(0.248414, abs=1e-6)
+    assert acc["accgreedy"]["n"] == 2  # the failed seed does not count
+    assert acc["accgreedy"]["mean"] == pytest.approx(0.4, abs=1e-12)
+    assert acc["accgreedy"]["ci95"] == pytest.approx(1.2706205, abs=1e-6)
+    assert "dot" not in acc  # incomplete runs do not count
+    vs = res["vs_rand"]["noisy"]
+    assert vs["sim"]["mean"] == pytest.approx(0.2 / 3, abs=1e-12)
+    assert vs["sim"]["ci95"] == pytest.approx(4.302653 / 30, abs=1e-6)
+    assert vs["sim"]["seeds"] == {
+        "0": pytest.approx(0.0),
+        "1": pytest.approx(0.1),
+        "2": pytest.approx(0.1),
+    }
+    assert vs["accgreedy"]["mean"] == pytest.approx(0.3, abs=1e-12)
+    assert vs["accgreedy"]["n"] == 2 and vs["accgreedy"]["ci95"] == pytest.approx(
+        1.2706205, abs=1e-6
+    )
+    assert "rand" not in vs
+    assert res["vs_rand"]["imbalance"] == {}  # no rand there
+    imb = res["final_accuracy"]["imbalance"]["sim"]
+    assert imb["mean"] == pytest.approx(0.4) and imb["ci95"] is None and imb["n"] == 1
+    corrupted = res["shares"]["corrupted"]
+    assert corrupted["sim"]["mean_per_round"] == pytest.approx([0.25, 0.5], abs=1e-12)
+    assert corrupted["rand"]["mean_per_round"] == pytest.approx([0.5, 0.5])
+    assert res["shares"]["minority"]["sim"]["mean_per_round"] == pytest.approx([0.75, 0.0])
+    assert res["shares"]["minority"]["sim"]["n"] == 1
+    assert read_json(bench_dir / "report" / "results.json") == res
+
+
+def test_report_markdown_and_plots(bench_dir):
+    build_report(bench_dir)
+    out = bench_dir / "report"
+    md = (out / "report.md").read_text()
+    assert "0.200 ± 0.248 (n=3)" in md
+    assert "+0.067 ± 0.143 (n=3)" in md
+    assert "0.400 ± n/a (n=1)" in md
+    assert "18%" in md and "80%" in md  # the paper's reference line
+    assert "| sim | 3 | 25% | 50% |" in md
+    assert "| (pool) |  | 50% | 50% |" in md
+    assert "| sim | 1 | 75% | 0% |" in md  # minority share, imbalance
+    assert "RuntimeError: boom" in md and "exit 1" in md
+    assert "the same for every run" in md
+    for name in ("accuracy.png", "shares.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_report_of_one_run_directory(bench_dir):
+    run_dir = bench_dir / "noisy" / "sim" / "seed1"
+    res = build_report(run_dir)
+    assert res["final_accuracy"] == {
+        "noisy": {"sim": {"mean": 0.2, "ci95": None, "n": 1, "seeds": {"1": 0.2}}}
+    }
+    assert "n/a" in (run_dir / "report" / "report.md").read_text()
+    assert (run_dir / "report" / "accuracy.png").is_file()
+
+
+def test_report_command_rebuilds_without_running(bench_dir):
+    from gradalign.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(bench_dir)])
+    assert result.exit_code == 0, result.output
+    assert (bench_dir / "report" / "report.md").is_file()
+    assert "final eval accuracy" in result.output
+    missing = CliRunner().invoke(app, ["report", str(bench_dir / "nothing")])
+    assert missing.exit_code == 2
