@@ -38,7 +38,6 @@ from gradalign.fastscore import (
     batched_validation_direction,
     flatten_pieces,
 )
-from gradalign.grpo import SequenceBatch
 from gradalign.policy import build_model, build_tokenizer
 from gradalign.rollout import Rollouts, SamplingConfig, generate
 from gradalign.tasks import draw_problems
@@ -87,17 +86,6 @@ def make_rollouts(model, tok, n: int, k: int, seed: int, first_id: int) -> Rollo
     return Rollouts(ro.problems, ro.prompt_ids, cut, ro.texts, rewards, ro.group)
 
 
-def to_device(b: SequenceBatch, device: str) -> SequenceBatch:
-    return SequenceBatch(
-        b.input_ids.to(device),
-        b.attention_mask.to(device),
-        b.completion_mask.to(device),
-        b.advantages.to(device),
-        b.group.to(device),
-        b.num_groups,
-    )
-
-
 def worst(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(a).max())
 
@@ -108,8 +96,8 @@ def bench(size: str, args: argparse.Namespace) -> None:
     params = scored_parameters(model, args.params)
     chunk = make_rollouts(model, tok, args.problems, args.rollouts, args.seed, 0)
     val = make_rollouts(model, tok, args.val_problems, args.rollouts, args.seed + 7, 10**6)
-    batch = to_device(chunk.to_batch(tok.pad_token_id), args.device)
-    vbatch = to_device(val.to_batch(tok.pad_token_id), args.device)
+    batch = chunk.to_batch(tok.pad_token_id).to(args.device)
+    vbatch = val.to_batch(tok.pad_token_id).to(args.device)
     gpm = args.groups_per_micro
     n_par = sum(p.numel() for p in params)
     tokens = int(batch.attention_mask.sum())

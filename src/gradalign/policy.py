@@ -18,6 +18,15 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-file bars in our logs
+
+
+def quiet_transformers() -> None:
+    """Turn off transformers' per-file progress bars (loading/saving weights): ours suffice."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CHARS = (
@@ -119,6 +128,7 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
     """Load a local Hugging Face causal-LM directory and its tokenizer (offline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from gradalign.grpo import pack_sequences
-from gradalign.policy import build_model, build_tokenizer, format_prompt
+from gradalign.policy import build_model, build_tokenizer, format_prompt, quiet_transformers
 from gradalign.rundir import write_json
 from gradalign.tasks import warmstart_examples
 
@@ -121,6 +121,7 @@ def load_or_warmstart(
     """The warm-started built-in (model, tokenizer): from the cache, or trained and cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     key = warmstart_key(size, families, steps, lr, batch, seed, exclude)
     path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
     if (path / "warmstart.json").is_file():
