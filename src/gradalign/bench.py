@@ -8,11 +8,12 @@ report; ``OUT/bench.json`` records the latest invocation. A run whose directory 
 holds ``summary.json`` with the same resolved config is skipped, so a re-run resumes an
 interrupted bench, and ``--seeds 5`` after ``--seeds 3`` adds seeds 3 and 4 only.
 
-Seeds: seed k sets both ``seed=k`` (rollouts, chunk order, training) and ``data.seed=k`` (pool,
-corruption, validation and eval sets), so the spread over seeds covers the data draw too.
-The warm start depends on the regime's prompts and on ``data.seed`` and is cached, so only the
-first run of each (regime, data seed) pays it (~60-90 s on 2 cores). ``data_seed`` pins the
-data instead (one warm start per regime; seeds then vary only the run's randomness).
+Seeds: seed k sets ``seed=k`` (rollouts, chunk order, training); ``data_seed`` pins
+``data.seed`` (pool, corruption, validation and eval sets) for every seed — the CLI's default,
+one warm start per regime — and ``data_seed=None`` sets ``data.seed=k`` too (`--vary-data`), so
+the spread over seeds covers the data draw. The warm start depends on the regime's prompts and
+on ``data.seed`` and is cached, so only the first run of each (regime, data seed) pays it
+(~60-90 s on 2 cores).
 
 Same budget for every mode: ``rounds × train.steps_per_round`` GRPO steps of
 ``train.batch_size`` problems × ``train.num_generations`` completions (the report checks it

@@ -173,8 +173,9 @@ def bench_regimes(
     seeds: Annotated[int | None, typer.Option(min=1, help=f"seeds 0..N-1 per cell (default 3; {bench.QUICK_SEEDS} with --quick)")] = None,
     out: Annotated[Path | None, typer.Option(help="bench directory (default runs/bench; runs/bench-quick with --quick)")] = None,
     quick: Annotated[bool, typer.Option(help=f"smoke-size runs: --set {' '.join(bench.QUICK)}")] = False,
-    jobs: Annotated[int, typer.Option(min=1, help="runs in parallel (each its own process)")] = 1,
-    data_seed: Annotated[int | None, typer.Option(help="pin data.seed for every seed (default: data.seed = seed)")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="runs in parallel (each its own process, CPU threads shared out)")] = 2,
+    data_seed: Annotated[int, typer.Option(help="data.seed of every run: one pool and one warm start per regime")] = 0,
+    vary_data: Annotated[bool, typer.Option(help="data.seed = seed instead: a new pool (and warm start) per seed")] = False,
     config: Annotated[Path | None, typer.Option(help="YAML config every run starts from")] = None,
     set_: SetOpt = None,
 ) -> None:  # fmt: skip
@@ -194,7 +195,7 @@ def bench_regimes(
             _names(modes, MODES, "--modes"),
             seeds if seeds is not None else (bench.QUICK_SEEDS if quick else 3),
             [*(bench.QUICK if quick else ()), *(set_ or [])],
-            data_seed,
+            None if vary_data else data_seed,
             config,
             jobs,
         )
