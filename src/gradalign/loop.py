@@ -290,7 +290,6 @@ def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
         setup.tokenizer,
         cfg.train,
         cfg.rollout.max_new_tokens,
-        cfg.rounds * cfg.train.steps_per_round,
         cfg.seed,
         resolve_device(cfg.model.device),
     )

@@ -52,7 +52,6 @@ class GRPOTraining:
         tokenizer,
         cfg: TrainConfig,
         max_completion_length: int,
-        total_steps: int,
         seed: int,
         device: str = "cpu",
     ) -> None:
@@ -124,7 +123,6 @@ class GRPOTraining:
         )
         self.trainer.remove_callback(PrinterCallback)
         self.trainer.remove_callback(ProgressCallback)
-        self.total_steps = total_steps
 
     def _dataset(self, problems: list[Problem]):
         rows = [
