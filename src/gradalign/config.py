@@ -62,7 +62,7 @@ class DataConfig:
         "coinflip", "noisy: coin-flip reward (reference mechanism) or wrong reference answer"
     )
     majority_frac: float = doc(0.9, "imbalance: share of the pool from the majority families")
-    minority: str = doc("addition", "imbalance: family of the validation and eval sets")
+    minority: str = doc("countdown", "imbalance: family of the validation and eval sets")
     lowutility_frac: float = doc(0.8, "lowutility: fraction of the pool that is garbled filler")
     pool_files: list[dict] = doc(
         [],

@@ -188,7 +188,7 @@ def make_regime(
     corrupt_frac: float = 0.5,
     corruption: str = "coinflip",
     majority_frac: float = 0.9,
-    minority: str = "addition",
+    minority: str = "countdown",
     lowutility_frac: float = 0.8,
 ) -> TaskSets:
     """The pool, validation and eval sets of a data regime.
