@@ -1,0 +1,102 @@
+"""Built-in task families and the data regimes (fractions, records, determinism, disjointness)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from gradalign.rewards import score_completion
+from gradalign.tasks import FAMILIES, draw_problems, make_regime, make_task
+
+FAMS = ["addition", "countdown"]
+
+
+def _prompts(problems):
+    return {p.prompt for p in problems}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_reference_solutions_earn_reward_one(family):
+    problems, solutions = draw_problems(family, 50, np.random.default_rng(0), 0, set())
+    for p, s in zip(problems, solutions):
+        assert score_completion(p, s) == 1.0, (p, s)
+        assert score_completion(p, s + "1") == 0.0
+
+
+def test_make_task_sizes_ids_and_disjoint_sets():
+    sets = make_task(FAMS, 100, 10, 20, seed=3)
+    assert (len(sets.pool), len(sets.validation), len(sets.eval)) == (100, 10, 20)
+    assert Counter(p.source for p in sets.pool) == {"addition": 50, "countdown": 50}
+    ids = [p.id for p in sets.pool + sets.validation + sets.eval]
+    assert len(set(ids)) == len(ids)
+    assert not _prompts(sets.pool) & _prompts(sets.validation)
+    assert not _prompts(sets.validation) & _prompts(sets.eval)
+    assert not _prompts(sets.pool) & _prompts(sets.eval)
+
+
+@pytest.mark.parametrize("regime", ["clean", "noisy", "imbalance", "lowutility"])
+def test_regimes_are_deterministic_by_seed_and_keep_sets_disjoint(regime):
+    a = make_regime(regime, FAMS, 200, 16, 32, seed=5)
+    b = make_regime(regime, FAMS, 200, 16, 32, seed=5)
+    c = make_regime(regime, FAMS, 200, 16, 32, seed=6)
+    assert a == b
+    assert [p.meta for p in a.pool] == [p.meta for p in b.pool]
+    assert [p.prompt for p in a.pool] != [p.prompt for p in c.pool]
+    assert len(a.pool) == 200 and len({p.id for p in a.pool}) == 200
+    assert not _prompts(a.validation) & _prompts(a.eval)
+    assert not _prompts(a.pool) & (_prompts(a.validation) | _prompts(a.eval))
+    for p in a.validation + a.eval:
+        assert not p.meta and p.reward in ("exact", "countdown")  # trusted sets stay clean
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 0.5, 1.0])
+def test_noisy_coinflip_corrupts_the_given_fraction_and_records_it(frac):
+    clean = make_task(FAMS, 100, 8, 8, seed=1)
+    sets = make_regime("noisy", FAMS, 100, 8, 8, seed=1, corrupt_frac=frac)
+    bad = [p for p in sets.pool if p.meta.get("corruption") == "coinflip"]
+    assert len(bad) == round(frac * 100)
+    assert all(p.reward == "coinflip" for p in bad)
+    by_id = {p.id: p for p in clean.pool}
+    for p in sets.pool:  # only the reward changed; prompts and answers are those of the clean task
+        assert (p.prompt, p.answer) == (by_id[p.id].prompt, by_id[p.id].answer)
+    if bad:  # the coin ignores the answer: the right answer earns 0 about half of the time
+        flips = [score_completion(p, p.answer, salt=str(s)) for p in bad for s in range(20)]
+        assert 0.3 < np.mean(flips) < 0.7
+
+
+def test_noisy_labelflip_moves_the_reference_answer():
+    sets = make_regime("noisy", FAMS, 100, 8, 8, seed=2, corruption="labelflip")
+    bad = [p for p in sets.pool if p.meta.get("corruption") == "labelflip"]
+    assert len(bad) == 50
+    for p in bad:
+        true = p.meta["true_answer"]
+        assert p.answer != true
+        if p.source == "addition":
+            assert score_completion(p, true) == 0.0 and 1 <= abs(int(p.answer) - int(true)) <= 3
+
+
+def test_imbalance_mixes_the_pool_and_draws_trusted_sets_from_the_minority():
+    sets = make_regime(
+        "imbalance", FAMS, 200, 16, 32, seed=0, majority_frac=0.9, minority="countdown"
+    )
+    assert Counter(p.source for p in sets.pool) == {"addition": 180, "countdown": 20}
+    assert {p.source for p in sets.validation + sets.eval} == {"countdown"}
+    with pytest.raises(ValueError, match="minority"):
+        make_regime("imbalance", ["addition"], 10, 2, 2, seed=0, minority="countdown")
+
+
+def test_lowutility_garbles_the_given_fraction():
+    sets = make_regime("lowutility", FAMS, 100, 8, 8, seed=4, lowutility_frac=0.8)
+    filler = [p for p in sets.pool if p.meta.get("utility") == "garbled"]
+    assert len(filler) == 80
+    for p in filler:  # unanswerable: '#' is not even in the built-in tokenizer's alphabet
+        assert p.answer == "#" and p.prompt.endswith("?")
+
+
+def test_unknown_regime_and_corruption_are_errors():
+    with pytest.raises(ValueError, match="unknown regime"):
+        make_regime("chaos", FAMS, 10, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        make_regime("noisy", FAMS, 10, 2, 2, seed=0, corruption="shuffle")
