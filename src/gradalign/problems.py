@@ -9,7 +9,6 @@ the pool (one permutation per pass).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,12 +89,6 @@ def read_problems(path: str | Path) -> list[Problem]:
     return problems
 
 
-def write_problems(path: str | Path, problems: Iterable[Problem]) -> None:
-    from gradalign.rundir import write_jsonl
-
-    write_jsonl(path, (p.to_json() for p in problems))
-
-
 def check_disjoint(a: list[Problem], b: list[Problem], names: tuple[str, str]) -> None:
     """Raise if two problem sets share a prompt (e.g. validation and eval sets)."""
     shared = {p.prompt for p in a} & {p.prompt for p in b}
@@ -137,8 +130,3 @@ class ChunkSchedule:
             "chunks_per_pass": self.chunks_per_pass,
             "chunks": [self.chunk(r).tolist() for r in range(rounds)],
         }
-
-
-def iter_batches(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences
+from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences, zero_variance_groups
 from gradalign.policy import format_prompt
 from gradalign.problems import Problem
 from gradalign.rewards import score_completion
@@ -39,11 +39,8 @@ class Rollouts:
 
     def zero_variance(self) -> np.ndarray:
         """True where all of a problem's rewards are equal. # [P]"""
-        hi = np.full(self.num_groups, -np.inf)
-        lo = np.full(self.num_groups, np.inf)
-        np.maximum.at(hi, self.group, self.rewards)
-        np.minimum.at(lo, self.group, self.rewards)
-        return hi == lo
+        group = torch.as_tensor(self.group, dtype=torch.long)
+        return zero_variance_groups(torch.as_tensor(self.rewards), group, self.num_groups).numpy()
 
     def to_batch(self, pad_id: int, scale_advantages: bool = False) -> SequenceBatch:
         prompts = [self.prompt_ids[g] for g in self.group]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,13 @@ from pathlib import Path
 import torch
 
 from gradalign.grpo import pack_sequences
-from gradalign.policy import build_model, build_tokenizer, format_prompt, quiet_transformers
+from gradalign.policy import (
+    build_model,
+    build_tokenizer,
+    format_prompt,
+    load_pretrained,
+    quiet_transformers,
+)
 from gradalign.rundir import write_json
 from gradalign.tasks import warmstart_examples
 
@@ -119,15 +126,12 @@ def load_or_warmstart(
     log: Callable[[str], None] = print,
 ):
     """The warm-started built-in (model, tokenizer): from the cache, or trained and cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
     key = warmstart_key(size, families, steps, lr, batch, seed, exclude)
     path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
     if (path / "warmstart.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model, tokenizer = load_pretrained(path)  # the same path as a user's checkpoint
         log(f"warm start: loaded from cache {path}")
         return model, tokenizer
     tokenizer = build_tokenizer()
@@ -147,6 +151,9 @@ def load_or_warmstart(
         tmp / "warmstart.json",
         {"steps": steps, "final_loss": losses[-1], "seconds": time.perf_counter() - t0},
     )
-    os.replace(tmp, path) if not path.exists() else None
+    if path.exists():  # another process cached the same warm start meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)
     log(f"warm start: done in {time.perf_counter() - t0:.0f} s, cached at {path}")
     return model, tokenizer
