@@ -1,0 +1,470 @@
+"""GradAlign inside your own TRL ``GRPOTrainer``: a callback and the sampler it installs.
+
+Add GradAlign data selection to an existing TRL GRPO script with a few lines::
+
+    from gradalign.callback import GradAlignCallback
+
+    cb = GradAlignCallback(validation=val_ds, reward_funcs=[my_reward], mode="sim",
+                           chunk_size=64, select=16, steps_per_round=4, k_r=8, k_v=8, seed=0)
+    trainer = GRPOTrainer(model, reward_funcs=[my_reward], args=args, train_dataset=ds,
+                          callbacks=[cb])
+    cb.attach(trainer)  # installs the sampler; required (see `GradAlignCallback.attach`)
+    trainer.train()
+    cb.history          # one dict per round: chunk, scores, selected rows
+
+Both datasets use TRL's row format: ``prompt`` (a string, or a conversational list of
+messages) plus any extra columns, which the reward functions receive as keyword arguments.
+
+What happens each round (every ``steps_per_round`` optimizer steps), with the current policy:
+
+1. the next chunk of ``chunk_size`` rows of the train dataset (`ChunkSchedule`: seeded
+   shuffles of the dataset, chunks cycle through it);
+2. ``k_r`` rollouts per chunk row and, for the gradient modes, ``k_v`` per validation row
+   (`gradalign.rollout.generate`), rewarded by the TRL reward functions (`trl_rewards`);
+3. each row's GRPO group gradient aligned with the validation direction
+   (`gradalign.fastscore`), then `gradalign.selection.select` picks ``select`` rows;
+4. the round's ``steps_per_round`` steps train on those rows only, in TRL's batch layout
+   (`RoundSampler`). A record of the round is appended to ``history`` and its summary is
+   added to the trainer's training logs (``gradalign/*`` keys).
+
+Requires a single process (one device), ``dataloader_num_workers=0``, a map-style
+``train_dataset`` and callable reward functions (no reward models, no tools).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+from transformers import TrainerCallback
+
+from gradalign import alignment, fastscore, selection
+from gradalign.problems import ChunkSchedule, Problem
+from gradalign.rollout import Rollouts, SamplingConfig, generate
+
+Row = Mapping[str, Any]
+RewardFunc = Callable[..., Sequence[float | None]]
+STREAM_CANDIDATES, STREAM_VALIDATION, STREAM_SELECT, STREAM_ORDER = 1, 2, 3, 4
+
+
+def round_seed(seed: int, round_: int, stream: int) -> int:
+    """A distinct, reproducible seed per (seed, round, stream)."""
+    return int(np.random.SeedSequence([seed, round_ + 1, stream]).generate_state(1)[0])
+
+
+class RoundSampler(Sampler[int]):
+    """TRL's `RepeatSampler` index stream, over each round's selected rows only.
+
+    Per round r, with G = ``num_generations``, B = ``batch_size`` (distinct prompts per
+    generation batch), R = ``repeat_count`` and U = ``generation_batches``:
+
+    - ``select_round(r)`` is called when the first index of round r is requested, never
+      earlier: the stream is a generator, so a round's rows are chosen lazily;
+    - the chosen rows are shuffled (seeded per round) and cycled to fill U * B slots;
+    - each generation batch of B rows is emitted R times in a row, each row G times in a row
+      (TRL: ``mini_repeat_count=G``, ``batch_size=generation_batch_size // G``,
+      ``repeat_count=num_iterations * steps_per_generation``), so generation batches are whole
+      and every prompt comes in whole groups.
+
+    One iteration yields ``rounds`` rounds; round numbers continue across iterations
+    (epochs) from ``first_round``.
+    """
+
+    def __init__(
+        self,
+        select_round: Callable[[int], Sequence[int]],
+        num_generations: int,
+        batch_size: int,
+        repeat_count: int,
+        generation_batches: int,
+        rounds: int,
+        seed: int = 0,
+        first_round: int = 0,
+    ) -> None:
+        self.select_round = select_round
+        self.num_generations = num_generations
+        self.batch_size = batch_size
+        self.repeat_count = repeat_count
+        self.generation_batches = generation_batches
+        self.rounds = rounds
+        self.seed = seed
+        self.next_round = first_round
+
+    @property
+    def round_length(self) -> int:
+        return self.generation_batches * self.repeat_count * self.batch_size * self.num_generations
+
+    def __len__(self) -> int:
+        return self.rounds * self.round_length
+
+    def __iter__(self) -> Iterator[int]:
+        for _ in range(self.rounds):
+            r, self.next_round = self.next_round, self.next_round + 1
+            chosen = [int(i) for i in self.select_round(r)]
+            if not chosen:
+                raise ValueError(f"round {r}: the selection is empty")
+            yield from self.round_indices(r, chosen)
+
+    def round_indices(self, r: int, chosen: Sequence[int]) -> Iterator[int]:
+        rng = np.random.default_rng(round_seed(self.seed, r, STREAM_ORDER))
+        slots = self.generation_batches * self.batch_size
+        order: list[int] = []
+        while len(order) < slots:
+            order.extend(int(i) for i in rng.permutation(chosen))
+        for u in range(self.generation_batches):
+            batch = order[u * self.batch_size : (u + 1) * self.batch_size]
+            for _ in range(self.repeat_count):
+                for index in batch:
+                    yield from [index] * self.num_generations
+
+
+class _TRLPrompts:
+    """The tokenizer as `rollout.generate` sees it: `format_prompt` gets the prompt tokens TRL
+    itself would use (looked up by key), everything else is the real tokenizer. Lets the
+    callback's rollouts start from exactly the training prompts, strings and conversations
+    alike, without a second generation routine."""
+
+    def __init__(self, tokenizer: Any, ids_by_key: dict[str, list[int]]) -> None:
+        self._tokenizer = tokenizer
+        self._ids = ids_by_key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> list[int]:
+        return list(self._ids[messages[0]["content"]])
+
+
+def trl_prompt_ids(trainer: Any, prompts: list[Any]) -> list[list[int]]:
+    """Prompt token ids as TRL 1.16's `GRPOTrainer` builds them: the chat template with the
+    generation prompt for conversational prompts, plain tokenisation for strings."""
+    from trl import is_conversational
+
+    tok = trainer.processing_class
+    if is_conversational({"prompt": prompts[0]}):
+        enc = tok.apply_chat_template(
+            conversation=prompts,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            chat_template=getattr(trainer, "chat_template", None),
+            **(trainer.args.chat_template_kwargs or {}),
+        )
+        return [list(ids) for ids in enc["input_ids"]]
+    return [list(ids) for ids in tok(text=prompts)["input_ids"]]
+
+
+def _ignore(*_: Any, **__: Any) -> None:
+    """Stands in for TRL's `log_extra` / `log_metric` hooks during the callback's rollouts."""
+
+
+def trl_rewards(
+    reward_funcs: Sequence[RewardFunc],
+    weights: Sequence[float],
+    rows: Sequence[Row],
+    rollouts: Rollouts,
+    trainer_state: Any = None,
+) -> np.ndarray:
+    """Rewards of rollouts of `rows` under TRL-style reward functions: each is called once
+    with ``prompts``, ``completions`` (text, or ``[{"role": "assistant", "content": ...}]``
+    for conversational prompts), ``completion_ids``, ``trainer_state`` and every other
+    column of the rows, one entry per rollout; like TRL, the weighted sum over functions with
+    None counted as missing (nansum). # [N]"""
+    from trl import is_conversational
+
+    group = rollouts.group
+    prompts = [rows[g]["prompt"] for g in group]
+    completions: list[Any] = list(rollouts.texts)
+    if is_conversational({"prompt": prompts[0]}):
+        completions = [[{"role": "assistant", "content": t}] for t in rollouts.texts]
+    skip = ("prompt", "completion", "completion_ids")
+    columns = {k: [rows[g][k] for g in group] for k in rows[0] if k not in skip}
+    table = np.zeros((len(prompts), len(reward_funcs)))
+    for c, fn in enumerate(reward_funcs):
+        out = list(
+            fn(
+                prompts=prompts,
+                completions=completions,
+                completion_ids=[list(ids) for ids in rollouts.completion_ids],
+                trainer_state=trainer_state,
+                log_extra=_ignore,
+                log_metric=_ignore,
+                **columns,
+            )
+        )
+        if len(out) != len(prompts):
+            name = getattr(fn, "__name__", repr(fn))
+            raise ValueError(
+                f"reward function {name} returned {len(out)} rewards for {len(prompts)}"
+            )
+        table[:, c] = [math.nan if v is None else float(v) for v in out]
+    return np.nansum(table * np.asarray(weights, dtype=np.float64), axis=1)
+
+
+class GradAlignCallback(TrainerCallback):
+    """GradAlign data selection for a user-built TRL `GRPOTrainer` (see the module docstring).
+
+    Args:
+        validation: trusted validation rows (TRL format, e.g. a `datasets.Dataset`); their
+            gradient is the reference direction; never trained on.
+        reward_funcs: TRL-style reward functions used to reward the callback's rollouts;
+            default: the trainer's own (rewards for selection should be the training rewards).
+        mode: a `gradalign.selection` mode: sim (GradAlign), dot, norm, align, negsim, simacc,
+            accgreedy, acc, rand, or none (train on the whole chunk).
+        chunk_size: train rows scored per round (M); at most the train dataset's size.
+        select: rows trained on per round (n).
+        steps_per_round: optimizer steps per round.
+        k_r, k_v: rollouts per chunk row and per validation row.
+        seed: seeds the chunk shuffles, rollouts, sampled modes and the in-round order.
+        sampling: rollout sampling; default: the trainer's temperature, top_p and
+            max_completion_length.
+        params, val_aggregate, scale_advantages, groups_per_micro, zero_variance: scoring and
+            selection options, as in `gradalign.config.SelectConfig`.
+        reward_weights: per reward function; default: the trainer's ``args.reward_weights``.
+
+    ``history`` holds one dict per round: ``round``, ``scored_at_step`` (trainer step when it
+    was scored), ``chunk`` and ``selected`` (train-dataset row indices; selected in rank
+    order), ``scores`` and ``pass_rate`` (per chunk row), ``metrics`` and ``seconds``.
+    """
+
+    def __init__(
+        self,
+        validation: Sequence[Row],
+        reward_funcs: Sequence[RewardFunc] | None = None,
+        *,
+        mode: str = "sim",
+        chunk_size: int = 64,
+        select: int = 16,
+        steps_per_round: int = 4,
+        k_r: int = 8,
+        k_v: int = 8,
+        seed: int = 0,
+        sampling: SamplingConfig | None = None,
+        params: str = "all",
+        val_aggregate: alignment.ValAggregate = "sum",
+        scale_advantages: bool = False,
+        groups_per_micro: int = 16,
+        zero_variance: selection.ZeroVariance = "zero",
+        reward_weights: Sequence[float] | None = None,
+    ) -> None:
+        if mode not in selection.MODES:
+            raise ValueError(f"mode '{mode}': expected one of {', '.join(selection.MODES)}")
+        sizes = {"chunk_size": chunk_size, "select": select, "k_r": k_r, "k_v": k_v}
+        for name, value in (sizes | {"steps_per_round": steps_per_round}).items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if select > chunk_size:
+            raise ValueError(f"select ({select}) must be <= chunk_size ({chunk_size})")
+        self.validation = [dict(row) for row in validation]
+        if not self.validation and "gradients" in selection.needs(mode):
+            raise ValueError(f"mode '{mode}' needs a non-empty validation set")
+        self.reward_funcs = list(reward_funcs) if reward_funcs is not None else None
+        self.reward_weights = list(reward_weights) if reward_weights is not None else None
+        self.mode, self.chunk_size, self.n_select = mode, chunk_size, select
+        self.steps_per_round, self.k_r, self.k_v, self.seed = steps_per_round, k_r, k_v, seed
+        self.sampling, self.params, self.val_aggregate = sampling, params, val_aggregate
+        self.scale_advantages, self.groups_per_micro = scale_advantages, groups_per_micro
+        self.zero_variance = zero_variance
+        self.history: list[dict[str, Any]] = []
+        self.trainer: Any = None
+        self._schedule: ChunkSchedule | None = None
+        self._first_round, self._first_step = 0, 0
+
+    # ------------------------------------------------------------------ wiring into TRL
+    def attach(self, trainer: Any) -> GradAlignCallback:
+        """Install the round sampler in `trainer` (and add this callback if it isn't there).
+
+        Why a callback alone cannot: `Trainer.train` builds the train dataloader, with its
+        sampler, before the first callback event (``on_train_begin``), and a torch
+        `DataLoader` refuses a new sampler once built. The only place TRL 1.16 takes a
+        sampler from is the private ``GRPOTrainer._get_train_sampler`` (TRL's own override
+        point, returning its `RepeatSampler`); `attach` sets it on this trainer instance and
+        nothing else private is touched. trl is pinned (==1.16.0) and the test covers it.
+
+        Prefetch, and why rounds are chosen lazily: accelerate's `DataLoaderShard` reads one
+        batch ahead, and `Trainer` collects all ``gradient_accumulation_steps`` batches of an
+        optimizer step before running it (``on_step_begin`` fires after that). So the first
+        batch of round r+1 is read at the start of round r's last step; a pool changed in
+        ``on_step_end`` / ``on_step_begin`` would be seen one step late. `RoundSampler`
+        instead asks this callback for round r+1's rows at the moment that batch is read:
+        every index of a round comes from that round's selection, and the policy that scores
+        round r+1 has taken ``steps_per_round - 1`` of round r's steps, not all of them
+        (``history[r]["scored_at_step"]``). DataLoader workers would read further ahead, hence
+        ``dataloader_num_workers=0``.
+        """
+        args, dataset = trainer.args, trainer.train_dataset
+        if trainer.accelerator.num_processes != 1:
+            raise ValueError("GradAlignCallback supports one process (one device) only")
+        if args.dataloader_num_workers != 0:
+            raise ValueError("GradAlignCallback needs dataloader_num_workers=0 (see attach)")
+        if getattr(trainer, "tools", None):
+            raise ValueError("GradAlignCallback's rollouts do not run tools")
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError("GradAlignCallback needs a map-style train_dataset")
+        if len(dataset) < self.chunk_size:
+            raise ValueError(f"chunk_size {self.chunk_size} > train_dataset size {len(dataset)}")
+        funcs = self.reward_funcs if self.reward_funcs is not None else trainer.reward_funcs
+        if any(isinstance(f, torch.nn.Module) or not callable(f) for f in funcs):
+            raise ValueError("GradAlignCallback needs callable reward functions (no reward models)")
+        self.reward_funcs = list(funcs)
+        if self.reward_weights is None:
+            self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+        self._schedule = ChunkSchedule(len(dataset), self.chunk_size, self.seed)
+        self.trainer = trainer
+        trainer._get_train_sampler = self.make_sampler  # the one private hook (see above)
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)  # first, so loggers after it see the gradalign/* keys
+        return self
+
+    def make_sampler(self, dataset: Any = None) -> RoundSampler:
+        """The train sampler (TRL's ``_get_train_sampler`` signature)."""
+        args = self.trainer.args
+        g = args.num_generations
+        repeat = args.num_iterations * args.steps_per_generation
+        micro_batches = self.steps_per_round * args.gradient_accumulation_steps
+        if micro_batches % repeat:
+            raise ValueError(
+                f"steps_per_round ({self.steps_per_round}) x gradient_accumulation_steps "
+                f"({args.gradient_accumulation_steps}) must be a multiple of num_iterations "
+                f"({args.num_iterations}) x steps_per_generation ({args.steps_per_generation}), "
+                "so that no generation batch spans two rounds"
+            )
+        assert self._schedule is not None
+        if args.max_steps > 0:
+            rounds = math.ceil(args.max_steps / self.steps_per_round)
+        else:  # epochs: one pass over the dataset's chunks per epoch
+            rounds = self._schedule.chunks_per_pass
+        self._first_round = len(self.history)
+        return RoundSampler(
+            self.select_round,
+            g,
+            args.generation_batch_size // g,
+            repeat,
+            micro_batches // repeat,
+            rounds,
+            self.seed,
+            first_round=self._first_round,
+        )
+
+    # ------------------------------------------------------------------ one round
+    def select_round(self, r: int) -> list[int]:
+        """Score round r's chunk under the current policy; the selected row indices."""
+        if self.trainer is None or self._schedule is None:
+            raise RuntimeError("call GradAlignCallback.attach(trainer) first")
+        t0 = time.perf_counter()
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        positions = self._schedule.chunk(r)
+        rows = [trainer.train_dataset[int(i)] for i in positions]
+        was_training = model.training
+        try:
+            cands, metrics = self._candidates(model, positions, rows, r)
+        finally:
+            model.train(was_training)
+        rng = np.random.default_rng(round_seed(self.seed, r, STREAM_SELECT))
+        sel = selection.select(self.mode, cands, self.n_select, rng, self.zero_variance)
+        chosen = [int(i) for i in sel.ids] or [int(i) for i in positions]  # "exclude" left none
+        if cands.pass_rate is not None:
+            rate = dict(zip(positions.tolist(), cands.pass_rate.tolist()))
+            metrics["selected_pass_rate"] = float(np.mean([rate[i] for i in chosen]))
+        self.history.append(
+            {
+                "round": r,
+                "scored_at_step": trainer.state.global_step,
+                "chunk": positions.tolist(),
+                "selected": chosen,
+                "scores": sel.scores.tolist(),
+                "pass_rate": None if cands.pass_rate is None else cands.pass_rate.tolist(),
+                "metrics": metrics,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        return chosen
+
+    def _candidates(
+        self, model: Any, positions: np.ndarray, rows: list[Row], r: int
+    ) -> tuple[selection.Candidates, dict[str, float]]:
+        ids = positions.astype(int)
+        need = selection.needs(self.mode)
+        if not need:
+            return selection.Candidates(ids), {}
+        cand = self._rollouts(model, rows, ids, self.k_r, round_seed(self.seed, r, 1), f"c{r}")
+        rates, zv = cand.pass_rates(), cand.zero_variance()
+        metrics = {"chunk_pass_rate": float(rates.mean()), "chunk_zero_variance": float(zv.mean())}
+        if "gradients" not in need:
+            return selection.Candidates(ids, rates, zv), metrics
+        val_ids = np.arange(len(self.validation))
+        seed = round_seed(self.seed, r, STREAM_VALIDATION)
+        val = self._rollouts(model, self.validation, val_ids, self.k_v, seed, f"v{r}")
+        metrics["val_pass_rate"] = float(val.rewards.mean())
+        al = self._alignment(model, cand, val)
+        metrics["cos_mean"] = float(np.mean(al.cos_val))
+        return selection.Candidates(ids, rates, zv, al.dot_val, al.dot_chunk, al.norm), metrics
+
+    def _rollouts(
+        self, model: Any, rows: Sequence[Row], ids: np.ndarray, k: int, seed: int, tag: str
+    ) -> Rollouts:
+        """k rollouts per row with `rollout.generate` from TRL's prompt tokens, rewarded by
+        the TRL reward functions."""
+        trainer = self.trainer
+        keys = [f"{tag}/{j}" for j in range(len(rows))]
+        prompt_ids = trl_prompt_ids(trainer, [row["prompt"] for row in rows])
+        view = _TRLPrompts(trainer.processing_class, dict(zip(keys, prompt_ids)))
+        problems = [Problem(int(i), key, "", "trl") for i, key in zip(ids, keys)]
+        args = trainer.args
+        sampling = self.sampling or SamplingConfig(
+            args.temperature, args.top_p, args.max_completion_length
+        )
+        ro = generate(model, view, problems, k, sampling, seed)
+        assert self.reward_funcs is not None and self.reward_weights is not None
+        rewards = trl_rewards(self.reward_funcs, self.reward_weights, rows, ro, trainer.state)
+        return replace(ro, rewards=rewards)
+
+    def _alignment(self, model: Any, cand: Rollouts, val: Rollouts) -> alignment.GroupAlignment:
+        """<g_p, g^_V>, ||g_p|| (and <g_p, g^_C> for `align`) with the batched scorer."""
+        params = alignment.scored_parameters(model, self.params)
+        device = next(model.parameters()).device
+        pad = self.trainer.processing_class.pad_token_id
+        cand_batch = cand.to_batch(pad, self.scale_advantages).to(device)
+        val_batch = val.to_batch(pad, self.scale_advantages).to(device)
+        model.eval()
+        direction = fastscore.batched_validation_direction(
+            model, params, val_batch, self.val_aggregate, self.groups_per_micro
+        )
+        return fastscore.batched_alignment(
+            model, params, cand_batch, direction, self.groups_per_micro, chunk=self.mode == "align"
+        )
+
+    # ------------------------------------------------------------------ callback events
+    def round_of_step(self, step: int) -> int:
+        """The round that optimizer step `step` (0-based, this `train()` call) trains."""
+        return self._first_round + (step - self._first_step) // self.steps_per_round
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer is None:
+            raise RuntimeError(
+                "GradAlignCallback: call cb.attach(trainer) before trainer.train(), "
+                "else TRL trains on the whole dataset"
+            )
+        self._first_step = state.global_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        """Add the current round's summary (``gradalign/*``) to training log entries."""
+        if not logs or "loss" not in logs or state.global_step == 0:
+            return
+        r = self.round_of_step(state.global_step - 1)
+        row = next((h for h in reversed(self.history) if h["round"] == r), None)
+        if row is None:
+            return
+        extra = {"gradalign/round": r} | {f"gradalign/{k}": v for k, v in row["metrics"].items()}
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
