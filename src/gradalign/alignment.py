@@ -13,7 +13,8 @@ reference that faster scorers are tested against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +36,7 @@ class GroupAlignment:
     dot_val: np.ndarray  # <g_p, g^_V>
     dot_chunk: np.ndarray  # <g_p, g^_C>
     norm: np.ndarray  # ||g_p||
+    val_norm: float | None = None  # ||g^_V||: ~1, 0 when g_V = 0 (`selection.select` falls back)
 
     @property
     def cos_val(self) -> np.ndarray:
@@ -130,6 +132,15 @@ def summed_gradient(
     return total
 
 
+def direction_norm(direction: Tensor | Sequence[Tensor]) -> float:
+    """||d|| in float64 of a flat [D] direction or of per-parameter pieces (NaN if any entry
+    is NaN); 0.0 when g_V = 0, i.e. every validation advantage was 0."""
+    pieces = [direction] if isinstance(direction, Tensor) else direction
+    return math.sqrt(
+        sum(float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2 for d in pieces)
+    )
+
+
 def unit(v: Tensor) -> Tensor:
     return v / (v.norm() + EPS)
 
@@ -165,4 +176,6 @@ def exact_alignment(
         norm.append(float(g.norm()))
         if progress is not None:
             progress(1)
-    return GroupAlignment(np.array(dot_val), np.array(dot_chunk), np.array(norm))
+    return GroupAlignment(
+        np.array(dot_val), np.array(dot_chunk), np.array(norm), direction_norm(val_direction)
+    )

@@ -182,10 +182,17 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             except ValueError:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if typ is int and ok and float(value).is_integer():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+        if typ is int and ok and (isinstance(value, int) or value.is_integer()):
             return int(value)
         if typ is float and ok:
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(
+                    f"{name}: {len(str(value))} digits, too large for a float"
+                ) from None
         raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}")
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -196,7 +203,7 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -250,6 +257,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path}: cannot read it ({err.strerror})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML ({err})") from None
         if not isinstance(data, dict):

@@ -21,7 +21,7 @@ reason, never silently dropped.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradalign.problems import Problem, ProblemError
+from gradalign.problems import Problem, ProblemError, decode_json_line
 from gradalign.rewards import RewardError, last_boxed, resolve_reward
 
 AnswerExtractor = Literal["auto", "gsm8k", "boxed", "plain"]
@@ -130,31 +130,39 @@ class LoadResult:
 def _records(path: Path, fmt: str) -> Iterator[tuple[int, Any, str | None]]:
     """Yield (line or row, record, error); a record that cannot be decoded has an error."""
     if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.ParquetFile(path)
-        except Exception as err:
-            raise ProblemError(f"{path}: cannot read Parquet ({err})") from err
-        row = 0
-        for batch in table.iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
-                yield row, rec, None
-                row += 1
+        yield from _parquet_records(path)
         return
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield lineno, None, f"invalid UTF-8 ({err.reason})"
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line), None
-            except json.JSONDecodeError as err:
-                yield lineno, None, f"invalid JSON ({err.msg})"
+            decoded = decode_json_line(raw, lineno)
+            if decoded is not None:
+                yield lineno, *decoded
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """Parquet rows from 0; a file or page that cannot be read raises ProblemError naming
+    the first row not read."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+    except Exception as err:
+        raise ProblemError(f"{path}: cannot read Parquet ({_one_line(err)})") from err
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:
+            raise ProblemError(f"{path} row {row}: cannot read Parquet ({_one_line(err)})") from err
+        if batch is None:
+            return
+        for rec in batch.to_pylist():
+            yield row, rec, None
+            row += 1
 
 
 _MISSING = object()
@@ -181,6 +189,18 @@ def _pick(rec: dict[str, Any], given: str | None, defaults: tuple[str, ...], wha
     raise ValueError(f"no {what} field (looked for {', '.join(repr(n) for n in defaults)})")
 
 
+def _check_unicode(text: str, name: str) -> str:
+    """`text`, unless it holds an unpaired surrogate (JSON "\\ud800"), which cannot be written
+    as UTF-8 or tokenised; raises ValueError naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"field '{name}' is not valid Unicode (unpaired surrogate at character {err.start})"
+        ) from None
+    return text
+
+
 def _prompt_text(value: Any, name: str) -> str:
     if isinstance(value, list):  # chat messages: the last user message
         users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
@@ -191,7 +211,7 @@ def _prompt_text(value: Any, name: str) -> str:
         raise ValueError(f"field '{name}' must be a string or chat messages, got {value!r:.60}")
     if not value.strip():
         raise ValueError(f"field '{name}' is empty")
-    return value
+    return _check_unicode(value, name)
 
 
 def extract_reference(value: Any, name: str, extractor: AnswerExtractor) -> str:
@@ -199,10 +219,12 @@ def extract_reference(value: Any, name: str, extractor: AnswerExtractor) -> str:
     ValueError naming the field when there is none."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"field '{name}' must be a string or number, got {value!r:.60}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"field '{name}' must be a finite number, got {value!r}")
     if isinstance(value, float):
         text = str(int(value)) if value.is_integer() else repr(value)
     else:
-        text = str(value).strip()
+        text = _check_unicode(str(value).strip(), name)
     if extractor == "auto":
         extractor = "gsm8k" if "####" in text else "boxed" if "\\boxed" in text else "plain"
     if extractor == "gsm8k":
@@ -232,7 +254,8 @@ def _read_record(rec: Any, spec: FileSpec, default_source: str) -> tuple[str, st
         source = rec.get("data_source")
         source = default_source if source is None else source
         if not isinstance(source, str) or not source:
-            raise ValueError(f"field 'data_source' must be a non-empty string, got {source!r}")
+            raise ValueError(f"field 'data_source' must be a non-empty string, got {source!r:.60}")
+        _check_unicode(source, "data_source")
     index = _get(rec, "extra_info.index")
     return prompt, answer, source, None if index is _MISSING else index
 
@@ -242,7 +265,9 @@ def _load_file(
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[Rejection], FileReport]:
     fmt = spec.resolved_format
     if not spec.path.is_file():
-        raise ProblemError(f"{spec.path}: no such file")
+        raise ProblemError(
+            f"{spec.path}: " + ("not a file" if spec.path.exists() else "no such file")
+        )
     name = str(spec.path)
     kept: list[tuple[str, dict[str, Any]]] = []  # (raw prompt, Problem fields)
     rejected: list[Rejection] = []

@@ -481,7 +481,7 @@ def batched_alignment(
         for idx, g in job.kept:
             d = [(gj @ c.float()).double() for gj, c in zip(g, g_c) if gj is not None]
             dot_chunk[idx] = torch.stack(d).sum(0).cpu().numpy()
-    return GroupAlignment(dots[0], dot_chunk, np.sqrt(sq))
+    return GroupAlignment(dots[0], dot_chunk, np.sqrt(sq), alignment.direction_norm(dirs[0]))
 
 
 def projected_gradients(
@@ -532,4 +532,4 @@ def exact_preconditioned_alignment(
         g.to(scale.device) * scale for g in alignment.iter_group_gradients(model, params, batch)
     )
     stats = np.array([(float(g @ val), float(g @ chunk), float(g.norm())) for g in grads])
-    return GroupAlignment(stats[:, 0], stats[:, 1], stats[:, 2])
+    return GroupAlignment(stats[:, 0], stats[:, 1], stats[:, 2], alignment.direction_norm(val))

@@ -52,6 +52,14 @@ def problem_from_record(rec: Any, where: str) -> Problem:
             raise ProblemError(f"{where}: field '{name}' must be a string, got {value!r}")
     if not rec["prompt"].strip():
         raise ProblemError(f"{where}: field 'prompt' is empty")
+    for name in ("prompt", "answer", "source"):
+        try:
+            rec[name].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ProblemError(
+                f"{where}: field '{name}' is not valid Unicode "
+                f"(unpaired surrogate at character {err.start})"
+            ) from None
     reward = rec.get("reward", "exact")
     if not isinstance(reward, str):
         raise ProblemError(f"{where}: field 'reward' must be a string, got {reward!r}")
@@ -61,24 +69,41 @@ def problem_from_record(rec: Any, where: str) -> Problem:
     return Problem(rec["id"], rec["prompt"], rec["answer"], rec["source"], reward, meta)
 
 
+def decode_json_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:
+    """One JSONL line: None when blank, else (record, None) or (None, why it cannot be
+    decoded). A UTF-8 byte-order mark is allowed on line 1."""
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"invalid UTF-8 ({err.reason})"
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line), None
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON ({err.msg})"
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
+        return None, f"invalid JSON ({err})"
+    except RecursionError:
+        return None, "invalid JSON (nested too deeply)"
+
+
 def read_problems(path: str | Path) -> list[Problem]:
     """Read problems from a JSONL file (one object per line, blank lines ignored)."""
     path = Path(path)
+    if not path.is_file():
+        raise ProblemError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
     problems: list[Problem] = []
     seen: dict[int, int] = {}
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ProblemError(f"{where}: invalid UTF-8 ({err.reason})") from None
-            if not line.strip():
+            decoded = decode_json_line(raw, lineno)
+            if decoded is None:
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ProblemError(f"{where}: invalid JSON ({err.msg})") from None
+            rec, error = decoded
+            if error is not None:
+                raise ProblemError(f"{where}: {error}")
             problem = problem_from_record(rec, where)
             if problem.id in seen:
                 raise ProblemError(
@@ -110,6 +135,14 @@ class ChunkSchedule:
     pool_size: int
     chunk_size: int
     seed: int
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ProblemError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size > self.pool_size:
+            raise ProblemError(
+                f"chunk_size ({self.chunk_size}) exceeds the pool's {self.pool_size} problems"
+            )
 
     @property
     def chunks_per_pass(self) -> int:

@@ -14,8 +14,10 @@ import ast
 import functools
 import hashlib
 import importlib
+import math
 import re
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -278,9 +280,42 @@ def reward_of(problem: Problem) -> RewardFn:
         raise RewardError(f"problem {problem.id}: {err}") from err.__cause__
 
 
-def score_completion(problem: Problem, completion: str, salt: str = "") -> float:
-    """Reward of one completion under the problem's own reward function."""
+class RewardWarning(UserWarning):
+    """A reward function raised or returned a non-finite value; that completion scored 0."""
+
+
+_WARNED: set[str] = set()  # reward names whose failure `score_completion` has shown
+
+
+def checked_reward(problem: Problem, completion: str, salt: str = "") -> tuple[float, str | None]:
+    """(reward, None) of one completion under the problem's reward function, or (0.0, why)
+    when the function raised or returned something other than a finite number: a check that
+    cannot be made is not a pass (as a math-verify timeout), and NaN never reaches a score.
+    An unknown reward name still raises `RewardError` (a configuration error)."""
     fn = reward_of(problem)
-    if fn is coinflip:
-        return coinflip(problem, completion, salt)
-    return float(fn(problem, completion))
+    where = f"problem {problem.id} (source {problem.source!r}): reward '{problem.reward}'"
+    try:
+        value = coinflip(problem, completion, salt) if fn is coinflip else fn(problem, completion)
+    except Exception as err:
+        return 0.0, f"{where} raised {type(err).__name__}: {err}"
+    try:
+        reward = float(value)
+    except (TypeError, ValueError):
+        return 0.0, f"{where} returned {value!r:.60}, not a number"
+    if not math.isfinite(reward):
+        return 0.0, f"{where} returned {reward}, not a finite number"
+    return reward, None
+
+
+def score_completion(problem: Problem, completion: str, salt: str = "") -> float:
+    """Reward of one completion under the problem's own reward function (`checked_reward`:
+    a failed reward scores 0.0 with a `RewardWarning`, shown once per reward name)."""
+    reward, error = checked_reward(problem, completion, salt)
+    if error is not None and problem.reward not in _WARNED:
+        _WARNED.add(problem.reward)
+        warnings.warn(
+            f"{error}; it scores 0 (later failures of this reward are not shown)",
+            RewardWarning,
+            stacklevel=2,
+        )
+    return reward

@@ -7,6 +7,7 @@ padding after it dropped), so scoring never re-tokenises text.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences, zero_variance_groups
 from gradalign.policy import format_prompt
 from gradalign.problems import Problem
-from gradalign.rewards import score_completion
+from gradalign.rewards import RewardWarning, checked_reward
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,9 @@ class Rollouts:
     prompt_ids: list[list[int]]  # [P] chat-formatted prompt token ids
     completion_ids: list[list[int]]  # [N] sampled token ids (EOS included when sampled)
     texts: list[str]  # [N] decoded completions (special tokens dropped)
-    rewards: np.ndarray  # float [N]
+    rewards: np.ndarray  # float [N], always finite
     group: np.ndarray  # int [N], index into `problems`
+    bad_rewards: int = 0  # rewards that raised or were not finite, scored 0 (`checked_reward`)
 
     @property
     def num_groups(self) -> int:
@@ -95,17 +97,28 @@ def score_rollouts(
     salt: str,
 ) -> Rollouts:
     """Decode k completions per problem (problem-major order) and reward each with its
-    problem's reward function; rollout i gets the salt "{salt}:{i}" (coin-flip rewards)."""
+    problem's reward function; rollout i gets the salt "{salt}:{i}" (coin-flip rewards).
+
+    A reward function that raises or returns NaN / Inf / a non-number scores that rollout 0.0
+    (a check that cannot be made is not a pass; training sees the same through
+    `score_completion`); such rollouts are counted in `Rollouts.bad_rewards` and one
+    `RewardWarning` per call names the first (problem id, source, reward) and the count."""
     group = np.repeat(np.arange(len(problems)), k)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    rewards = np.array(
-        [
-            score_completion(problems[g], t, salt=f"{salt}:{i}")
-            for i, (g, t) in enumerate(zip(group, texts))
-        ],
-        dtype=np.float64,
-    )
-    return Rollouts(problems, prompt_ids, completions, texts, rewards, group)
+    checked = [
+        checked_reward(problems[g], t, salt=f"{salt}:{i}")
+        for i, (g, t) in enumerate(zip(group, texts))
+    ]
+    rewards = np.array([reward for reward, _ in checked], dtype=np.float64)
+    errors = [error for _, error in checked if error is not None]
+    if errors:
+        warnings.warn(
+            f"{len(errors)} of {len(checked)} rewards ({salt or 'rollouts'}) could not be "
+            f"computed and scored 0; first: {errors[0]}",
+            RewardWarning,
+            stacklevel=2,
+        )
+    return Rollouts(problems, prompt_ids, completions, texts, rewards, group, len(errors))
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

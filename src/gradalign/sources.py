@@ -132,6 +132,53 @@ def _check_pool_size(cfg: Config, size: int) -> None:
         )
 
 
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def model_context(model: Any) -> int | None:
+    """The model's context length in tokens from its config (``max_position_embeddings``,
+    ``n_positions`` or ``max_sequence_length``), or None when it states none."""
+    config = getattr(model, "config", None)
+    for name in _CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_prompt_lengths(
+    problems: list[Problem],
+    tokenizer: Any,
+    max_context: int | None,
+    max_new_tokens: int,
+    what: str,
+) -> tuple[list[Problem], list[str]]:
+    """The problems whose chat-formatted prompt plus ``max_new_tokens`` fits in
+    ``max_context`` tokens (in order), and one message per problem dropped, naming the set
+    `what`, the problem id, its file and line/row (or source) and the lengths. ``max_context``
+    None (unknown) keeps every problem."""
+    from gradalign.policy import format_prompt
+
+    if max_context is None:
+        return list(problems), []
+    kept, messages = [], []
+    for p in problems:
+        n = len(format_prompt(tokenizer, p.prompt))
+        if n + max_new_tokens <= max_context:
+            kept.append(p)
+            continue
+        meta = p.meta
+        where = f"source {p.source!r}"
+        if "file" in meta:
+            pos = f":{meta['line']}" if "line" in meta else f" row {meta.get('row')}"
+            where = f"{meta['file']}{pos}, {where}"
+        messages.append(
+            f"{what} problem {p.id} ({where}): prompt of {n} tokens + rollout.max_new_tokens "
+            f"{max_new_tokens} exceeds the model context of {max_context} tokens; dropped"
+        )
+    return kept, messages
+
+
 def policy_from_config(cfg: Config):
     """(model, tokenizer) from the local Hugging Face directory ``model.name``, in
     ``model.dtype`` on ``model.device`` ('auto': cuda when available), wrapped with LoRA
