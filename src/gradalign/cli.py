@@ -35,6 +35,24 @@ ScorerOpt = Annotated[
 ]
 
 
+RestartOpt = Annotated[
+    bool,
+    typer.Option(help="discard what the run directory holds and start over (default: resume it)"),
+]
+
+
+def _run_one(cfg: Config, restart: bool) -> dict:
+    """loop.run with its expected failures (locked or mismatched run directory) as messages."""
+    from gradalign.checkpoint import ResumeError, RunLocked
+    from gradalign.loop import run as run_loop
+
+    try:
+        return run_loop(cfg, restart=restart)
+    except (RunLocked, ResumeError) as err:
+        console.print(f"[red]run directory:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+
+
 def _load(path: Path | None, overrides: list[str] | None) -> Config:
     try:
         return load_config(path, overrides or [])
@@ -50,12 +68,13 @@ def run(
     ] = None,
     set_: SetOpt = None,
     scorer: ScorerOpt = None,
+    restart: RestartOpt = False,
 ) -> None:
-    """Run one configuration: rounds of score → select → GRPO steps → eval."""
-    from gradalign.loop import run as run_loop
+    """Run one configuration: rounds of score → select → GRPO steps → eval.
 
+    Re-running the same command after a crash or kill resumes from the last finished round."""
     cfg = _load(config, (set_ or []) + ([f"select.scorer={scorer}"] if scorer else []))
-    summary = run_loop(cfg)
+    summary = _run_one(cfg, restart)
     console.print(comparison_table({cfg.select.mode: summary}))
     console.print(f"run directory: {cfg.out_dir}  (wall time {summary['wall_s']:.0f} s)")
 
@@ -74,15 +93,13 @@ def demo(
     config: Annotated[Path | None, typer.Option(help="YAML config to start from")] = None,
     set_: SetOpt = None,
     scorer: ScorerOpt = None,
+    restart: RestartOpt = False,
 ) -> None:
     """GradAlign (sim) against baselines on the built-in task, with a comparison table.
 
     The default regime gives half of the pool a coin-flip reward: the table shows how many
     corrupted problems each mode trained on, and what selecting cost in time.
     """
-    from gradalign.loop import build_setup
-    from gradalign.loop import run as run_loop
-
     t0 = time.perf_counter()
     common = [
         f"data.regime={regime}",
@@ -95,7 +112,7 @@ def demo(
     for mode in names:
         cfg = _load(config, common + [f"select.mode={mode}", f"out_dir={out / mode}"])
         console.rule(f"mode {mode}")
-        summaries[mode] = run_loop(cfg, build_setup(cfg))
+        summaries[mode] = _run_one(cfg, restart)
     console.print(comparison_table(summaries))
     wall = time.perf_counter() - t0
     console.print(

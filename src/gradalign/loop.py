@@ -4,6 +4,8 @@ GRPO steps → eval, with every round's artifacts written to the run directory (
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -15,12 +17,22 @@ import numpy as np
 import torch
 
 from gradalign import alignment
+from gradalign.checkpoint import (
+    Checkpoint,
+    ResumeError,
+    RunLock,
+    config_differences,
+    crash_point,
+    latest_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from gradalign.config import Config
 from gradalign.policy import resolve_device
 from gradalign.problems import ChunkSchedule, Problem, check_disjoint
 from gradalign.progress import bar, console, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
-from gradalign.rundir import write_json, write_jsonl, write_npy, write_yaml
+from gradalign.rundir import read_json, write_json, write_jsonl, write_npy, write_yaml
 from gradalign.selection import Candidates, Selection, needs, select
 from gradalign.tasks import TaskSets, make_regime
 
@@ -171,6 +183,7 @@ def score_round(
         return RoundScores(Candidates(ids), [], {})
     with timed(timings, "time/candidate_rollouts_s"):
         cand = sample(setup, chunk, cfg.rollout.k_r, seed_for(cfg, r, 1), "candidate rollouts")
+    crash_point("rollouts", r)
     zv = cand.zero_variance()
     metrics = {
         "select/chunk_pass_rate": float(cand.pass_rates().mean()),
@@ -190,6 +203,7 @@ def score_round(
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
     with timed(timings, "time/scoring_s"):
         al, features = gradient_alignment(setup, cand, val, optimizer)
+    crash_point("scoring", r)
     metrics["score/cos_mean"] = float(np.mean(al.cos_val))
     cands = Candidates(ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm)
     return RoundScores(cands, [cand, val], metrics, features)
@@ -274,13 +288,36 @@ def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[d
     return rows
 
 
-def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
-    """Run `cfg.rounds` rounds; returns the run summary (also written to summary.json)."""
+def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[str, Any]:
+    """Run `cfg.rounds` rounds; returns the run summary (also written to summary.json).
+
+    The run directory is locked for the run. A directory holding an unfinished run with the
+    same config is resumed from its newest verified checkpoint (`restart` discards it)."""
+    out = Path(cfg.out_dir)
+    with RunLock(out):
+        if restart:
+            discard_run(out)
+        return _run(cfg, setup, out)
+
+
+def discard_run(out: Path) -> None:
+    """Remove a previous run's artifacts from `out` (only the names a run writes)."""
+    for name in ("rounds", "checkpoints", "chunks"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("summary.json", "config.yaml"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _run(cfg: Config, setup: Setup | None, out: Path) -> dict[str, Any]:
     from gradalign.training import GRPOTraining
 
     t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
+    ckpt = resume_point(cfg, out)
+    done = ckpt.round + 1 if ckpt else 0
     write_yaml(out / "config.yaml", cfg.to_dict())
+    if ckpt is not None and done == cfg.rounds:
+        log(f"[{cfg.select.mode}] {out}: all {cfg.rounds} rounds already done (--restart reruns)")
+        return write_summary(cfg, out, ckpt.state, 0.0)
     setup = setup or build_setup(cfg)
     pool, by_id = setup.sets.pool, {p.id: p for p in setup.sets.pool}
     schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
@@ -293,48 +330,111 @@ def run(cfg: Config, setup: Setup | None = None) -> dict[str, Any]:
         cfg.seed,
         resolve_device(cfg.model.device),
     )
-    initial = evaluate(setup, seed_for(cfg, -1, 4))
-    log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
-    history = []
-    for r in range(cfg.rounds):
+    if ckpt is not None:
+        restore(ckpt, setup.model, trainer.optimizer, trainer.scheduler)
+        state = ckpt.state
+        log(
+            f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
+        )
+    else:
+        initial = evaluate(setup, seed_for(cfg, -1, 4))
+        state = {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
+        log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    history: list[dict[str, Any]] = state["history"]
+    for r in range(done, cfg.rounds):
         timings: dict[str, float] = {}
         chunk = [pool[i] for i in schedule.chunk(r)]
-        scored = score_round(setup, chunk, r, timings, trainer.optimizer)
-        cand, metrics = scored.candidates, scored.metrics
-        with timed(timings, "time/selection_s"):
-            rng = np.random.default_rng(seed_for(cfg, r, 3))
-            sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
-        if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
-            sel = Selection(np.array([p.id for p in pool]), sel.scores)
-        chosen = [by_id[int(i)] for i in sel.ids]
+        staged = read_stage(out / "rounds" / f"{r:04d}", chunk, by_id) if r == done else None
+        if staged is None:
+            chosen, metrics = score_and_select(setup, out, chunk, r, timings, trainer)
+        else:
+            chosen, metrics = staged
+            log(f"[{cfg.select.mode}] round {r + 1}: selection read back from the run directory")
         with bar("GRPO steps", cfg.train.steps_per_round) as advance:
-            trainer.on_step = lambda: advance(1)
+            trainer.on_step = functools.partial(training_step_done, advance, r)
             with timed(timings, "time/training_s"):
                 metrics |= trainer.train_round(
                     chosen, cfg.train.steps_per_round, seed_for(cfg, r, 5)
                 )
         with timed(timings, "time/eval_s"):
             metrics |= evaluate(setup, seed_for(cfg, r, 4))
-        metrics |= selection_metrics(chosen, cand, sel) | timings | {"round": r}
+        crash_point("eval", r)
+        metrics |= timings | {"round": r}  # a staged round keeps its scoring times
         history.append(metrics)
-        write_round(out / "rounds" / f"{r:04d}", chunk, scored, sel, metrics)
+        write_json(out / "rounds" / f"{r:04d}" / "metrics.json", metrics)
+        state["wall_s"] += time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        state["next_round"] = r + 1  # the pool position: chunks/manifest.json lists each round's
+        save_checkpoint(out, r, setup.model, trainer.optimizer, trainer.scheduler, state)
         log(round_line(cfg, r, metrics))
     trainer.close()
-    summary = {
-        "mode": cfg.select.mode,
-        "rounds": cfg.rounds,
-        "initial_eval_accuracy": initial["eval/accuracy"],
-        "final_eval_accuracy": history[-1]["eval/accuracy"] if history else None,
-        "eval_accuracy": [m["eval/accuracy"] for m in history],
-        "selected_share": bad_share(cfg, history),
-        "wall_s": time.perf_counter() - t_start,
-        "time_totals": {
-            k: sum(m.get(k, 0.0) for m in history)
-            for k in sorted({k for m in history for k in m if k.startswith("time/")})
-        },
-    }
-    write_json(out / "summary.json", summary)
-    return summary
+    return write_summary(cfg, out, state, time.perf_counter() - t_start)
+
+
+def training_step_done(advance: Callable[[int], None], r: int) -> None:
+    advance(1)
+    crash_point("training", r)
+
+
+def resume_point(cfg: Config, out: Path) -> Checkpoint | None:
+    """The checkpoint to continue from, after checking that it is this config's run."""
+    ckpt = latest_checkpoint(out, lambda msg: log(f"warning: {msg}"))
+    if ckpt is None:
+        if (out / "rounds").is_dir():
+            log(f"warning: {out} has round artifacts but no usable checkpoint; starting over")
+        return None
+    current = json.loads(json.dumps(cfg.to_dict()))  # as state.json holds it
+    diffs = config_differences(ckpt.state.get("config", {}), current)
+    if diffs:
+        raise ResumeError(
+            f"{out} holds a run with another config ({'; '.join(diffs[:4])}); "
+            "run it with its own config to resume it, or choose another out_dir "
+            "(or --restart to discard it)"
+        )
+    if ckpt.round + 1 > cfg.rounds:
+        raise ResumeError(
+            f"{out} has already run {ckpt.round + 1} rounds, more than rounds={cfg.rounds}"
+        )
+    return ckpt
+
+
+def score_and_select(
+    setup: Setup, out: Path, chunk: list[Problem], r: int, timings: dict, trainer: Any
+) -> tuple[list[Problem], dict[str, Any]]:
+    """Rollouts, scores and the selection of round r, staged in rounds/NNNN/ (selection.json
+    last) so that a crash during training does not redo them."""
+    cfg, pool = setup.cfg, setup.sets.pool
+    scored = score_round(setup, chunk, r, timings, trainer.optimizer)
+    cand, metrics = scored.candidates, scored.metrics
+    with timed(timings, "time/selection_s"):
+        rng = np.random.default_rng(seed_for(cfg, r, 3))
+        sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+    if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
+        sel = Selection(np.array([p.id for p in pool]), sel.scores)
+    by_id = {p.id: p for p in pool}
+    chosen = [by_id[int(i)] for i in sel.ids]
+    metrics |= selection_metrics(chosen, cand, sel) | timings
+    write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
+    return chosen, metrics
+
+
+def read_stage(
+    path: Path, chunk: list[Problem], by_id: dict[int, Problem]
+) -> tuple[list[Problem], dict[str, Any]] | None:
+    """A round's staged selection, if complete and consistent with its chunk; else None
+    (with a warning when a file is there but unusable: the round is then rescored)."""
+    f = path / "selection.json"
+    if not f.is_file():
+        return None
+    try:
+        staged = read_json(f)
+        if staged["chunk"] != [p.id for p in chunk]:
+            raise ValueError("its chunk is not this round's chunk")
+        chosen = [by_id[int(i)] for i in staged["selected"]]
+        return chosen, dict(staged["metrics"])
+    except (ValueError, KeyError, TypeError) as err:
+        log(f"warning: {f} is unusable ({err}); redoing the round's rollouts and scoring")
+        return None
 
 
 def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float]:
@@ -358,21 +458,50 @@ def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def write_round(
-    path: Path, chunk: list[Problem], scored: RoundScores, sel: Selection, metrics: dict[str, Any]
+def write_stage(
+    path: Path,
+    r: int,
+    chunk: list[Problem],
+    scored: RoundScores,
+    sel: Selection,
+    metrics: dict[str, Any],
 ) -> None:
+    """Rollouts, scores, selection and features of a round; selection.json, written last,
+    marks the stage complete."""
     roles = ("candidate", "validation")
     write_jsonl(
         path / "rollouts.jsonl",
         [row for ro, role in zip(scored.rollouts, roles) for row in ro.records(role)],
     )
+    crash_point("writing", r)
     write_jsonl(path / "scores.jsonl", score_rows(chunk, scored.candidates, sel))
     write_jsonl(
         path / "selected.jsonl", ({"rank": i, "id": int(pid)} for i, pid in enumerate(sel.ids))
     )
     if scored.features is not None:  # rows in chunk order, as scores.jsonl
         write_npy(path / "features.npy", scored.features)
-    write_json(path / "metrics.json", metrics)
+    (path / "metrics.json").unlink(missing_ok=True)  # a stale one from an abandoned attempt
+    stage = {"round": r, "chunk": [p.id for p in chunk], "selected": [int(i) for i in sel.ids]}
+    write_json(path / "selection.json", stage | {"metrics": metrics})
+
+
+def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: float) -> dict:
+    history, initial = state["history"], state["initial"]
+    summary = {
+        "mode": cfg.select.mode,
+        "rounds": cfg.rounds,
+        "initial_eval_accuracy": initial["eval/accuracy"],
+        "final_eval_accuracy": history[-1]["eval/accuracy"] if history else None,
+        "eval_accuracy": [m["eval/accuracy"] for m in history],
+        "selected_share": bad_share(cfg, history),
+        "wall_s": state["wall_s"] + extra_wall,
+        "time_totals": {
+            k: sum(m.get(k) or 0.0 for m in history)
+            for k in sorted({k for m in history for k in m if k.startswith("time/")})
+        },
+    }
+    write_json(out / "summary.json", summary)
+    return summary
 
 
 def round_line(cfg: Config, r: int, m: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class GRPOTraining:
         self.cfg = cfg
         self.seed = seed
         self._calls = itertools.count()
+        self._round_seed = 0
         self.on_step: Callable[[], None] | None = None
         per_device, accum = micro_batching(cfg.batch_size, cfg.num_generations, cfg.micro_batch)
         self._outdir = tempfile.TemporaryDirectory(prefix="gradalign-trl-")
@@ -108,7 +110,11 @@ class GRPOTraining:
         def reward(completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
             call = next(outer._calls)
             return [
-                score_completion(outer.by_id[pid], _completion_text(c), salt=f"train:{call}:{i}")
+                score_completion(
+                    outer.by_id[pid],
+                    _completion_text(c),
+                    salt=f"train:{outer._round_seed}:{call}:{i}",
+                )
                 for i, (c, pid) in enumerate(zip(completions, problem_id))
             ]
 
@@ -136,10 +142,16 @@ class GRPOTraining:
         if not problems or steps == 0:
             return {"train/steps": 0}
         self.by_id = {p.id: p for p in problems}
+        self._calls = itertools.count()  # reward salts depend on the round only (resumable)
+        self._round_seed = round_seed
         self.trainer.train_dataset = self._dataset(problems)
         self.trainer.args.max_steps = steps
         self.trainer.args.seed = round_seed  # sampler order of this round
-        torch.manual_seed(round_seed)  # TRL samples completions from the global generator
+        # TRL samples completions from the global generators: each round starts from its seed,
+        # so a resumed run trains exactly as an uninterrupted one
+        torch.manual_seed(round_seed)
+        random.seed(round_seed)
+        np.random.seed(round_seed % 2**32)
         self.trainer.train()
         logs = [h for h in self.trainer.state.log_history if "reward" in h]
         return {
