@@ -226,7 +226,8 @@ class GradAlignCallback(TrainerCallback):
             max_completion_length.
         params, val_aggregate, scale_advantages, groups_per_micro, zero_variance: scoring and
             selection options, as in `gradalign.config.SelectConfig`.
-        reward_weights: per reward function; default: the trainer's ``args.reward_weights``.
+        reward_weights: per reward function; default: 1 each, or with the trainer's reward
+            functions, the trainer's ``args.reward_weights``.
 
     ``history`` holds one dict per round: ``round``, ``scored_at_step`` (trainer step when it
     was scored), ``chunk`` and ``selected`` (train-dataset row indices; selected in rank
@@ -309,12 +310,17 @@ class GradAlignCallback(TrainerCallback):
             raise ValueError("GradAlignCallback needs a map-style train_dataset")
         if len(dataset) < self.chunk_size:
             raise ValueError(f"chunk_size {self.chunk_size} > train_dataset size {len(dataset)}")
-        funcs = self.reward_funcs if self.reward_funcs is not None else trainer.reward_funcs
+        if self.reward_funcs is None:  # the trainer's rewards, with the trainer's weights
+            self.reward_funcs = list(trainer.reward_funcs)
+            self.reward_weights = self.reward_weights or args.reward_weights
+        funcs = self.reward_funcs
         if any(isinstance(f, torch.nn.Module) or not callable(f) for f in funcs):
             raise ValueError("GradAlignCallback needs callable reward functions (no reward models)")
-        self.reward_funcs = list(funcs)
-        if self.reward_weights is None:
-            self.reward_weights = list(args.reward_weights or [1.0] * len(self.reward_funcs))
+        self.reward_weights = list(self.reward_weights or [1.0] * len(funcs))
+        if len(self.reward_weights) != len(funcs):
+            raise ValueError(
+                f"{len(self.reward_weights)} reward_weights for {len(funcs)} functions"
+            )
         self._schedule = ChunkSchedule(len(dataset), self.chunk_size, self.seed)
         self.trainer = trainer
         trainer._get_train_sampler = self.make_sampler  # the one private hook (see above)
