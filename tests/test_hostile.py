@@ -433,6 +433,23 @@ def test_cli_config_errors_exit_2_without_a_traceback(
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_cli_unusable_data_file_exits_2_naming_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "pool.jsonl"
+    bad.write_bytes(b'{"question": "1+1"\n\xff\xfe\n')
+    good = tmp_path / "val.jsonl"
+    good.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n')
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"data:\n  pool_files: [{{path: {bad}}}]\n  val_files: [{{path: {good}}}]\n"
+        f"  eval_files: [{{path: {good}}}]\n"
+        f"out_dir: {tmp_path / 'run'}\n"
+    )
+    result = runner.invoke(app, ["run", str(path)], terminal_width=300)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    text = " ".join(result.output.split())
+    assert "data.pool_files: no usable problems" in text and "Traceback" not in result.output
+
+
 # --- rewards ---------------------------------------------------------------------------------
 
 USER_REWARDS = """

@@ -152,3 +152,34 @@ def test_projection_features_and_adam_preconditioning(tmp_path):
         assert features.shape == (16, 8)
         zero = [s["zero_variance"] for s in read_jsonl(d / "scores.jsonl")]
         assert np.all(features[np.array(zero)] == 0.0)
+
+
+def test_problems_longer_than_the_context_are_dropped_and_reported(capsys):
+    from gradalign.config import ConfigError
+    from gradalign.loop import fit_context
+    from gradalign.policy import build_model, build_tokenizer
+    from gradalign.problems import Problem
+    from gradalign.tasks import TaskSets
+
+    tok = build_tokenizer()
+    model = build_model(tok, "tiny")  # 256 positions
+    cfg = load_config(
+        None,
+        ["rollout.max_new_tokens=16", "select.chunk_size=2", "select.k=1", "train.batch_size=2"],
+    )
+    ok = [Problem(i, f"{i}+1=", str(i + 1), "addition") for i in range(3)]
+    long = Problem(9, "1+" * 150 + "1=", "151", "addition")
+    sets = fit_context(cfg, model, tok, TaskSets(ok + [long], ok[:1], ok[1:]))
+    assert [p.id for p in sets.pool] == [0, 1, 2] and sets.validation == ok[:1]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 of 4 pool problems do not fit the context" in out and "pool problem 9" in out
+    with pytest.raises(ConfigError, match="no validation problem fits the model context of 256"):
+        fit_context(cfg, model, tok, TaskSets(ok, [long], ok))
+    with pytest.raises(ConfigError, match=r"select.chunk_size \(4\) exceeds the 3 pool"):
+        fit_context(_with_chunk(cfg, 4), model, tok, TaskSets(ok + [long], ok, ok))
+
+
+def _with_chunk(cfg, size):
+    import dataclasses
+
+    return dataclasses.replace(cfg, select=dataclasses.replace(cfg.select, chunk_size=size))

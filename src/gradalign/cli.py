@@ -45,11 +45,16 @@ def _run_one(cfg: Config, restart: bool) -> dict:
     """loop.run with its expected failures (locked or mismatched run directory) as messages."""
     from gradalign.checkpoint import ResumeError, RunLocked
     from gradalign.loop import run as run_loop
+    from gradalign.problems import ProblemError
+    from gradalign.rewards import RewardError
 
     try:
         return run_loop(cfg, restart=restart)
     except (RunLocked, ResumeError) as err:
         console.print(f"[red]run directory:[/red] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    except (ConfigError, ProblemError, RewardError) as err:  # found while loading data
+        console.print(f"[red]config error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
 
 

@@ -111,12 +111,38 @@ def build_setup(cfg: Config) -> Setup:
         from gradalign.sources import policy_from_config
 
         model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
-    setup = Setup(cfg, model, tokenizer, sets)
+    setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
     if cfg.rollout.backend == "vllm":
         from gradalign.vllm_backend import engine_from_config, generate_vllm
 
         setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
     return setup
+
+
+def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> TaskSets:
+    """Drop (and report) problems whose prompt plus rollout.max_new_tokens exceeds the model's
+    context; a set left empty, or a pool smaller than a chunk, is a config error."""
+    from gradalign.config import ConfigError
+    from gradalign.sources import check_pool_size, check_prompt_lengths, model_context
+
+    context, kept = model_context(model), {}
+    for what in ("pool", "validation", "eval"):
+        problems = getattr(sets, what)
+        kept[what], msgs = check_prompt_lengths(
+            problems, tokenizer, context, cfg.rollout.max_new_tokens, what
+        )
+        if msgs:
+            log(f"warning: {len(msgs)} of {len(problems)} {what} problems do not fit the context:")
+            for msg in msgs[:5]:
+                log(f"  {msg}")
+        if not kept[what]:
+            raise ConfigError(
+                f"no {what} problem fits the model context of {context} tokens with "
+                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+            )
+    if len(kept["pool"]) < len(sets.pool):
+        check_pool_size(cfg, len(kept["pool"]))
+    return TaskSets(**kept)
 
 
 def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
@@ -154,7 +180,7 @@ def sample(
 def evaluate(setup: Setup, seed: int) -> dict[str, float]:
     """Greedy pass@1 on the eval set, overall and per source."""
     ro = sample(setup, setup.sets.eval, 1, seed, "eval", greedy=True)
-    out = {"eval/accuracy": float(ro.rewards.mean())}
+    out = {"eval/accuracy": float(ro.rewards.mean()), "eval/bad_rewards": ro.bad_rewards}
     sources = np.array([p.source for p in ro.problems])
     for s in sorted(set(sources)):
         out[f"eval/accuracy/{s}"] = float(ro.rewards[sources == s].mean())
@@ -188,6 +214,7 @@ def score_round(
     metrics = {
         "select/chunk_pass_rate": float(cand.pass_rates().mean()),
         "select/chunk_zero_variance_frac": float(zv.mean()),
+        "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
     }
     if "gradients" not in need:
         return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
@@ -200,12 +227,21 @@ def score_round(
             "validation rollouts",
         )
     metrics["val/pass_rate"] = float(val.rewards.mean())
+    metrics["val/bad_rewards"] = val.bad_rewards
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
     with timed(timings, "time/scoring_s"):
         al, features = gradient_alignment(setup, cand, val, optimizer)
     crash_point("scoring", r)
-    metrics["score/cos_mean"] = float(np.mean(al.cos_val))
-    cands = Candidates(ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm)
+    metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
+    metrics["score/val_norm"] = al.val_norm
+    if al.val_norm == 0.0 or not np.isfinite(al.val_norm or 0.0):
+        log(
+            f"warning: round {r + 1}: the validation gradient is {al.val_norm} (every validation "
+            "group has equal rewards?); this round selects uniformly at random"
+        )
+    cands = Candidates(
+        ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
+    )
     return RoundScores(cands, [cand, val], metrics, features)
 
 
@@ -267,8 +303,10 @@ def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -
         "select/n": len(chosen),
         "select/source_mix": mix,
         "select/excluded": sel.excluded,
+        "select/skipped_nonfinite": sel.skipped_nonfinite,
+        "select/fallback": sel.fallback,
     }
-    if cand.pass_rate is not None:
+    if cand.pass_rate is not None and chosen:
         pos = {int(i): j for j, i in enumerate(cand.ids)}
         out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[p.id]] for p in chosen]))
     n = max(len(chosen), 1)

@@ -114,11 +114,11 @@ def sets_from_files(cfg: Config, log: Callable[[str], None] | None = None) -> Ta
     pool, dropped = _drop_shared(loaded["pool"], loaded["validation"] + loaded["eval"])
     if dropped:
         log(f"pool: dropped {dropped} problem(s) whose prompt is in the validation or eval set")
-    _check_pool_size(cfg, len(pool))
+    check_pool_size(cfg, len(pool))
     return TaskSets(pool=pool, validation=loaded["validation"], eval=loaded["eval"])
 
 
-def _check_pool_size(cfg: Config, size: int) -> None:
+def check_pool_size(cfg: Config, size: int) -> None:
     s = cfg.select
     if s.chunk_size > size:
         raise ConfigError(
