@@ -28,7 +28,7 @@ preconditioning g_p / (sqrt(v) + eps) with Adam's second moment (``exp_avg_sq``)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -421,6 +421,25 @@ def batched_summed_gradient(
     return total
 
 
+def batched_validation_sum(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    batch: SequenceBatch,
+    aggregate: Literal["sum", "mean_of_unit"] = "sum",
+    groups_per_micro: int = 16,
+) -> Pieces:
+    """g_V = sum_v g_v, or sum_v unit(g_v) for ``mean_of_unit`` (one norm pass, then a backward
+    of sum_v L_v / (||g_v|| + 1e-5)), before normalising: a sum over groups, so sums over
+    disjoint sets of groups add up (`gradalign.distributed`)."""
+    weights = None
+    if aggregate == "mean_of_unit":
+        _, sq, _ = _scan(_Job(model, params, []), batch, groups_per_micro)
+        weights = 1.0 / (np.sqrt(sq) + EPS)
+    elif aggregate != "sum":
+        raise ValueError(f"val_aggregate='{aggregate}': expected 'sum' or 'mean_of_unit'")
+    return batched_summed_gradient(model, params, batch, groups_per_micro, weights)
+
+
 def batched_validation_direction(
     model: nn.Module,
     params: Sequence[Tensor],
@@ -428,15 +447,8 @@ def batched_validation_direction(
     aggregate: Literal["sum", "mean_of_unit"] = "sum",
     groups_per_micro: int = 16,
 ) -> Pieces:
-    """g^_V = unit(sum_v g_v), or unit(sum_v unit(g_v)) for ``mean_of_unit`` (one norm pass,
-    then a backward of sum_v L_v / (||g_v|| + 1e-5)): `alignment.validation_direction` as Pieces."""
-    weights = None
-    if aggregate == "mean_of_unit":
-        _, sq, _ = _scan(_Job(model, params, []), batch, groups_per_micro)
-        weights = 1.0 / (np.sqrt(sq) + EPS)
-    elif aggregate != "sum":
-        raise ValueError(f"val_aggregate='{aggregate}': expected 'sum' or 'mean_of_unit'")
-    return unit_pieces(batched_summed_gradient(model, params, batch, groups_per_micro, weights))
+    """g^_V = unit(g_V) (`batched_validation_sum`): `alignment.validation_direction` as Pieces."""
+    return unit_pieces(batched_validation_sum(model, params, batch, aggregate, groups_per_micro))
 
 
 def batched_alignment(
@@ -451,18 +463,21 @@ def batched_alignment(
     exp_avg_sq: Mapping | None = None,
     adam_eps: float = 1e-8,
     method: Method = "auto",
+    reduce_chunk: Callable[[Pieces], Pieces] | None = None,
 ) -> GroupAlignment:
     """dot_val, dot_chunk and norm of every group, as `alignment.exact_alignment`, from one
     batched backward. For g^_C = unit(sum_p g_p) (``chunk=True``) each g_p is kept while
     P * D * 4 bytes <= MAX_KEEP_BYTES, else one more, plain, backward comes first; pass a
     direction to use instead, or False to skip it (dot_chunk is then NaN: only `align` reads it).
     With ``exp_avg_sq`` every g_p becomes g_p / (sqrt(v) + eps) (LESS), g^_C = unit(sum_p of them)
-    and g^_V is used as given."""
+    and g^_V is used as given. ``reduce_chunk`` maps this batch's sum_p g_p to the chunk's before
+    it is normalised (called once; `gradalign.distributed` sums it over ranks)."""
     scale = adam_scale(params, exp_avg_sq, adam_eps) if exp_avg_sq is not None else None
+    reduce = reduce_chunk if reduce_chunk is not None else list
     dirs = [as_pieces(val_direction, params)]
     keep = chunk is True and batch.num_groups * sum(q.numel() for q in params) * 4 <= MAX_KEEP_BYTES
     if chunk is True and not keep:
-        summed = batched_summed_gradient(model, params, batch, groups_per_micro)
+        summed = reduce(batched_summed_gradient(model, params, batch, groups_per_micro))
         dirs.append(unit_pieces([g * c for g, c in zip(summed, scale)] if scale else summed))
     elif chunk is not True and chunk is not False:
         dirs.append(as_pieces(chunk, params))
@@ -472,10 +487,12 @@ def batched_alignment(
     if keep:  # LearnAlign-style g^_C = unit(sum_p g_p) from the kept g_p: no second pass
         zero = [torch.zeros(q.numel(), dtype=torch.float64, device=q.device) for q in params]
         g_c = unit_pieces(
-            [
-                sum((g[j].sum(0).double() for _, g in job.kept if g[j] is not None), zero[j])
-                for j in range(len(params))
-            ]
+            reduce(
+                [
+                    sum((g[j].sum(0).double() for _, g in job.kept if g[j] is not None), zero[j])
+                    for j in range(len(params))
+                ]
+            )
         )
         dot_chunk = np.zeros(batch.num_groups)
         for idx, g in job.kept:

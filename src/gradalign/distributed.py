@@ -1,0 +1,190 @@
+"""Distributed scoring: a chunk's groups sharded over ranks (torch.distributed).
+
+Notation: R ranks, P candidate groups, V validation groups, D scored parameters.
+
+Every rank holds the same model and the same candidate and validation batches. Rank r
+scores only the contiguous groups `shard(P, r, R)`; the directions are sums over groups, so
+each rank sums over its own groups and one all_reduce per scored parameter adds the parts:
+
+    g_V = sum_r sum_{v in shard r} g_v    (or of unit(g_v): ``mean_of_unit``)   -> g^_V = unit(g_V)
+    g_C = sum_r sum_{p in shard r} g_p    (mode `align` only)                    -> g^_C = unit(g_C)
+
+Each rank then reads dot_val, dot_chunk and norm of its groups off one batched backward
+(`gradalign.fastscore`), and an all_gather puts the 3 floats per group back in group order
+on every rank. The selection is made once, on rank 0, and broadcast (`broadcast_object`).
+With one process (torch.distributed not initialised) this is exactly the fastscore path.
+Backends: gloo on CPU, NCCL on CUDA (`init_from_env`, for `torchrun` / `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradalign import fastscore
+from gradalign.alignment import GroupAlignment, Progress
+from gradalign.grpo import SequenceBatch
+
+T = TypeVar("T")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that selects and writes."""
+    return world()[0] == 0
+
+
+def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
+    environment (WORLD_SIZE > 1, RANK, MASTER_ADDR/PORT): gloo on CPU, NCCL on CUDA, where
+    each rank's current CUDA device becomes LOCAL_RANK (so "cuda" means its own GPU).
+    Idempotent; without a launcher nothing happens. Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s contiguous share of n items: sizes differ by at most one, the first
+    n % world_size ranks take one more, and the shards in rank order cover 0..n-1."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def shard_batch(batch: SequenceBatch, groups: range) -> SequenceBatch | None:
+    """The rows of groups `groups` (renumbered from 0), or None when there are none."""
+    if len(groups) == 0:
+        return None
+    mine = (batch.group >= groups.start) & (batch.group < groups.stop)
+    rows = mine.nonzero().squeeze(1)
+    return batch.select(rows, len(groups), batch.group[rows] - groups.start)
+
+
+def all_reduce_sum(pieces: Sequence[Tensor]) -> fastscore.Pieces:
+    """Sum each piece over ranks (fp32 on the wire, one all_reduce per piece); dtype kept."""
+    out = []
+    for piece in pieces:
+        buf = piece.float().contiguous()
+        if world()[1] > 1:
+            dist.all_reduce(buf)
+        out.append(buf.to(piece.dtype))
+    return out
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`src`'s object on every rank (a pickle); the object itself in a single process."""
+    if world()[1] == 1:
+        return obj
+    box = [obj if world()[0] == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]  # type: ignore[return-value]
+
+
+def gather_groups(local: Sequence[np.ndarray], total: int) -> list[np.ndarray]:
+    """Per-group arrays of each rank's contiguous shard, concatenated in rank order: the
+    arrays of all `total` groups, on every rank."""
+    if world()[1] == 1:
+        return list(local)
+    parts: list = [None] * world()[1]
+    dist.all_gather_object(parts, [np.asarray(a) for a in local])
+    out = [np.concatenate([p[j] for p in parts]) for j in range(len(local))]
+    if any(len(a) != total for a in out):
+        raise RuntimeError(f"gathered {[len(a) for a in out]} groups, expected {total}")
+    return out
+
+
+def _zeros(params: Sequence[Tensor]) -> fastscore.Pieces:
+    return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
+
+def distributed_alignment(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    cand_batch: SequenceBatch,
+    val_batch: SequenceBatch,
+    aggregate: Literal["sum", "mean_of_unit"] = "sum",
+    groups_per_micro: int = 16,
+    chunk: bool = True,
+    exp_avg_sq: Mapping | None = None,
+    progress: Progress | None = None,
+) -> GroupAlignment:
+    """dot_val, dot_chunk (``chunk``: mode `align`) and norm of every candidate group, each
+    rank scoring its shard of the groups; equal to `fastscore.batched_alignment` against
+    `fastscore.batched_validation_direction` (exactly that in a single process). Call it on
+    every rank with the same batches; `progress` counts this rank's groups only."""
+    rank, size = world()
+    if size == 1:
+        direction = fastscore.batched_validation_direction(
+            model, params, val_batch, aggregate, groups_per_micro
+        )
+        return fastscore.batched_alignment(
+            model, params, cand_batch, direction, groups_per_micro, progress,
+            chunk=chunk, exp_avg_sq=exp_avg_sq,
+        )  # fmt: skip
+    val = shard_batch(val_batch, shard(val_batch.num_groups, rank, size))
+    g_v = (
+        fastscore.batched_validation_sum(model, params, val, aggregate, groups_per_micro)
+        if val is not None
+        else _zeros(params)
+    )
+    direction = fastscore.unit_pieces(all_reduce_sum(g_v))
+    cand = shard_batch(cand_batch, shard(cand_batch.num_groups, rank, size))
+    if cand is None:  # more ranks than groups: still take part in every collective
+        if chunk:
+            all_reduce_sum(_zeros(params))
+        empty = np.zeros(0)
+        local = GroupAlignment(empty, empty, empty)
+    else:
+        local = fastscore.batched_alignment(
+            model, params, cand, direction, groups_per_micro, progress,
+            chunk=chunk, exp_avg_sq=exp_avg_sq, reduce_chunk=all_reduce_sum,
+        )  # fmt: skip
+    dot_val, dot_chunk, norm = gather_groups(
+        [local.dot_val, local.dot_chunk, local.norm], cand_batch.num_groups
+    )
+    return GroupAlignment(dot_val, dot_chunk, norm)
+
+
+def distributed_projected_gradients(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    cand_batch: SequenceBatch,
+    project_dim: int = 512,
+    seed: int = 0,
+    groups_per_micro: int = 16,
+    exp_avg_sq: Mapping | None = None,
+) -> np.ndarray:
+    """`fastscore.projected_gradients` of every candidate group, each rank projecting its
+    shard (the sketch is seeded, so it is the same on every rank). # -> [P, k] float64"""
+    rank, size = world()
+    if size == 1:
+        return fastscore.projected_gradients(
+            model, params, cand_batch, project_dim, seed, groups_per_micro, exp_avg_sq
+        )
+    cand = shard_batch(cand_batch, shard(cand_batch.num_groups, rank, size))
+    z = (
+        fastscore.projected_gradients(
+            model, params, cand, project_dim, seed, groups_per_micro, exp_avg_sq
+        )
+        if cand is not None
+        else np.zeros((0, project_dim))
+    )
+    return gather_groups([z], cand_batch.num_groups)[0]

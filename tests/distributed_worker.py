@@ -1,0 +1,125 @@
+"""Distributed scoring cases, run in one process (the reference) or under torchrun.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py OUT
+
+writes OUT/rank<r>.pkl with every case's gathered scores and the selection each rank got
+(`tests/test_distributed.py` runs it and compares with `run_cases()` in one process).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradalign import distributed as dd
+from gradalign import fastscore
+from gradalign.alignment import scored_parameters
+from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences
+from gradalign.policy import build_model, build_tokenizer
+from gradalign.selection import Candidates, select
+
+# 7 candidate groups (uneven shards: 4 + 3) of sizes 3..8; group 3 has zero variance
+CAND_REWARDS = [
+    [1, 0, 0],
+    [1, 1, 0, 1, 0],
+    [0, 0, 1, 1],
+    [1] * 6,
+    [0, 1, 0, 0, 0, 0, 1, 1],
+    [0.5, 0, 1],
+    [1, 0, 1, 1],
+]
+# 5 validation groups (3 + 2); group 1 has zero variance (its unit(g_v) is 0 too)
+VAL_REWARDS = [[1, 0, 1, 0], [0, 0, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 1]]
+CASES = ["sum", "mean_of_unit", "sum_no_chunk", "two_pass", "adam", "one_group"]
+
+
+def make_batch(rewards: list[list[float]], seed: int) -> SequenceBatch:
+    """Random prompts (3-8 tokens, one per group) and completions (2-12 tokens)."""
+    rng = np.random.default_rng(seed)
+
+    def tokens(lo: int, hi: int) -> list[int]:
+        return rng.integers(4, 85, size=int(rng.integers(lo, hi + 1))).tolist()
+
+    prompts, completions, flat, group = [], [], [], []
+    for p, rs in enumerate(rewards):
+        prompt = tokens(3, 8)
+        prompts += [prompt] * len(rs)
+        completions += [tokens(2, 12) for _ in rs]
+        flat += rs
+        group += [p] * len(rs)
+    input_ids, attention_mask, completion_mask = pack_sequences(prompts, completions, pad_id=0)
+    g = torch.tensor(group)
+    adv = group_advantages(torch.tensor(flat, dtype=torch.float64), g, len(rewards))
+    return SequenceBatch(input_ids, attention_mask, completion_mask, adv, g, len(rewards))
+
+
+def candidates(rewards: list[list[float]], al: Any) -> Candidates:
+    pass_rate = np.array([np.mean(r) for r in rewards])
+    zero_variance = np.array([len(set(r)) == 1 for r in rewards])
+    return Candidates(
+        np.arange(100, 100 + len(rewards)), pass_rate, zero_variance,
+        al.dot_val, al.dot_chunk, al.norm,
+    )  # fmt: skip
+
+
+def run_case(name: str, model: torch.nn.Module) -> dict[str, Any]:
+    """Gathered scores, this rank's group count and the (broadcast) selection of one case."""
+    params = scored_parameters(model)
+    rewards = CAND_REWARDS[:1] if name == "one_group" else CAND_REWARDS
+    cand, val = make_batch(rewards, seed=1), make_batch(VAL_REWARDS, seed=2)
+    aggregate = "mean_of_unit" if name == "mean_of_unit" else "sum"
+    exp_avg_sq = None
+    if name == "adam":  # a seeded stand-in for Adam's second moment, the same on every rank
+        gen = torch.Generator().manual_seed(7)
+        exp_avg_sq = {p: torch.rand(p.shape, generator=gen) * 1e-4 + 1e-6 for p in params}
+    keep = fastscore.MAX_KEEP_BYTES
+    fastscore.MAX_KEEP_BYTES = 0 if name == "two_pass" else keep  # g_C reduced before the scan
+    done: list[int] = []
+    try:
+        al = dd.distributed_alignment(
+            model, params, cand, val, aggregate, groups_per_micro=2,
+            chunk=name != "sum_no_chunk", exp_avg_sq=exp_avg_sq, progress=done.append,
+        )  # fmt: skip
+    finally:
+        fastscore.MAX_KEEP_BYTES = keep
+    mode = {"sum": "sim", "mean_of_unit": "sim", "sum_no_chunk": "dot"}.get(name, "align")
+    n = 1 if name == "one_group" else 3
+    rng = np.random.default_rng(0)
+    sel = dd.broadcast_object(
+        select(mode, candidates(rewards, al), n, rng) if dd.is_main() else None
+    )
+    return {"al": al, "groups": sum(done), "selected": sel.ids.tolist()}
+
+
+def run_cases() -> dict[str, Any]:
+    model = build_model(build_tokenizer(), "tiny", seed=3).eval()
+    out: dict[str, Any] = {name: run_case(name, model) for name in CASES}
+    cand = make_batch(CAND_REWARDS, seed=1)
+    out["projection"] = dd.distributed_projected_gradients(
+        model, scored_parameters(model), cand, project_dim=16, seed=5, groups_per_micro=2
+    )
+    # every rank draws with its own seed here, and still gets rank 0's draw
+    drawn = select("rand", Candidates(np.arange(50)), 5, np.random.default_rng(dd.world()[0]))
+    out["rand"] = dd.broadcast_object(drawn).ids.tolist()
+    out["world"] = dd.world()
+    return out
+
+
+if __name__ == "__main__":
+    rank, size = dd.init_from_env("cpu")
+    torch.set_num_threads(1)
+    result = run_cases()
+    Path(sys.argv[1], f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears down while another still talks
+        torch.distributed.destroy_process_group()
+    # Skip interpreter finalisation: about 1 run in 12 here, a rank aborted there ("terminate
+    # called without an active exception", a C++ thread still joinable at exit) after
+    # everything, destroy_process_group included, had finished.
+    os._exit(0)
