@@ -63,8 +63,13 @@ def test_two_round_run_writes_run_directory(tmp_path, mode):
             assert {r["role"] for r in rows} == {"candidate", "validation"}
             assert len(rows) == 16 * 4 + 6 * 4
             picked = {s["id"] for s in selected}
-            best = sorted(scores, key=lambda s: (-s["score"], s["id"]))[:4]
-            assert picked == {s["id"] for s in best}
+            if metrics["val/zero_variance_frac"] == 1.0:  # g_V = 0: the documented fallback
+                assert metrics["select/fallback"] == "zero_validation_gradient"
+                assert metrics["score/val_norm"] == 0.0 and len(picked) == 4
+            else:
+                assert metrics["select/fallback"] is None
+                best = sorted(scores, key=lambda s: (-s["score"], s["id"]))[:4]
+                assert picked == {s["id"] for s in best}
         if mode == "none":
             assert "time/scoring_s" not in metrics
     summary_file = json.loads((out / "summary.json").read_text())

@@ -164,7 +164,7 @@ def sample(
     r = setup.cfg.rollout
     sampling = SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
     with bar(what, len(problems)) as advance:
-        return generate(
+        return setup.generate(  # HF generate, or the vLLM engine build_setup installed
             setup.model,
             setup.tokenizer,
             problems,
