@@ -188,3 +188,24 @@ def _with_chunk(cfg, size):
     import dataclasses
 
     return dataclasses.replace(cfg, select=dataclasses.replace(cfg.select, chunk_size=size))
+
+
+def test_rollouts_go_through_the_setups_engine():
+    """build_setup installs the vLLM engine as Setup.generate: the loop must sample with it."""
+    from gradalign.loop import Setup, evaluate
+    from gradalign.policy import build_model, build_tokenizer
+    from gradalign.problems import Problem
+    from gradalign.rollout import generate
+    from gradalign.tasks import TaskSets
+
+    calls = []
+
+    def engine(*args, **kwargs):
+        calls.append(len(args[2]))
+        return generate(*args, **kwargs)
+
+    tok = build_tokenizer()
+    ok = [Problem(i, f"{i}+1=", str(i + 1), "addition") for i in range(3)]
+    cfg = load_config(None, ["rollout.max_new_tokens=4"])
+    setup = Setup(cfg, build_model(tok, "tiny"), tok, TaskSets(ok, ok, ok), generate=engine)
+    assert "eval/accuracy" in evaluate(setup, 0) and calls == [3]
