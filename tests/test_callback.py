@@ -12,7 +12,6 @@ import pytest
 from gradalign.callback import (
     GradAlignCallback,
     RoundSampler,
-    _TRLPrompts,
     trl_prompt_ids,
     trl_rewards,
 )
@@ -71,9 +70,9 @@ def test_string_prompts_are_tokenised_as_trl_does(tokenizer, tiny_model):
     prompts = ["12+3=", "7+40="]
     ids = trl_prompt_ids(trainer, prompts)
     assert ids == [list(x) for x in tokenizer(text=prompts)["input_ids"]]
-    view = _TRLPrompts(tokenizer, {"a": ids[0], "b": ids[1]})
     problems = [Problem(0, "a", "", "trl"), Problem(1, "b", "", "trl")]
-    ro = generate(tiny_model, view, problems, 2, SamplingConfig(max_new_tokens=3), seed=0)
+    sampling = SamplingConfig(max_new_tokens=3)
+    ro = generate(tiny_model, tokenizer, problems, 2, sampling, seed=0, prompt_ids=ids)
     assert ro.prompt_ids == ids and len(ro.texts) == 4
 
 

@@ -124,23 +124,6 @@ class RoundSampler(Sampler[int]):
                     yield from [index] * self.num_generations
 
 
-class _TRLPrompts:
-    """The tokenizer as `rollout.generate` sees it: `format_prompt` gets the prompt tokens TRL
-    itself would use (looked up by key), everything else is the real tokenizer. Lets the
-    callback's rollouts start from exactly the training prompts, strings and conversations
-    alike, without a second generation routine."""
-
-    def __init__(self, tokenizer: Any, ids_by_key: dict[str, list[int]]) -> None:
-        self._tokenizer = tokenizer
-        self._ids = ids_by_key
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> list[int]:
-        return list(self._ids[messages[0]["content"]])
-
-
 def trl_prompt_ids(trainer: Any, prompts: list[Any]) -> list[list[int]]:
     """Prompt token ids as TRL 1.16's `GRPOTrainer` builds them: the chat template with the
     generation prompt for conversational prompts, plain tokenisation for strings."""
@@ -413,7 +396,10 @@ class GradAlignCallback(TrainerCallback):
         metrics["val_pass_rate"] = float(val.rewards.mean())
         al = self._alignment(model, cand, val)
         metrics["cos_mean"] = float(np.mean(al.cos_val))
-        return selection.Candidates(ids, rates, zv, al.dot_val, al.dot_chunk, al.norm), metrics
+        cands = selection.Candidates(
+            ids, rates, zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
+        )
+        return cands, metrics
 
     def _rollouts(
         self, model: Any, rows: Sequence[Row], ids: np.ndarray, k: int, seed: int, tag: str
@@ -421,15 +407,15 @@ class GradAlignCallback(TrainerCallback):
         """k rollouts per row with `rollout.generate` from TRL's prompt tokens, rewarded by
         the TRL reward functions."""
         trainer = self.trainer
-        keys = [f"{tag}/{j}" for j in range(len(rows))]
         prompt_ids = trl_prompt_ids(trainer, [row["prompt"] for row in rows])
-        view = _TRLPrompts(trainer.processing_class, dict(zip(keys, prompt_ids)))
-        problems = [Problem(int(i), key, "", "trl") for i, key in zip(ids, keys)]
+        problems = [Problem(int(i), f"{tag}/{j}", "", "trl") for j, i in enumerate(ids)]
         args = trainer.args
         sampling = self.sampling or SamplingConfig(
             args.temperature, args.top_p, args.max_completion_length
         )
-        ro = generate(model, view, problems, k, sampling, seed)
+        ro = generate(
+            model, trainer.processing_class, problems, k, sampling, seed, prompt_ids=prompt_ids
+        )
         assert self.reward_funcs is not None and self.reward_weights is not None
         rewards = trl_rewards(self.reward_funcs, self.reward_weights, rows, ro, trainer.state)
         return replace(ro, rewards=rewards)

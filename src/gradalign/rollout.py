@@ -148,14 +148,17 @@ def generate(
     greedy: bool = False,
     salt: str = "",
     progress: Callable[[int], None] | None = None,
+    prompt_ids: list[list[int]] | None = None,
 ) -> Rollouts:
     """k completions for each problem (greedy: k must be 1), rewarded by each problem's
-    reward function. Seeded: the same model, problems and seed give the same rollouts."""
+    reward function. Seeded: the same model, problems and seed give the same rollouts.
+    `prompt_ids` gives the prompts' tokens directly (default: the chat-formatted prompt)."""
     if greedy and k != 1:
         raise ValueError("greedy decoding gives one completion per problem (k=1)")
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
+    if prompt_ids is None:
+        prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
     completions: list[list[int]] = []
     was_training = model.training
     model.eval()
