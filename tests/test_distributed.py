@@ -113,6 +113,8 @@ def test_two_processes_score_and_select_as_one(
                 rtol=1e-6, atol=1e-7 * scale, err_msg=f"{case} rank {rank} {f}",
             )  # fmt: skip
         assert got["selected"] == want["selected"], f"{case} rank {rank}"
+        assert got["al"].val_norm == pytest.approx(want["al"].val_norm, rel=1e-6)
+        assert want["al"].val_norm == pytest.approx(1.0, rel=1e-4)  # ||unit(g_V)||, not 0
     chunk = want["al"].dot_chunk
     assert np.isnan(chunk).all() if case == "sum_no_chunk" else not np.isnan(chunk).any()
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradalign import fastscore
-from gradalign.alignment import GroupAlignment, Progress
+from gradalign.alignment import GroupAlignment, Progress, direction_norm
 from gradalign.grpo import SequenceBatch
 
 T = TypeVar("T")
@@ -160,7 +160,7 @@ def distributed_alignment(
     dot_val, dot_chunk, norm = gather_groups(
         [local.dot_val, local.dot_chunk, local.norm], cand_batch.num_groups
     )
-    return GroupAlignment(dot_val, dot_chunk, norm)
+    return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
 
 
 def distributed_projected_gradients(
