@@ -30,9 +30,10 @@ from gradalign.rundir import read_json, read_jsonl
 
 TINY = [
     "rounds=3",
-    "model.warmstart_steps=20",
+    "model.warmstart_steps=120",  # enough for validation passes: real scores, g_V != 0
+    "data.families=[addition]",
     "data.pool_size=48",
-    "data.val_size=6",
+    "data.val_size=12",
     "data.eval_size=12",
     "select.chunk_size=16",
     "select.k=4",
@@ -40,7 +41,7 @@ TINY = [
     "train.steps_per_round=2",
     "train.num_generations=4",
     "rollout.k_r=4",
-    "rollout.k_v=4",
+    "rollout.k_v=8",
     "rollout.max_new_tokens=8",
 ]
 
@@ -83,6 +84,8 @@ def reference(tmp_path_factory):
     out, cache = base / "reference", base / "cache"
     proc = run_cli(out, cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    metrics = [read_json(out / "rounds" / f"{r:04d}" / "metrics.json") for r in range(3)]
+    assert all(m["select/fallback"] is None for m in metrics)  # selections made by score
     return base, out, cache
 
 

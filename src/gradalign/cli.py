@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradalign.config import Config, ConfigError, field_docs, load_config
+from gradalign.distributed import shutdown
 from gradalign.progress import console
 
 app = typer.Typer(
@@ -80,6 +81,7 @@ def run(
     Re-running the same command after a crash or kill resumes from the last finished round."""
     cfg = _load(config, (set_ or []) + ([f"select.scorer={scorer}"] if scorer else []))
     summary = _run_one(cfg, restart)
+    shutdown()
     console.print(comparison_table({cfg.select.mode: summary}))
     console.print(f"run directory: {cfg.out_dir}  (wall time {summary['wall_s']:.0f} s)")
 
@@ -118,6 +120,7 @@ def demo(
         cfg = _load(config, common + [f"select.mode={mode}", f"out_dir={out / mode}"])
         console.rule(f"mode {mode}")
         summaries[mode] = _run_one(cfg, restart)
+    shutdown()
     console.print(comparison_table(summaries))
     wall = time.perf_counter() - t0
     console.print(

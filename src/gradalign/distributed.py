@@ -59,6 +59,13 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     return world()
 
 
+def shutdown() -> None:
+    """Leave the process group (after a barrier) if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(n: int, rank: int, world_size: int) -> range:
     """Rank `rank`'s contiguous share of n items: sizes differ by at most one, the first
     n % world_size ranks take one more, and the shards in rank order cover 0..n-1."""
@@ -96,6 +103,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj if world()[0] == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]  # type: ignore[return-value]
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if world()[1] == 1:
+        return [obj]
+    parts: list = [None] * world()[1]
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def gather_groups(local: Sequence[np.ndarray], total: int) -> list[np.ndarray]:

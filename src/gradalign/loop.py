@@ -3,6 +3,7 @@ GRPO steps → eval, with every round's artifacts written to the run directory (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -17,18 +18,21 @@ import numpy as np
 import torch
 
 from gradalign import alignment
+from gradalign import distributed as dd
 from gradalign.checkpoint import (
     Checkpoint,
     ResumeError,
     RunLock,
+    RunLocked,
     config_differences,
     crash_point,
     latest_checkpoint,
+    read_checkpoint,
     restore,
     save_checkpoint,
 )
 from gradalign.config import Config
-from gradalign.policy import resolve_device
+from gradalign.policy import format_prompt, resolve_device
 from gradalign.problems import ChunkSchedule, Problem, check_disjoint
 from gradalign.progress import bar, console, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
@@ -82,8 +86,14 @@ def build_setup(cfg: Config) -> Setup:
     from gradalign.warmstart import load_or_warmstart
 
     if cfg.rollout.backend == "vllm":
+        from gradalign.config import ConfigError
         from gradalign.vllm_backend import require
 
+        if dd.world()[1] > 1:
+            raise ConfigError(
+                "rollout.backend=vllm runs in one process (vLLM shards the model itself); "
+                "launch without torchrun, or use rollout.backend=hf"
+            )
         require()  # fail before loading anything
     sets = build_sets(cfg)
     m = cfg.model
@@ -161,20 +171,34 @@ def timed(timings: dict[str, float], key: str):
 def sample(
     setup: Setup, problems: list[Problem], k: int, seed: int, what: str, greedy: bool = False
 ) -> Rollouts:
+    """k seeded rollouts per problem. Under torchrun the prompt batches are shared out over
+    the ranks and gathered: every rank gets the rollouts one process would sample."""
+    from gradalign.rollout import num_batches, sample_completions, score_rollouts
+
     r = setup.cfg.rollout
     sampling = SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
+    rank, size = dd.world()
+    salt = f"{what}:{seed}"
     with bar(what, len(problems)) as advance:
-        return setup.generate(  # HF generate, or the vLLM engine build_setup installed
-            setup.model,
-            setup.tokenizer,
-            problems,
-            k,
-            sampling,
-            seed,
-            greedy=greedy,
-            salt=f"{what}:{seed}",
-            progress=advance,
+        if size == 1:
+            return setup.generate(  # HF generate, or the vLLM engine build_setup installed
+                setup.model,
+                setup.tokenizer,
+                problems,
+                k,
+                sampling,
+                seed,
+                greedy=greedy,
+                salt=salt,
+                progress=advance,
+            )
+        prompt_ids = [format_prompt(setup.tokenizer, p.prompt) for p in problems]
+        mine = dd.shard(num_batches(len(problems), sampling), rank, size)
+        part = sample_completions(
+            setup.model, setup.tokenizer, prompt_ids, k, sampling, seed, greedy, advance, mine
         )
+        completions = [c for ranked in dd.gather_objects(part) for c in ranked]
+        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, k, salt)
 
 
 def evaluate(setup: Setup, seed: int) -> dict[str, float]:
@@ -273,23 +297,21 @@ def gradient_alignment(
                 al = alignment.exact_alignment(
                     model, params, cand_batch, direction, advance, chunk=need_chunk
                 )
-        else:
-            direction = fastscore.batched_validation_direction(
-                model, params, val_batch, s.val_aggregate, s.groups_per_micro
-            )
-            al = fastscore.batched_alignment(
+        else:  # each rank scores its share of the groups (all of them in one process)
+            al = dd.distributed_alignment(
                 model,
                 params,
                 cand_batch,
-                direction,
+                val_batch,
+                s.val_aggregate,
                 s.groups_per_micro,
-                advance,
                 chunk=need_chunk,
                 exp_avg_sq=exp_avg_sq,
+                progress=advance,
             )
     features = None
     if s.project_dim:
-        features = fastscore.projected_gradients(
+        features = dd.distributed_projected_gradients(
             model, params, cand_batch, s.project_dim, setup.cfg.seed, s.groups_per_micro, exp_avg_sq
         )
     return al, features
@@ -330,12 +352,38 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     """Run `cfg.rounds` rounds; returns the run summary (also written to summary.json).
 
     The run directory is locked for the run. A directory holding an unfinished run with the
-    same config is resumed from its newest verified checkpoint (`restart` discards it)."""
+    same config is resumed from its newest verified checkpoint (`restart` discards it).
+    Under torchrun / accelerate launch, rank 0 holds the lock and writes; every rank loads
+    the same checkpoint, samples and scores its share and trains through TRL's DDP."""
     out = Path(cfg.out_dir)
-    with RunLock(out):
-        if restart:
-            discard_run(out)
-        return _run(cfg, setup, out)
+    dd.init_from_env(resolve_device(cfg.model.device))
+    with contextlib.ExitStack() as stack:
+
+        def prepare() -> Checkpoint | None:
+            stack.enter_context(RunLock(out))
+            if restart:
+                discard_run(out)
+            return resume_point(cfg, out)
+
+        ckpt = on_main(prepare)
+        return _run(cfg, setup, out, ckpt)
+
+
+def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
+    """`fn()` on rank 0; other ranks read the checkpoint it chose. A refusal (locked run
+    directory, other config) is raised on every rank, so none waits for the others."""
+    ckpt, error = None, None
+    if dd.is_main():
+        try:
+            ckpt = fn()
+        except (RunLocked, ResumeError) as err:
+            error = err
+    path, error = dd.broadcast_object((ckpt.path if ckpt else None, error))
+    if error is not None:
+        raise error
+    if path is not None and ckpt is None:
+        ckpt = read_checkpoint(path)
+    return ckpt
 
 
 def discard_run(out: Path) -> None:
@@ -346,20 +394,21 @@ def discard_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _run(cfg: Config, setup: Setup | None, out: Path) -> dict[str, Any]:
+def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
     from gradalign.training import GRPOTraining
 
-    t_start = time.perf_counter()
-    ckpt = resume_point(cfg, out)
+    t_start, main = time.perf_counter(), dd.is_main()
     done = ckpt.round + 1 if ckpt else 0
-    write_yaml(out / "config.yaml", cfg.to_dict())
+    if main:
+        write_yaml(out / "config.yaml", cfg.to_dict())
     if ckpt is not None and done == cfg.rounds:
         log(f"[{cfg.select.mode}] {out}: all {cfg.rounds} rounds already done (--restart reruns)")
         return write_summary(cfg, out, ckpt.state, 0.0)
     setup = setup or build_setup(cfg)
     pool, by_id = setup.sets.pool, {p.id: p for p in setup.sets.pool}
     schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
-    write_json(out / "chunks" / "manifest.json", schedule.manifest(cfg.rounds))
+    if main:
+        write_json(out / "chunks" / "manifest.json", schedule.manifest(cfg.rounds))
     trainer = GRPOTraining(
         setup.model,
         setup.tokenizer,
@@ -382,7 +431,11 @@ def _run(cfg: Config, setup: Setup | None, out: Path) -> dict[str, Any]:
     for r in range(done, cfg.rounds):
         timings: dict[str, float] = {}
         chunk = [pool[i] for i in schedule.chunk(r)]
-        staged = read_stage(out / "rounds" / f"{r:04d}", chunk, by_id) if r == done else None
+        staged = None
+        if r == done:  # rank 0 reads what a crash left of this round
+            staged = dd.broadcast_object(
+                read_stage(out / "rounds" / f"{r:04d}", chunk, by_id) if main else None
+            )
         if staged is None:
             chosen, metrics = score_and_select(setup, out, chunk, r, timings, trainer)
         else:
@@ -399,11 +452,12 @@ def _run(cfg: Config, setup: Setup | None, out: Path) -> dict[str, Any]:
         crash_point("eval", r)
         metrics |= timings | {"round": r}  # a staged round keeps its scoring times
         history.append(metrics)
-        write_json(out / "rounds" / f"{r:04d}" / "metrics.json", metrics)
         state["wall_s"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
         state["next_round"] = r + 1  # the pool position: chunks/manifest.json lists each round's
-        save_checkpoint(out, r, setup.model, trainer.optimizer, trainer.scheduler, state)
+        if main:
+            write_json(out / "rounds" / f"{r:04d}" / "metrics.json", metrics)
+            save_checkpoint(out, r, setup.model, trainer.optimizer, trainer.scheduler, state)
         log(round_line(cfg, r, metrics))
     trainer.close()
     return write_summary(cfg, out, state, time.perf_counter() - t_start)
@@ -447,12 +501,14 @@ def score_and_select(
     with timed(timings, "time/selection_s"):
         rng = np.random.default_rng(seed_for(cfg, r, 3))
         sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+        sel = dd.broadcast_object(sel)  # made the same on every rank; rank 0's is the one
     if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
         sel = Selection(np.array([p.id for p in pool]), sel.scores)
     by_id = {p.id: p for p in pool}
     chosen = [by_id[int(i)] for i in sel.ids]
     metrics |= selection_metrics(chosen, cand, sel) | timings
-    write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
+    if dd.is_main():
+        write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
     return chosen, metrics
 
 
@@ -538,7 +594,8 @@ def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: flo
             for k in sorted({k for m in history for k in m if k.startswith("time/")})
         },
     }
-    write_json(out / "summary.json", summary)
+    if dd.is_main():
+        write_json(out / "summary.json", summary)
     return summary
 
 

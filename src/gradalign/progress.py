@@ -6,13 +6,19 @@ bars on a terminal, and into nothing when output is not a terminal (CI logs).
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(highlight=False)
+# under torchrun / accelerate launch only rank 0 shows progress, logs and tables
+QUIET = int(os.environ.get("RANK", "0")) != 0
+if QUIET:  # the same warnings come from rank 0
+    warnings.simplefilter("ignore")
+console = Console(highlight=False, quiet=QUIET)
 if not console.is_terminal:  # logs and pipes: wide enough for the comparison tables
     console.width = 160
 
@@ -20,7 +26,7 @@ if not console.is_terminal:  # logs and pipes: wide enough for the comparison ta
 @contextmanager
 def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """A transient progress bar; yields `advance(n)`."""
-    if not console.is_terminal:
+    if QUIET or not console.is_terminal:
         yield lambda n=1: None
         return
     with Progress(

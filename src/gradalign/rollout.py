@@ -137,7 +137,6 @@ def _trim(row: list[int], eos_id: int) -> list[int]:
     return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -153,30 +152,58 @@ def generate(
     """k completions for each problem (greedy: k must be 1), rewarded by each problem's
     reward function. Seeded: the same model, problems and seed give the same rollouts.
     `prompt_ids` gives the prompts' tokens directly (default: the chat-formatted prompt)."""
+    if prompt_ids is None:
+        prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
+    completions = sample_completions(
+        model, tokenizer, prompt_ids, k, sampling, seed, greedy, progress
+    )
+    return score_rollouts(tokenizer, problems, prompt_ids, completions, k, salt)
+
+
+def num_batches(n_prompts: int, sampling: SamplingConfig) -> int:
+    return -(-n_prompts // sampling.prompts_per_batch)
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    k: int,
+    sampling: SamplingConfig,
+    seed: int,
+    greedy: bool = False,
+    progress: Callable[[int], None] | None = None,
+    batches: range | None = None,
+) -> list[list[int]]:
+    """k completions per prompt (prompt-major), in batches of `sampling.prompts_per_batch`
+    prompts; batch b samples with seed + b, so any run of `batches` (one rank's share) gives
+    exactly the completions the whole would give for those prompts."""
     if greedy and k != 1:
         raise ValueError("greedy decoding gives one completion per problem (k=1)")
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if prompt_ids is None:
-        prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
+    size = sampling.prompts_per_batch
+    if batches is None:
+        batches = range(num_batches(len(prompt_ids), sampling))
+    kwargs = (
+        {"do_sample": False}
+        if greedy
+        else {
+            "do_sample": True,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": 0,
+        }
+    )
     completions: list[list[int]] = []
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for start in range(0, len(problems), sampling.prompts_per_batch):
-            batch = prompt_ids[start : start + sampling.prompts_per_batch]
+        for b in batches:
+            torch.manual_seed(seed + b)
+            batch = prompt_ids[b * size : (b + 1) * size]
             ids, mask = _left_pad(batch, pad_id)
-            kwargs = (
-                {"do_sample": False}
-                if greedy
-                else {
-                    "do_sample": True,
-                    "temperature": sampling.temperature,
-                    "top_p": sampling.top_p,
-                    "top_k": 0,
-                }
-            )
             out = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -191,4 +218,4 @@ def generate(
             if progress is not None:
                 progress(len(batch))
     model.train(was_training)
-    return score_rollouts(tokenizer, problems, prompt_ids, completions, k, salt)
+    return completions

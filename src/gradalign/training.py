@@ -38,6 +38,21 @@ def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> t
     return per_micro * num_generations, batch_size // per_micro
 
 
+def per_rank_batch(batch_size: int) -> int:
+    """Problems per optimizer step on each rank: train.batch_size is the global batch, so a
+    run under torchrun takes the same steps as one process."""
+    from gradalign.distributed import world
+
+    size = world()[1]
+    if batch_size % size:
+        from gradalign.config import ConfigError
+
+        raise ConfigError(
+            f"train.batch_size ({batch_size}) must be a multiple of the {size} processes"
+        )
+    return batch_size // size
+
+
 def _completion_text(completion: Any) -> str:
     if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
         return "".join(m.get("content", "") for m in completion)
@@ -70,7 +85,9 @@ class GRPOTraining:
         self._calls = itertools.count()
         self._round_seed = 0
         self.on_step: Callable[[], None] | None = None
-        per_device, accum = micro_batching(cfg.batch_size, cfg.num_generations, cfg.micro_batch)
+        per_device, accum = micro_batching(
+            per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
+        )
         self._outdir = tempfile.TemporaryDirectory(prefix="gradalign-trl-")
         on_cpu = device == "cpu"
         args = GRPOConfig(
@@ -94,6 +111,7 @@ class GRPOTraining:
             seed=seed,
             disable_tqdm=True,
             temperature=1.0,
+            ddp_find_unused_parameters=False,  # under torchrun: every trained weight is used
         )
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate
