@@ -30,7 +30,7 @@ TINY = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sim", "accgreedy", "none"])
-def test_two_round_run_writes_run_directory(tmp_path, mode):
+def test_two_round_run_writes_run_directory(tmp_path, mode, capsys):
     cfg = load_config(
         None,
         TINY
@@ -41,6 +41,7 @@ def test_two_round_run_writes_run_directory(tmp_path, mode):
         ],
     )
     summary = run(cfg)
+    logged = " ".join(capsys.readouterr().out.split())
     out = tmp_path / "run"
     assert (out / "config.yaml").is_file()
     manifest = read_json(out / "chunks" / "manifest.json")
@@ -66,6 +67,7 @@ def test_two_round_run_writes_run_directory(tmp_path, mode):
             if metrics["val/zero_variance_frac"] == 1.0:  # g_V = 0: the documented fallback
                 assert metrics["select/fallback"] == "zero_validation_gradient"
                 assert metrics["score/val_norm"] == 0.0 and len(picked) == 4
+                assert f"warning: round {r + 1}: selection mode 'sim': the validation" in logged
             else:
                 assert metrics["select/fallback"] is None
                 best = sorted(scores, key=lambda s: (-s["score"], s["id"]))[:4]

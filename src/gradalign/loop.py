@@ -8,6 +8,7 @@ import functools
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from gradalign.problems import ChunkSchedule, Problem, check_disjoint
 from gradalign.progress import bar, console, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
 from gradalign.rundir import read_json, write_json, write_jsonl, write_npy, write_yaml
-from gradalign.selection import Candidates, Selection, needs, select
+from gradalign.selection import Candidates, Selection, SelectionWarning, needs, select
 from gradalign.tasks import TaskSets, make_regime
 
 
@@ -258,11 +259,6 @@ def score_round(
     crash_point("scoring", r)
     metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
     metrics["score/val_norm"] = al.val_norm
-    if al.val_norm == 0.0 or not np.isfinite(al.val_norm or 0.0):
-        log(
-            f"warning: round {r + 1}: the validation gradient is {al.val_norm} (every validation "
-            "group has equal rewards?); this round selects uniformly at random"
-        )
     cands = Candidates(
         ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
     )
@@ -500,7 +496,11 @@ def score_and_select(
     cand, metrics = scored.candidates, scored.metrics
     with timed(timings, "time/selection_s"):
         rng = np.random.default_rng(seed_for(cfg, r, 3))
-        sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+        with warnings.catch_warnings(record=True) as caught:  # fallback, skipped candidates
+            warnings.simplefilter("always", SelectionWarning)
+            sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+        for w in caught:
+            log(f"warning: round {r + 1}: {w.message}")
         sel = dd.broadcast_object(sel)  # made the same on every rank; rank 0's is the one
     if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
         sel = Selection(np.array([p.id for p in pool]), sel.scores)
