@@ -401,6 +401,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         log(f"[{cfg.select.mode}] {out}: all {cfg.rounds} rounds already done (--restart reruns)")
         return write_summary(cfg, out, ckpt.state, 0.0)
     setup = setup or build_setup(cfg)
+    t_start = time.perf_counter()  # wall_s: the rounds and evals, not loading the model
     pool, by_id = setup.sets.pool, {p.id: p for p in setup.sets.pool}
     schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
     if main:
