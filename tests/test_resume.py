@@ -253,3 +253,19 @@ def test_config_differences_ignore_out_dir_and_rounds():
     now = {"rounds": 5, "out_dir": "b", "select": {"mode": "dot", "k": 4}, "seed": 0}
     assert config_differences(saved, now) == ["select.mode: 'sim' in the run directory, 'dot' now"]
     assert config_differences(saved, saved | {"rounds": 9}) == []
+
+
+def test_damaged_warm_start_cache_is_retrained(tmp_path):
+    from gradalign.warmstart import load_or_warmstart
+
+    args = ("tiny", ["addition"], 3, 1e-3, 4, 0, set(), str(tmp_path))
+    logs: list[str] = []
+    model, _ = load_or_warmstart(*args, log=logs.append)
+    (cached,) = tmp_path.glob("warmstart-tiny-*")
+    weights = cached / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    again, _ = load_or_warmstart(*args, log=logs.append)
+    assert any(f"cached warm start {cached} is unreadable" in m for m in logs)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    assert load_or_warmstart(*args, log=logs.append)[0] is not None
+    assert logs[-1] == f"warm start: loaded from cache {cached}"

@@ -131,9 +131,16 @@ def load_or_warmstart(
     key = warmstart_key(size, families, steps, lr, batch, seed, exclude)
     path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
     if (path / "warmstart.json").is_file():
-        model, tokenizer = load_pretrained(path)  # the same path as a user's checkpoint
-        log(f"warm start: loaded from cache {path}")
-        return model, tokenizer
+        try:
+            model, tokenizer = load_pretrained(path)  # the same path as a user's checkpoint
+        except Exception as err:  # a damaged cache entry (disk, manual edits): train it again
+            log(
+                f"warning: cached warm start {path} is unreadable ({type(err).__name__}); retraining"
+            )
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            log(f"warm start: loaded from cache {path}")
+            return model, tokenizer
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, size, seed=seed)
     if steps == 0:
