@@ -1,0 +1,164 @@
+"""The run directory's round artifacts (DESIGN §5): a round's staged rollouts, scores and
+selection, its metrics line, and the run summary. Written by rank 0, atomically."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradalign import distributed as dd
+from gradalign.checkpoint import crash_point
+from gradalign.config import Config
+from gradalign.problems import Problem
+from gradalign.progress import log
+from gradalign.rollout import Rollouts
+from gradalign.rundir import read_json, write_json, write_jsonl, write_npy
+from gradalign.selection import Candidates, Selection
+
+
+@dataclass
+class RoundScores:
+    candidates: Candidates
+    rollouts: list[Rollouts]  # candidate, then validation rollouts (as computed)
+    metrics: dict[str, float]
+    features: np.ndarray | None = None  # [P, select.project_dim] projections of g_p
+
+
+def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -> dict[str, Any]:
+    mix: dict[str, int] = {}
+    for p in chosen:
+        mix[p.source] = mix.get(p.source, 0) + 1
+    out: dict[str, Any] = {
+        "select/n": len(chosen),
+        "select/source_mix": mix,
+        "select/excluded": sel.excluded,
+        "select/skipped_nonfinite": sel.skipped_nonfinite,
+        "select/fallback": sel.fallback,
+    }
+    if cand.pass_rate is not None and chosen:
+        pos = {int(i): j for j, i in enumerate(cand.ids)}
+        out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[p.id]] for p in chosen]))
+    n = max(len(chosen), 1)
+    out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in chosen) / n
+    out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in chosen) / n
+    return out
+
+
+def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[dict[str, Any]]:
+    rows = []
+    for j, p in enumerate(chunk):
+        row: dict[str, Any] = {"id": p.id, "source": p.source, "score": sel.scores[j]}
+        for name in ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm"):
+            value = getattr(cand, name)
+            row[name] = None if value is None else value[j]
+        rows.append(row)
+    return rows
+
+
+def discard_run(out: Path) -> None:
+    """Remove a previous run's artifacts from `out` (only the names a run writes)."""
+    for name in ("rounds", "checkpoints", "chunks"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("summary.json", "config.yaml"):
+        (out / name).unlink(missing_ok=True)
+
+
+def read_stage(
+    path: Path, chunk: list[Problem], by_id: dict[int, Problem]
+) -> tuple[list[Problem], dict[str, Any]] | None:
+    """A round's staged selection, if complete and consistent with its chunk; else None
+    (with a warning when a file is there but unusable: the round is then rescored)."""
+    f = path / "selection.json"
+    if not f.is_file():
+        return None
+    try:
+        staged = read_json(f)
+        if staged["chunk"] != [p.id for p in chunk]:
+            raise ValueError("its chunk is not this round's chunk")
+        chosen = [by_id[int(i)] for i in staged["selected"]]
+        return chosen, dict(staged["metrics"])
+    except (ValueError, KeyError, TypeError) as err:
+        log(f"warning: {f} is unusable ({err}); redoing the round's rollouts and scoring")
+        return None
+
+
+def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean share over rounds of the selected problems that the regime made bad
+    (corrupted / filler) or, for `imbalance`, that come from the minority family."""
+    if not history:
+        return {}
+    out = {
+        "corrupted": float(np.mean([m["select/corrupted_share"] for m in history])),
+        "low_utility": float(np.mean([m["select/low_utility_share"] for m in history])),
+    }
+    if cfg.data.regime == "imbalance" and not cfg.data.pool_files:
+        out["minority"] = float(
+            np.mean(
+                [
+                    m["select/source_mix"].get(cfg.data.minority, 0) / max(m["select/n"], 1)
+                    for m in history
+                ]
+            )
+        )
+    return out
+
+
+def write_stage(
+    path: Path,
+    r: int,
+    chunk: list[Problem],
+    scored: RoundScores,
+    sel: Selection,
+    metrics: dict[str, Any],
+) -> None:
+    """Rollouts, scores, selection and features of a round; selection.json, written last,
+    marks the stage complete."""
+    roles = ("candidate", "validation")
+    write_jsonl(
+        path / "rollouts.jsonl",
+        [row for ro, role in zip(scored.rollouts, roles) for row in ro.records(role)],
+    )
+    crash_point("writing", r)
+    write_jsonl(path / "scores.jsonl", score_rows(chunk, scored.candidates, sel))
+    write_jsonl(
+        path / "selected.jsonl", ({"rank": i, "id": int(pid)} for i, pid in enumerate(sel.ids))
+    )
+    if scored.features is not None:  # rows in chunk order, as scores.jsonl
+        write_npy(path / "features.npy", scored.features)
+    (path / "metrics.json").unlink(missing_ok=True)  # a stale one from an abandoned attempt
+    stage = {"round": r, "chunk": [p.id for p in chunk], "selected": [int(i) for i in sel.ids]}
+    write_json(path / "selection.json", stage | {"metrics": metrics})
+
+
+def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: float) -> dict:
+    history, initial = state["history"], state["initial"]
+    summary = {
+        "mode": cfg.select.mode,
+        "rounds": cfg.rounds,
+        "initial_eval_accuracy": initial["eval/accuracy"],
+        "final_eval_accuracy": history[-1]["eval/accuracy"] if history else None,
+        "eval_accuracy": [m["eval/accuracy"] for m in history],
+        "selected_share": bad_share(cfg, history),
+        "wall_s": state["wall_s"] + extra_wall,
+        "time_totals": {
+            k: sum(m.get(k) or 0.0 for m in history)
+            for k in sorted({k for m in history for k in m if k.startswith("time/")})
+        },
+    }
+    if dd.is_main():
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def round_line(cfg: Config, r: int, m: dict[str, Any]) -> str:
+    t = {k.split("/")[1][:-2]: v for k, v in m.items() if k.startswith("time/")}
+    times = " ".join(f"{k} {v:.1f}s" for k, v in t.items() if v >= 0.05)
+    mix = ", ".join(f"{k} {v}" for k, v in m["select/source_mix"].items())
+    return (
+        f"[{cfg.select.mode}] round {r + 1}/{cfg.rounds}: eval {m['eval/accuracy']:.3f} "
+        f"| selected {m['select/n']} ({mix}) | {times}"
+    )
