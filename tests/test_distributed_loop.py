@@ -1,6 +1,7 @@
 """The round loop under `torchrun --nproc_per_node 2` (gloo, CPU): the ranks share out the
 rollouts and the scoring, and the first round, before any training, samples, scores and
-selects exactly as one process; rank 0 alone writes the run directory."""
+selects exactly as one process; rank 0 alone writes the run directory; a killed 2-process run
+resumes to the same results."""
 
 from __future__ import annotations
 
@@ -33,13 +34,13 @@ SETTINGS = [
 ]
 
 
-def launch(out: Path, cache: Path, nproc: int) -> subprocess.CompletedProcess:
+def launch(out: Path, cache: Path, nproc: int, kill_at: str = "") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gradalign.cli", "run"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "gradalign.cli", "run"]  # fmt: skip
     sets = [f"--set={s}" for s in [*SETTINGS, f"out_dir={out}", f"model.cache_dir={cache}"]]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "GRADALIGN_KILL_AT": kill_at}
     return subprocess.run(cmd + sets, env=env, capture_output=True, text=True)
 
 
@@ -71,3 +72,25 @@ def test_two_processes_sample_score_and_select_as_one(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         ".lock", "checkpoints", "chunks", "config.yaml", "rounds", "summary.json",
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path):
+    cache = tmp_path / "cache"
+    ref = launch(tmp_path / "ref", cache, 2)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    out = tmp_path / "killed"
+    killed = launch(out, cache, 2, kill_at="training:1")  # every rank dies in round 2
+    assert killed.returncode != 0 and not (out / "summary.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0000"]
+    resumed = launch(out, cache, 2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "after round 1/2 (round-0000)" in " ".join(resumed.stdout.split())
+    for r in ("0000", "0001"):
+        a, b = tmp_path / "ref" / "rounds" / r, out / "rounds" / r
+        for name in ("selected.jsonl", "scores.jsonl", "rollouts.jsonl"):
+            assert read_jsonl(a / name) == read_jsonl(b / name), (r, name)
+        ma, mb = read_json(a / "metrics.json"), read_json(b / "metrics.json")
+        assert {k: v for k, v in ma.items() if not k.startswith("time/")} == {
+            k: v for k, v in mb.items() if not k.startswith("time/")
+        }
