@@ -5,43 +5,20 @@ resumes to the same results."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from gradalign_runs import SCORED, gradalign_run
 
 from gradalign.rundir import read_json, read_jsonl
 
-SETTINGS = [
-    "rounds=2",
-    "model.warmstart_steps=120",  # enough for some validation passes: g_V != 0
-    "data.families=[addition]",  # the family a short warm start already passes sometimes
-    "data.pool_size=48",
-    "data.val_size=12",
-    "data.eval_size=12",
-    "select.chunk_size=16",
-    "select.k=4",
-    "train.batch_size=2",
-    "train.steps_per_round=2",
-    "train.num_generations=4",
-    "rollout.k_r=4",
-    "rollout.k_v=8",
-    "rollout.max_new_tokens=8",
-    "rollout.prompts_per_batch=4",  # 4 prompt batches per chunk: 2 per rank
-]
+SETTINGS = ["rounds=2", *SCORED, "rollout.prompts_per_batch=4"]  # 4 batches a chunk: 2 a rank
 
 
 def launch(out: Path, cache: Path, nproc: int, kill_at: str = "") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "gradalign.cli", "run"]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "gradalign.cli", "run"]  # fmt: skip
-    sets = [f"--set={s}" for s in [*SETTINGS, f"out_dir={out}", f"model.cache_dir={cache}"]]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "GRADALIGN_KILL_AT": kill_at}
-    return subprocess.run(cmd + sets, env=env, capture_output=True, text=True)
+    return gradalign_run(SETTINGS, out, cache, nproc, kill_at, threads=1)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from gradalign_runs import SCORED, command, gradalign_run
 from typer.testing import CliRunner
 
 from gradalign.checkpoint import (
@@ -28,33 +29,11 @@ from gradalign.checkpoint import (
 from gradalign.cli import app
 from gradalign.rundir import read_json, read_jsonl
 
-TINY = [
-    "rounds=3",
-    "model.warmstart_steps=120",  # enough for validation passes: real scores, g_V != 0
-    "data.families=[addition]",
-    "data.pool_size=48",
-    "data.val_size=12",
-    "data.eval_size=12",
-    "select.chunk_size=16",
-    "select.k=4",
-    "train.batch_size=2",
-    "train.steps_per_round=2",
-    "train.num_generations=4",
-    "rollout.k_r=4",
-    "rollout.k_v=8",
-    "rollout.max_new_tokens=8",
-]
+TINY = ["rounds=3", *SCORED]
 
 
-def run_cli(out: Path, cache: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    args = [f"--set={s}" for s in [*TINY, f"out_dir={out}", f"model.cache_dir={cache}"]]
-    env = os.environ | {"GRADALIGN_KILL_AT": kill_at or ""}
-    return subprocess.run(
-        [sys.executable, "-m", "gradalign.cli", "run", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+def run_cli(out: Path, cache: Path, kill_at: str = "") -> subprocess.CompletedProcess:
+    return gradalign_run(TINY, out, cache, kill_at=kill_at)
 
 
 def results(out: Path) -> dict:
@@ -138,9 +117,8 @@ def test_killed_at_every_phase_then_resumed_matches_uninterrupted_run(reference)
 def test_external_sigkill_mid_run_then_resume(reference):
     base, ref, cache = reference
     out = base / "external"
-    args = [f"--set={s}" for s in [*TINY, f"out_dir={out}", f"model.cache_dir={cache}"]]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gradalign.cli", "run", *args],
+        command(TINY, out, cache),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

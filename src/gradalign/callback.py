@@ -45,17 +45,12 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from gradalign import alignment, fastscore, selection
-from gradalign.problems import ChunkSchedule, Problem
+from gradalign.problems import ChunkSchedule, Problem, round_seed
 from gradalign.rollout import Rollouts, SamplingConfig, generate
 
 Row = Mapping[str, Any]
 RewardFunc = Callable[..., Sequence[float | None]]
 STREAM_CANDIDATES, STREAM_VALIDATION, STREAM_SELECT, STREAM_ORDER = 1, 2, 3, 4
-
-
-def round_seed(seed: int, round_: int, stream: int) -> int:
-    """A distinct, reproducible seed per (seed, round, stream)."""
-    return int(np.random.SeedSequence([seed, round_ + 1, stream]).generate_state(1)[0])
 
 
 class RoundSampler(Sampler[int]):

@@ -7,8 +7,9 @@ process gets.
 
 After every round the loop writes `checkpoints/round-NNNN/`: `policy.pt` (the trainable
 parameters: all of them, or the LoRA adapter), `trainer.pt` (optimizer and LR-scheduler
-states, RNG states) and, last, `state.json` (the config, eval history, wall time and the
-sha256 of the two other files). `state.json` is the commit mark: a checkpoint without it,
+states, RNG states) and, last, `state.json` (the config, eval history, wall time, the round
+— the position in the pool, whose chunks `chunks/manifest.json` lists — and the sha256 of
+the two other files). `state.json` is the commit mark: a checkpoint without it,
 or whose files do not match their hashes, is reported and skipped, and the run resumes from
 the newest checkpoint that verifies, redoing the rounds after it. The last `KEEP`
 checkpoints are kept, so one damaged checkpoint costs one round.

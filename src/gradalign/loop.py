@@ -42,7 +42,7 @@ from gradalign.checkpoint import (
 )
 from gradalign.config import Config
 from gradalign.policy import format_prompt, resolve_device
-from gradalign.problems import ChunkSchedule, Problem, check_disjoint
+from gradalign.problems import ChunkSchedule, Problem, check_disjoint, round_seed
 from gradalign.progress import bar, console, log
 from gradalign.rollout import Rollouts, SamplingConfig, generate
 from gradalign.rundir import write_json, write_yaml
@@ -60,8 +60,8 @@ class Setup:
 
 
 def seed_for(cfg: Config, round_: int, stream: int) -> int:
-    """A distinct, reproducible seed per (run seed, round, stream)."""
-    return int(np.random.SeedSequence([cfg.seed, round_ + 1, stream]).generate_state(1)[0])
+    """The run's seed for (round, stream): `problems.round_seed`."""
+    return round_seed(cfg.seed, round_, stream)
 
 
 def build_sets(cfg: Config) -> TaskSets:
@@ -354,7 +354,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
     from gradalign.training import GRPOTraining
 
-    t_start, main = time.perf_counter(), dd.is_main()
+    main = dd.is_main()
     done = ckpt.round + 1 if ckpt else 0
     if main:
         write_yaml(out / "config.yaml", cfg.to_dict())
@@ -395,7 +395,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
                 read_stage(out / "rounds" / f"{r:04d}", chunk, by_id) if main else None
             )
         if staged is None:
-            chosen, metrics = score_and_select(setup, out, chunk, r, timings, trainer)
+            chosen, metrics = score_and_select(setup, out, chunk, by_id, r, timings, trainer)
         else:
             chosen, metrics = staged
             log(f"[{cfg.select.mode}] round {r + 1}: selection read back from the run directory")
@@ -412,7 +412,6 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         history.append(metrics)
         state["wall_s"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
-        state["next_round"] = r + 1  # the pool position: chunks/manifest.json lists each round's
         if main:
             write_json(out / "rounds" / f"{r:04d}" / "metrics.json", metrics)
             save_checkpoint(out, r, setup.model, trainer.optimizer, trainer.scheduler, state)
@@ -449,7 +448,13 @@ def resume_point(cfg: Config, out: Path) -> Checkpoint | None:
 
 
 def score_and_select(
-    setup: Setup, out: Path, chunk: list[Problem], r: int, timings: dict, trainer: Any
+    setup: Setup,
+    out: Path,
+    chunk: list[Problem],
+    by_id: dict[int, Problem],
+    r: int,
+    timings: dict,
+    trainer: Any,
 ) -> tuple[list[Problem], dict[str, Any]]:
     """Rollouts, scores and the selection of round r, staged in rounds/NNNN/ (selection.json
     last) so that a crash during training does not redo them."""
@@ -466,7 +471,6 @@ def score_and_select(
         sel = dd.broadcast_object(sel)  # made the same on every rank; rank 0's is the one
     if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
         sel = Selection(np.array([p.id for p in pool]), sel.scores)
-    by_id = {p.id: p for p in pool}
     chosen = [by_id[int(i)] for i in sel.ids]
     metrics |= selection_metrics(chosen, cand, sel) | timings
     if dd.is_main():

@@ -20,6 +20,11 @@ class ProblemError(ValueError):
     """A problem record is malformed; the message names the file, line and field."""
 
 
+def round_seed(seed: int, round_: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, stream)."""
+    return int(np.random.SeedSequence([seed, round_ + 1, stream]).generate_state(1)[0])
+
+
 @dataclass(frozen=True)
 class Problem:
     id: int  # stable integer id, unique within a pool

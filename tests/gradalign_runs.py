@@ -1,0 +1,50 @@
+"""Small `gradalign run` processes launched as a user would (optionally under torchrun),
+shared by the resume and distributed-loop tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCORED = [
+    "model.warmstart_steps=120",  # enough for validation passes: real scores, g_V != 0
+    "data.families=[addition]",  # the family a short warm start already passes sometimes
+    "data.pool_size=48",
+    "data.val_size=12",
+    "data.eval_size=12",
+    "select.chunk_size=16",
+    "select.k=4",
+    "train.batch_size=2",
+    "train.steps_per_round=2",
+    "train.num_generations=4",
+    "rollout.k_r=4",
+    "rollout.k_v=8",
+    "rollout.max_new_tokens=8",
+]
+
+
+def command(settings: list[str], out: Path, cache: Path, nproc: int = 1) -> list[str]:
+    launcher = ["-m", "gradalign.cli"]
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", *launcher]  # fmt: skip
+    sets = [f"--set={s}" for s in [*settings, f"out_dir={out}", f"model.cache_dir={cache}"]]
+    return [sys.executable, *launcher, "run", *sets]
+
+
+def gradalign_run(
+    settings: list[str],
+    out: Path,
+    cache: Path,
+    nproc: int = 1,
+    kill_at: str = "",
+    threads: int | None = None,
+) -> subprocess.CompletedProcess:
+    """Run to the end (or to the GRADALIGN_KILL_AT point); output captured."""
+    env = os.environ | {"GRADALIGN_KILL_AT": kill_at}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = command(settings, out, cache, nproc)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
