@@ -31,16 +31,16 @@ import numpy as np
 import psutil
 import torch
 
-from gradalign.alignment import exact_alignment, scored_parameters
-from gradalign.fastscore import (
+from gradalign.core.alignment import exact_alignment, scored_parameters
+from gradalign.data.tasks import draw_problems
+from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
+from gradalign.scoring.fastscore import (
     batched_alignment,
     batched_summed_gradient,
     batched_validation_direction,
     flatten_pieces,
 )
-from gradalign.policy import build_model, build_tokenizer
-from gradalign.rollout import Rollouts, SamplingConfig, generate
-from gradalign.tasks import draw_problems
 
 
 def measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, float, float]:

@@ -1,7 +1,7 @@
 """GradAlign in your own TRL GRPO script: `GradAlignCallback` on the built-in tiny model.
 
 The training pool is the built-in addition task with unreliable rewards: half of the
-problems reward a coin flip instead of the answer (`gradalign.tasks.make_regime("noisy")`).
+problems reward a coin flip instead of the answer (`gradalign.data.tasks.make_regime("noisy")`).
 A short supervised warm start (cached after the first run) gives the tiny model a
 non-zero pass rate; then a plain TRL `GRPOTrainer` trains with the callback, which every
 round scores a chunk of the pool against a small trusted validation set and trains on the
@@ -22,12 +22,12 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from gradalign.callback import GradAlignCallback
-from gradalign.problems import Problem
-from gradalign.rewards import score_completion
-from gradalign.rollout import SamplingConfig, generate
-from gradalign.tasks import make_regime
-from gradalign.warmstart import load_or_warmstart
+from gradalign.integrations.trl_callback import GradAlignCallback
+from gradalign.data.problems import Problem
+from gradalign.data.rewards import score_completion
+from gradalign.engine.rollout import SamplingConfig, generate
+from gradalign.data.tasks import make_regime
+from gradalign.engine.warmstart import load_or_warmstart
 
 
 def rows(problems: list[Problem]) -> list[dict]:

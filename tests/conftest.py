@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from gradalign.policy import build_tokenizer
+    from gradalign.engine.policy import build_tokenizer
 
     return build_tokenizer()
 
@@ -15,6 +15,6 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model(tokenizer):
     """The built-in 'tiny' Llama-style model (random init, seed 0, fp32, CPU)."""
-    from gradalign.policy import build_model
+    from gradalign.engine.policy import build_model
 
     return build_model(tokenizer, "tiny", seed=0)

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradalign import distributed as dd
-from gradalign import fastscore
-from gradalign.alignment import scored_parameters
-from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences
-from gradalign.policy import build_model, build_tokenizer
-from gradalign.selection import Candidates, select
+from gradalign.core.alignment import scored_parameters
+from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences
+from gradalign.core.selection import Candidates, select
+from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.scoring import distributed as dd
+from gradalign.scoring import fastscore
 
 # 7 candidate groups (uneven shards: 4 + 3) of sizes 3..8; group 3 has zero variance
 CAND_REWARDS = [

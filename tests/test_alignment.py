@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradalign.alignment import (
+from gradalign.core.alignment import (
     EPS,
     exact_alignment,
     flat_grad,
@@ -20,8 +20,8 @@ from gradalign.alignment import (
     summed_gradient,
     validation_direction,
 )
-from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences, scoring_loss
-from gradalign.selection import Candidates, select
+from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences, scoring_loss
+from gradalign.core.selection import Candidates, select
 
 EOS = 1
 # three groups of unequal sizes and lengths; group 1 has equal rewards (zero variance)

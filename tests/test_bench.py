@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gradalign import bench
+from gradalign.analysis import bench
 from gradalign.config import load_config
 from gradalign.rundir import read_json, write_json, write_yaml
 
@@ -138,7 +138,7 @@ def test_tiny_bench_end_to_end(tmp_path):
     assert good.status == "done"
     record = read_json(out / "noisy" / "bogus" / "seed0" / "bench-run.json")
     assert record["status"] == "failed" and "select.mode" in record["stderr_tail"]
-    from gradalign.report import build_report
+    from gradalign.analysis.report import build_report
 
     build_report(out)
     md = Path(out / "report" / "report.md").read_text()

@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradalign.callback import (
+from gradalign.data.problems import Problem
+from gradalign.engine.rollout import SamplingConfig, generate
+from gradalign.integrations.trl_callback import (
     GradAlignCallback,
     RoundSampler,
     trl_prompt_ids,
     trl_rewards,
 )
-from gradalign.problems import Problem
-from gradalign.rollout import SamplingConfig, generate
 
 
 def _relabel(stream: list[int]) -> list[int]:
@@ -115,8 +115,8 @@ def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from gradalign.policy import build_model
-    from gradalign.tasks import make_task
+    from gradalign.data.tasks import make_task
+    from gradalign.engine.policy import build_model
 
     sets = make_task(["addition"], pool_size=24, val_size=4, eval_size=0, seed=0)
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradalign.data import (
+from gradalign.data.files import (
     BOXED_INSTRUCTION,
     FileSpec,
     LoadResult,
@@ -20,8 +20,8 @@ from gradalign.data import (
     load_files,
     summarise,
 )
-from gradalign.problems import Problem, ProblemError
-from gradalign.rewards import math_reward
+from gradalign.data.problems import Problem, ProblemError
+from gradalign.data.rewards import math_reward
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Distributed scoring (`gradalign.distributed`): 2 gloo processes on CPU give the scores and
+"""Distributed scoring (`gradalign.scoring.distributed`): 2 gloo processes on CPU give the scores and
 the selection of 1 process.
 
 The cases live in `distributed_worker.py`: 7 candidate groups (shards of 4 + 3, one
@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradalign import distributed as dd
-from gradalign import fastscore
-from gradalign.alignment import scored_parameters
-from gradalign.selection import Candidates, select
+from gradalign.core.alignment import scored_parameters
+from gradalign.core.selection import Candidates, select
+from gradalign.scoring import distributed as dd
+from gradalign.scoring import fastscore
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

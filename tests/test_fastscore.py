@@ -1,4 +1,4 @@
-"""Batched alignment scoring (`gradalign.fastscore`) against the exact per-group reference.
+"""Batched alignment scoring (`gradalign.scoring.fastscore`) against the exact per-group reference.
 
 Every comparison is fp32 model vs fp32 model, so batched and exact differ by round-off only:
 scores agree to 1e-4 relative (cosines to 1e-4 absolute).
@@ -14,17 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from gradalign import fastscore as fs
-from gradalign.alignment import (
+from gradalign.core.alignment import (
     GroupAlignment,
     exact_alignment,
     iter_group_gradients,
     scored_parameters,
     validation_direction,
 )
-from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences, token_logprobs
-from gradalign.policy import build_model, build_tokenizer
-from gradalign.selection import RANKED, Candidates, select_ranked
+from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences, token_logprobs
+from gradalign.core.selection import RANKED, Candidates, select_ranked
+from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.scoring import fastscore as fs
 
 # rewards per group: sizes 3, 5, 8, 4, 6; group 2 has zero variance (all 1), so g_2 = 0
 REWARDS = [[1, 0, 0], [1, 1, 0, 1, 0], [1] * 8, [0, 1, 1, 0], [0, 0, 1, 0, 0, 1]]

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gradalign.grpo import (
+from gradalign.core.grpo import (
     SequenceBatch,
     group_advantages,
     group_losses,

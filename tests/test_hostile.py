@@ -18,15 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from gradalign import rewards
 from gradalign.cli import app
 from gradalign.config import ConfigError, config_from_dict, load_config
-from gradalign.data import FileSpec, load_file, load_files, summarise
-from gradalign.problems import ChunkSchedule, Problem, ProblemError, read_problems
-from gradalign.rewards import RewardError, RewardWarning, checked_reward, score_completion
-from gradalign.rollout import score_rollouts
-from gradalign.selection import Candidates, SelectionWarning, select
-from gradalign.sources import (
+from gradalign.core.selection import Candidates, SelectionWarning, select
+from gradalign.data import rewards
+from gradalign.data.files import FileSpec, load_file, load_files, summarise
+from gradalign.data.problems import ChunkSchedule, Problem, ProblemError, read_problems
+from gradalign.data.rewards import RewardError, RewardWarning, checked_reward, score_completion
+from gradalign.engine.rollout import score_rollouts
+from gradalign.run.sources import (
     check_prompt_lengths,
     file_specs,
     load_set,
@@ -624,7 +624,7 @@ def test_a_healthy_validation_direction_ranks_as_before() -> None:
 def scoring_batch(rewards: list[list[float]], seed: int) -> Any:
     import torch
 
-    from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences
+    from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences
 
     rng = np.random.default_rng(seed)
     group = [g for g, rs in enumerate(rewards) for _ in rs]
@@ -642,7 +642,8 @@ def test_scorers_report_the_validation_norm_and_selection_falls_back(
 ) -> None:
     import torch
 
-    from gradalign import alignment, fastscore
+    from gradalign.core import alignment
+    from gradalign.scoring import fastscore
 
     params = alignment.scored_parameters(tiny_model)
     cand, val = scoring_batch([[1, 0, 0], [1, 1, 0], [0, 1, 1]], 0), scoring_batch(val_rewards, 1)
@@ -676,7 +677,7 @@ def test_scorers_report_the_validation_norm_and_selection_falls_back(
 
 
 def test_over_long_prompts_are_dropped_and_named(tokenizer: Any, tiny_model: Any) -> None:
-    from gradalign.policy import format_prompt
+    from gradalign.engine.policy import format_prompt
 
     short = Problem(0, "1+1", "2", "addition")
     long = Problem(1, "9" * 400, "9", "gsm8k", meta={"file": "data/gsm8k.jsonl", "line": 12})

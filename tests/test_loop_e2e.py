@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradalign.config import load_config
-from gradalign.loop import build_setup, run
+from gradalign.run.loop import build_setup, run
 from gradalign.rundir import read_json, read_jsonl
 
 TINY = [
@@ -102,7 +102,7 @@ def test_same_seed_same_selection(tmp_path):
 
 
 def test_warmstart_is_cached(tmp_path):
-    from gradalign.warmstart import load_or_warmstart
+    from gradalign.engine.warmstart import load_or_warmstart
 
     logs: list[str] = []
     args = ("tiny", ["addition"], 3, 1e-3, 8, 0, set())
@@ -163,10 +163,10 @@ def test_projection_features_and_adam_preconditioning(tmp_path):
 
 def test_problems_longer_than_the_context_are_dropped_and_reported(capsys):
     from gradalign.config import ConfigError
-    from gradalign.loop import fit_context
-    from gradalign.policy import build_model, build_tokenizer
-    from gradalign.problems import Problem
-    from gradalign.tasks import TaskSets
+    from gradalign.data.problems import Problem
+    from gradalign.data.tasks import TaskSets
+    from gradalign.engine.policy import build_model, build_tokenizer
+    from gradalign.run.loop import fit_context
 
     tok = build_tokenizer()
     model = build_model(tok, "tiny")  # 256 positions
@@ -194,11 +194,11 @@ def _with_chunk(cfg, size):
 
 def test_rollouts_go_through_the_setups_engine():
     """build_setup installs the vLLM engine as Setup.generate: the loop must sample with it."""
-    from gradalign.loop import Setup, evaluate
-    from gradalign.policy import build_model, build_tokenizer
-    from gradalign.problems import Problem
-    from gradalign.rollout import generate
-    from gradalign.tasks import TaskSets
+    from gradalign.data.problems import Problem
+    from gradalign.data.tasks import TaskSets
+    from gradalign.engine.policy import build_model, build_tokenizer
+    from gradalign.engine.rollout import generate
+    from gradalign.run.loop import Setup, evaluate
 
     calls = []
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gradalign.problems import (
+from gradalign.data.problems import (
     ChunkSchedule,
     Problem,
     ProblemError,

@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradalign.data import FileSpec, _read_record, extract_reference, load_file
-from gradalign.rewards import extract_answer, last_boxed
+from gradalign.data.files import FileSpec, _read_record, extract_reference, load_file
+from gradalign.data.rewards import extract_answer, last_boxed
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from gradalign import alignment, loop, vllm_backend
 from gradalign.config import ConfigError, config_from_dict, load_config
-from gradalign.policy import apply_lora, build_model, build_tokenizer, format_prompt
-from gradalign.problems import Problem
-from gradalign.rollout import SamplingConfig, generate
+from gradalign.core import alignment
+from gradalign.data.problems import Problem
+from gradalign.engine import vllm_backend
+from gradalign.engine.policy import apply_lora, build_model, build_tokenizer, format_prompt
+from gradalign.engine.rollout import SamplingConfig, generate
+from gradalign.run import loop
+from gradalign.run.sources import policy_from_config, sets_from_files
 from gradalign.rundir import read_json, read_jsonl
-from gradalign.sources import policy_from_config, sets_from_files
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "qwen2.5-math-1.5b.yaml"

@@ -16,7 +16,8 @@ import torch
 from gradalign_runs import SCORED, command, gradalign_run
 from typer.testing import CliRunner
 
-from gradalign.checkpoint import (
+from gradalign.cli import app
+from gradalign.run.checkpoint import (
     KEEP,
     RunLock,
     RunLocked,
@@ -26,7 +27,6 @@ from gradalign.checkpoint import (
     restore,
     save_checkpoint,
 )
-from gradalign.cli import app
 from gradalign.rundir import read_json, read_jsonl
 
 TINY = ["rounds=3", *SCORED]
@@ -164,7 +164,7 @@ def test_second_process_is_refused_with_the_holder_named(tmp_path):
 
 
 def test_lock_of_a_killed_process_is_released(tmp_path):
-    code = f"from gradalign.checkpoint import RunLock; RunLock({str(tmp_path)!r}).__enter__(); import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    code = f"from gradalign.run.checkpoint import RunLock; RunLock({str(tmp_path)!r}).__enter__(); import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     assert "pid" in (tmp_path / ".lock").read_text()  # the holder's note stays behind
     with RunLock(tmp_path):  # but not the lock
@@ -234,7 +234,7 @@ def test_config_differences_ignore_out_dir_and_rounds():
 
 
 def test_damaged_warm_start_cache_is_retrained(tmp_path):
-    from gradalign.warmstart import load_or_warmstart
+    from gradalign.engine.warmstart import load_or_warmstart
 
     args = ("tiny", ["addition"], 3, 1e-3, 4, 0, set(), str(tmp_path))
     logs: list[str] = []

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradalign.problems import Problem
-from gradalign.rewards import (
+from gradalign.data.problems import Problem
+from gradalign.data.rewards import (
     REWARDS,
     RewardError,
     coinflip,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradalign.selection import MODES, Candidates, needs, rank_top, select
+from gradalign.core.selection import MODES, Candidates, needs, rank_top, select
 
 #                 id   norm  dot_val  dot_chunk  a      zero-variance
 TABLE = [

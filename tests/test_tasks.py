@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gradalign.rewards import score_completion
-from gradalign.tasks import FAMILIES, draw_problems, make_regime, make_task
+from gradalign.data.rewards import score_completion
+from gradalign.data.tasks import FAMILIES, draw_problems, make_regime, make_task
 
 FAMS = ["addition", "countdown"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gradalign.config import TrainConfig
-from gradalign.policy import build_model, build_tokenizer
-from gradalign.problems import Problem
-from gradalign.training import GRPOTraining, micro_batching
+from gradalign.data.problems import Problem
+from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.training import GRPOTraining, micro_batching
 
 
 @pytest.mark.parametrize(
@@ -27,7 +27,7 @@ def test_pool_swapped_each_round_and_adam_state_carries_over(monkeypatch):
     cfg = TrainConfig(steps_per_round=2, batch_size=2, num_generations=2, micro_batch=4)
     trainer = GRPOTraining(model, tok, cfg, max_completion_length=4, seed=0)
     seen: list[int] = []
-    import gradalign.training as training
+    import gradalign.engine.training as training
 
     real = training.score_completion
 

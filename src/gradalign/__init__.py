@@ -1,3 +1,51 @@
-"""gradalign: GradAlign gradient-aligned problem selection for GRPO (arXiv 2602.21492)."""
+"""gradalign: GradAlign gradient-aligned problem selection for GRPO (arXiv 2602.21492).
+
+Layers, each importing only from those above it in this list:
+
+- `gradalign.core`: the algorithm (advantages, group gradients, the validation direction,
+  selection modes), pure functions;
+- `gradalign.scoring`: the batched scorer and its distributed sharding;
+- `gradalign.data`: problems, problem files, built-in tasks and regimes, rewards;
+- `gradalign.engine`: the policy, warm start, rollouts, GRPO training;
+- `gradalign.run`: the round loop, run directory, checkpoints;
+- `gradalign.integrations`: the TRL callback;
+- `gradalign.analysis`: benchmarks and reports.
+
+The public names below are re-exported lazily: ``import gradalign`` imports neither torch
+nor TRL until one of them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Config": "gradalign.config",
+    "ConfigError": "gradalign.config",
+    "load_config": "gradalign.config",
+    "Problem": "gradalign.data.problems",
+    "group_advantages": "gradalign.core.grpo",
+    "exact_alignment": "gradalign.core.alignment",
+    "validation_direction": "gradalign.core.alignment",
+    "Candidates": "gradalign.core.selection",
+    "Selection": "gradalign.core.selection",
+    "MODES": "gradalign.core.selection",
+    "select": "gradalign.core.selection",
+    "batched_alignment": "gradalign.scoring.fastscore",
+    "GradAlignCallback": "gradalign.integrations.trl_callback",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'gradalign' has no attribute '{name}'")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

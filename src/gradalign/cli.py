@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradalign.config import Config, ConfigError, field_docs, load_config
-from gradalign.distributed import shutdown
 from gradalign.progress import console
+from gradalign.scoring.distributed import shutdown
 
 app = typer.Typer(
     add_completion=False,
@@ -44,10 +44,10 @@ RestartOpt = Annotated[
 
 def _run_one(cfg: Config, restart: bool) -> dict:
     """loop.run with its expected failures (locked or mismatched run directory) as messages."""
-    from gradalign.checkpoint import ResumeError, RunLocked
-    from gradalign.loop import run as run_loop
-    from gradalign.problems import ProblemError
-    from gradalign.rewards import RewardError
+    from gradalign.data.problems import ProblemError
+    from gradalign.data.rewards import RewardError
+    from gradalign.run.checkpoint import ResumeError, RunLocked
+    from gradalign.run.loop import run as run_loop
 
     try:
         return run_loop(cfg, restart=restart)
@@ -176,7 +176,7 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
 
 # ---------------------------------------------------------------- bench and report
 
-from gradalign import bench  # noqa: E402 - light (config, rundir); its constants feed the help
+from gradalign.analysis import bench  # noqa: E402 - light (config, rundir); its constants feed the help
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks over modes, regimes and seeds.")
 app.add_typer(bench_app, name="bench")
@@ -208,9 +208,9 @@ def bench_regimes(
     (OUT/<regime>/<mode>/seed<k>; finished runs are skipped), then OUT/report/."""
     from typing import get_args, get_type_hints
 
+    from gradalign.analysis.report import build_report
     from gradalign.config import DataConfig
-    from gradalign.report import build_report
-    from gradalign.selection import MODES
+    from gradalign.core.selection import MODES
 
     out = out or Path("runs/bench-quick" if quick else "runs/bench")
     try:
@@ -242,7 +242,7 @@ def report(
     directory: Annotated[Path, typer.Argument(help="bench directory or one run directory")],
 ) -> None:
     """Rebuild DIR/report/ (report.md, results.json, plots) from the saved runs; runs nothing."""
-    from gradalign.report import build_report
+    from gradalign.analysis.report import build_report
 
     try:
         res = build_report(directory)
@@ -255,7 +255,7 @@ def report(
 
 def results_table(res: dict) -> Table:
     """Final accuracy and the paired difference to rand, mean ± 95% CI, per regime and mode."""
-    from gradalign.report import fmt_ci
+    from gradalign.analysis.report import fmt_ci
 
     def cell(stat: dict | None, signed: bool = False) -> str:
         return fmt_ci(stat, signed).split(" (n=")[0]

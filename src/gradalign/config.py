@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gradalign.selection import Mode, ZeroVariance
+from gradalign.core.selection import Mode, ZeroVariance
 
 
 class ConfigError(ValueError):
@@ -316,7 +316,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     if not (s.params in ("all", "lora") or s.params.startswith("last:")):
         raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
-    from gradalign.tasks import FAMILIES
+    from gradalign.data.tasks import FAMILIES
 
     for fam in d.families:
         if fam not in FAMILIES:

@@ -10,7 +10,7 @@ each rank sums over its own groups and one all_reduce per scored parameter adds 
     g_C = sum_r sum_{p in shard r} g_p    (mode `align` only)                    -> g^_C = unit(g_C)
 
 Each rank then reads dot_val, dot_chunk and norm of its groups off one batched backward
-(`gradalign.fastscore`), and an all_gather puts the 3 floats per group back in group order
+(`gradalign.scoring.fastscore`), and an all_gather puts the 3 floats per group back in group order
 on every rank. The selection is made once, on rank 0, and broadcast (`broadcast_object`).
 With one process (torch.distributed not initialised) this is exactly the fastscore path.
 Backends: gloo on CPU, NCCL on CUDA (`init_from_env`, for `torchrun` / `accelerate launch`).
@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gradalign import fastscore
-from gradalign.alignment import GroupAlignment, Progress, direction_norm
-from gradalign.grpo import SequenceBatch
+from gradalign.core.alignment import GroupAlignment, Progress, direction_norm
+from gradalign.core.grpo import SequenceBatch
+from gradalign.scoring import fastscore
 
 T = TypeVar("T")
 

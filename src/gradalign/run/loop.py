@@ -17,9 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradalign import alignment
-from gradalign import distributed as dd
-from gradalign.artifacts import (
+from gradalign.config import Config
+from gradalign.core import alignment
+from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
+from gradalign.data.problems import ChunkSchedule, Problem, check_disjoint, round_seed
+from gradalign.data.tasks import TaskSets, make_regime
+from gradalign.engine.policy import format_prompt, resolve_device
+from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
+from gradalign.progress import bar, console, log
+from gradalign.run.artifacts import (
     RoundScores,
     discard_run,
     read_stage,
@@ -28,7 +34,7 @@ from gradalign.artifacts import (
     write_stage,
     write_summary,
 )
-from gradalign.checkpoint import (
+from gradalign.run.checkpoint import (
     Checkpoint,
     ResumeError,
     RunLock,
@@ -40,14 +46,8 @@ from gradalign.checkpoint import (
     restore,
     save_checkpoint,
 )
-from gradalign.config import Config
-from gradalign.policy import format_prompt, resolve_device
-from gradalign.problems import ChunkSchedule, Problem, check_disjoint, round_seed
-from gradalign.progress import bar, console, log
-from gradalign.rollout import Rollouts, SamplingConfig, generate
 from gradalign.rundir import write_json, write_yaml
-from gradalign.selection import Candidates, Selection, SelectionWarning, needs, select
-from gradalign.tasks import TaskSets, make_regime
+from gradalign.scoring import distributed as dd
 
 
 @dataclass
@@ -68,7 +68,7 @@ def build_sets(cfg: Config) -> TaskSets:
     """Pool, validation and eval sets: from problem files, or a built-in regime."""
     d = cfg.data
     if d.pool_files:
-        from gradalign.sources import sets_from_files
+        from gradalign.run.sources import sets_from_files
 
         return sets_from_files(cfg, log)
     sets = make_regime(
@@ -91,12 +91,12 @@ def build_sets(cfg: Config) -> TaskSets:
 def build_setup(cfg: Config) -> Setup:
     """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
     asked) and the rollout engine."""
-    from gradalign.policy import apply_lora
-    from gradalign.warmstart import load_or_warmstart
+    from gradalign.engine.policy import apply_lora
+    from gradalign.engine.warmstart import load_or_warmstart
 
     if cfg.rollout.backend == "vllm":
         from gradalign.config import ConfigError
-        from gradalign.vllm_backend import require
+        from gradalign.engine.vllm_backend import require
 
         if dd.world()[1] > 1:
             raise ConfigError(
@@ -127,12 +127,12 @@ def build_setup(cfg: Config) -> Setup:
         if m.lora_r > 0:
             model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
     else:
-        from gradalign.sources import policy_from_config
+        from gradalign.run.sources import policy_from_config
 
         model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
     setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
     if cfg.rollout.backend == "vllm":
-        from gradalign.vllm_backend import engine_from_config, generate_vllm
+        from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
 
         setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
     return setup
@@ -142,7 +142,7 @@ def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> Task
     """Drop (and report) problems whose prompt plus rollout.max_new_tokens exceeds the model's
     context; a set left empty, or a pool smaller than a chunk, is a config error."""
     from gradalign.config import ConfigError
-    from gradalign.sources import check_pool_size, check_prompt_lengths, model_context
+    from gradalign.run.sources import check_pool_size, check_prompt_lengths, model_context
 
     context, kept = model_context(model), {}
     for what in ("pool", "validation", "eval"):
@@ -182,7 +182,7 @@ def sample(
 ) -> Rollouts:
     """k seeded rollouts per problem. Under torchrun the prompt batches are shared out over
     the ranks and gathered: every rank gets the rollouts one process would sample."""
-    from gradalign.rollout import num_batches, sample_completions, score_rollouts
+    from gradalign.engine.rollout import num_batches, sample_completions, score_rollouts
 
     r = setup.cfg.rollout
     sampling = SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
@@ -270,7 +270,7 @@ def gradient_alignment(
 ) -> tuple[alignment.GroupAlignment, np.ndarray | None]:
     """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
     the batched scorer or the exact reference; optional projection features [P, dim]."""
-    from gradalign import fastscore
+    from gradalign.scoring import fastscore
 
     s, model, pad = setup.cfg.select, setup.model, setup.tokenizer.pad_token_id
     params = alignment.scored_parameters(model, s.params)
@@ -352,7 +352,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
 
 
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
-    from gradalign.training import GRPOTraining
+    from gradalign.engine.training import GRPOTraining
 
     main = dd.is_main()
     done = ckpt.round + 1 if ckpt else 0

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from gradalign.core.selection import MODES
 from gradalign.rundir import read_json, write_json, write_text
-from gradalign.selection import MODES
 
 BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed", "out_dir", "model.cache_dir")
 REGIME_ORDER = ("noisy", "imbalance", "lowutility", "clean")

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradalign.grpo import SequenceBatch, group_advantages, pack_sequences, zero_variance_groups
-from gradalign.policy import format_prompt
-from gradalign.problems import Problem
-from gradalign.rewards import RewardWarning, checked_reward
+from gradalign.core.grpo import (
+    SequenceBatch,
+    group_advantages,
+    pack_sequences,
+    zero_variance_groups,
+)
+from gradalign.data.problems import Problem
+from gradalign.data.rewards import RewardWarning, checked_reward
+from gradalign.engine.policy import format_prompt
 
 
 @dataclass(frozen=True)

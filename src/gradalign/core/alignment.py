@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradalign.grpo import SequenceBatch, scoring_loss
+from gradalign.core.grpo import SequenceBatch, scoring_loss
 
 EPS = 1e-5
 ValAggregate = Literal["sum", "mean_of_unit"]

@@ -2,7 +2,7 @@
 
 Pure functions on arrays. Notation: P candidates in the chunk, n selected.
 a_p is the pass rate of p's rollouts; dot_val = <g_p, g^_V>, dot_chunk = <g_p, g^_C>,
-norm = ||g_p|| (see `gradalign.alignment`).
+norm = ||g_p|| (see `gradalign.core.alignment`).
 
 Ranked modes take the top-n (bottom-n for `negsim`) by score; ties break by ascending
 problem id. Zero-variance groups (all rewards equal, so g_p = 0) follow `zero_variance`:

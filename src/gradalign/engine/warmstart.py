@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from gradalign.grpo import pack_sequences
-from gradalign.policy import (
+from gradalign.core.grpo import pack_sequences
+from gradalign.data.tasks import warmstart_examples
+from gradalign.engine.policy import (
     build_model,
     build_tokenizer,
     format_prompt,
@@ -29,7 +30,6 @@ from gradalign.policy import (
     quiet_transformers,
 )
 from gradalign.rundir import write_json
-from gradalign.tasks import warmstart_examples
 
 WARMSTART_VERSION = 1  # bump when the recipe changes, to invalidate caches
 

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradalign.problems import Problem, ProblemError, decode_json_line
-from gradalign.rewards import RewardError, last_boxed, resolve_reward
+from gradalign.data.problems import Problem, ProblemError, decode_json_line
+from gradalign.data.rewards import RewardError, last_boxed, resolve_reward
 
 AnswerExtractor = Literal["auto", "gsm8k", "boxed", "plain"]
 FileFormat = Literal["auto", "jsonl", "parquet"]

@@ -5,7 +5,7 @@ problem (used only by the supervised warm start):
 
 - ``addition``: ``"47+38"`` → ``"85"`` (exact match);
 - ``countdown``: ``"make 26 from 3 5 7"`` → any expression over 3, 5, 7, each used at most
-  once, equal to 26, e.g. ``"3*7+5"`` (checked with `gradalign.rewards.countdown`).
+  once, equal to 26, e.g. ``"3*7+5"`` (checked with `gradalign.data.rewards.countdown`).
 
 `make_task` builds the pool, validation set and eval set of the default task: disjoint
 prompts, ids unique across the three sets.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from gradalign.problems import Problem
+from gradalign.data.problems import Problem
 
 Draw = tuple[str, str, str, str]  # (prompt, answer, solution, reward name)
 

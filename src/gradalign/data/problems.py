@@ -31,7 +31,7 @@ class Problem:
     prompt: str  # user message (the chat template is applied by the policy)
     answer: str  # reference answer checked by the reward function
     source: str  # task family or data source, e.g. "addition", "countdown", "gsm8k"
-    reward: str = "exact"  # name of the reward function in `gradalign.rewards.REWARDS`
+    reward: str = "exact"  # name of the reward function in `gradalign.data.rewards.REWARDS`
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # `meta` records what a regime did to the problem (e.g. {"corruption": "coinflip"}),
     # for measurement only: selection never reads it.

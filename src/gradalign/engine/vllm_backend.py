@@ -1,5 +1,5 @@
 """Optional vLLM rollout engine (``rollout.backend: vllm``): the same `Rollouts` as
-`gradalign.rollout.generate`, sampled by a vLLM engine that lives in this process beside the
+`gradalign.engine.rollout.generate`, sampled by a vLLM engine that lives in this process beside the
 training model, on the same GPU.
 
 - vLLM is imported lazily; without it (or without a CUDA GPU) `require` raises one clear error.
@@ -9,7 +9,7 @@ training model, on the same GPU.
   (`sync_weights`; LoRA adapters merged, as TRL does), since the policy may have been trained
   since the last call.
 - Sampled token ids are kept as vLLM returns them, EOS included, so scoring never re-tokenises.
-  Rewards come from `gradalign.rewards.score_completion`, salted per rollout exactly as the HF
+  Rewards come from `gradalign.data.rewards.score_completion`, salted per rollout exactly as the HF
   path salts them.
 
 Tested here only up to the missing-vLLM error and the weight naming (`vllm_weights`): these
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from gradalign.policy import format_prompt
-from gradalign.problems import Problem
-from gradalign.rollout import Rollouts, SamplingConfig, score_rollouts
+from gradalign.data.problems import Problem
+from gradalign.engine.policy import format_prompt
+from gradalign.engine.rollout import Rollouts, SamplingConfig, score_rollouts
 
 INSTALL_HINT = (
     "rollout.backend='vllm' needs the vllm extra (pip install gradalign[vllm]) and a CUDA GPU"
@@ -166,7 +166,7 @@ def generate_vllm(
     salt: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> Rollouts:
-    """`gradalign.rollout.generate` on a vLLM engine: k completions per problem (greedy: k
+    """`gradalign.engine.rollout.generate` on a vLLM engine: k completions per problem (greedy: k
     must be 1) from `model`'s current weights. Problem i samples with seed ``seed + i``, so the
     same weights, problems and seed give the same rollouts whatever the batching.
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from gradalign.config import TrainConfig
-from gradalign.problems import Problem
-from gradalign.rewards import score_completion
+from gradalign.data.problems import Problem
+from gradalign.data.rewards import score_completion
 
 
 def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
@@ -41,7 +41,7 @@ def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> t
 def per_rank_batch(batch_size: int) -> int:
     """Problems per optimizer step on each rank: train.batch_size is the global batch, so a
     run under torchrun takes the same steps as one process."""
-    from gradalign.distributed import world
+    from gradalign.scoring.distributed import world
 
     size = world()[1]
     if batch_size % size:

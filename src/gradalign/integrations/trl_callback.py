@@ -2,7 +2,7 @@
 
 Add GradAlign data selection to an existing TRL GRPO script with a few lines::
 
-    from gradalign.callback import GradAlignCallback
+    from gradalign.integrations.trl_callback import GradAlignCallback
 
     cb = GradAlignCallback(validation=val_ds, reward_funcs=[my_reward], mode="sim",
                            chunk_size=64, select=16, steps_per_round=4, k_r=8, k_v=8, seed=0)
@@ -20,9 +20,9 @@ What happens each round (every ``steps_per_round`` optimizer steps), with the cu
 1. the next chunk of ``chunk_size`` rows of the train dataset (`ChunkSchedule`: seeded
    shuffles of the dataset, chunks cycle through it);
 2. ``k_r`` rollouts per chunk row and, for the gradient modes, ``k_v`` per validation row
-   (`gradalign.rollout.generate`), rewarded by the TRL reward functions (`trl_rewards`);
+   (`gradalign.engine.rollout.generate`), rewarded by the TRL reward functions (`trl_rewards`);
 3. each row's GRPO group gradient aligned with the validation direction
-   (`gradalign.fastscore`), then `gradalign.selection.select` picks ``select`` rows;
+   (`gradalign.scoring.fastscore`), then `gradalign.core.selection.select` picks ``select`` rows;
 4. the round's ``steps_per_round`` steps train on those rows only, in TRL's batch layout
    (`RoundSampler`). A record of the round is appended to ``history`` and its summary is
    added to the trainer's training logs (``gradalign/*`` keys).
@@ -44,9 +44,10 @@ import torch
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-from gradalign import alignment, fastscore, selection
-from gradalign.problems import ChunkSchedule, Problem, round_seed
-from gradalign.rollout import Rollouts, SamplingConfig, generate
+from gradalign.core import alignment, selection
+from gradalign.data.problems import ChunkSchedule, Problem, round_seed
+from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
+from gradalign.scoring import fastscore
 
 Row = Mapping[str, Any]
 RewardFunc = Callable[..., Sequence[float | None]]
@@ -193,7 +194,7 @@ class GradAlignCallback(TrainerCallback):
             gradient is the reference direction; never trained on.
         reward_funcs: TRL-style reward functions used to reward the callback's rollouts;
             default: the trainer's own (rewards for selection should be the training rewards).
-        mode: a `gradalign.selection` mode: sim (GradAlign), dot, norm, align, negsim, simacc,
+        mode: a `gradalign.core.selection` mode: sim (GradAlign), dot, norm, align, negsim, simacc,
             accgreedy, acc, rand, or none (train on the whole chunk).
         chunk_size: train rows scored per round (M); at most the train dataset's size.
         select: rows trained on per round (n).

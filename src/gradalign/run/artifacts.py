@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from gradalign import distributed as dd
-from gradalign.checkpoint import crash_point
 from gradalign.config import Config
-from gradalign.problems import Problem
+from gradalign.core.selection import Candidates, Selection
+from gradalign.data.problems import Problem
+from gradalign.engine.rollout import Rollouts
 from gradalign.progress import log
-from gradalign.rollout import Rollouts
+from gradalign.run.checkpoint import crash_point
 from gradalign.rundir import read_json, write_json, write_jsonl, write_npy
-from gradalign.selection import Candidates, Selection
+from gradalign.scoring import distributed as dd
 
 
 @dataclass

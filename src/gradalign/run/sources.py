@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from gradalign.config import Config, ConfigError
-from gradalign.data import FileSpec, LoadResult, load_files, summarise
-from gradalign.problems import Problem, ProblemError, check_disjoint
-from gradalign.rewards import RewardError, resolve_reward
-from gradalign.tasks import TaskSets
+from gradalign.data.files import FileSpec, LoadResult, load_files, summarise
+from gradalign.data.problems import Problem, ProblemError, check_disjoint
+from gradalign.data.rewards import RewardError, resolve_reward
+from gradalign.data.tasks import TaskSets
 
 # First problem id of each set: ids stay unique across the three sets (as in `tasks.make_task`).
 SET_FIELDS = (
@@ -157,7 +157,7 @@ def check_prompt_lengths(
     ``max_context`` tokens (in order), and one message per problem dropped, naming the set
     `what`, the problem id, its file and line/row (or source) and the lengths. ``max_context``
     None (unknown) keeps every problem."""
-    from gradalign.policy import format_prompt
+    from gradalign.engine.policy import format_prompt
 
     if max_context is None:
         return list(problems), []
@@ -185,7 +185,7 @@ def policy_from_config(cfg: Config):
     when ``model.lora_r > 0`` (then only the adapters are trainable)."""
     import torch
 
-    from gradalign.policy import apply_lora, load_pretrained, resolve_device
+    from gradalign.engine.policy import apply_lora, load_pretrained, resolve_device
 
     m = cfg.model
     path = Path(m.name).expanduser()

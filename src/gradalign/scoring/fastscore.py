@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradalign import alignment
-from gradalign.alignment import EPS, GroupAlignment, Progress
-from gradalign.grpo import SequenceBatch, group_losses, token_logprobs
+from gradalign.core import alignment
+from gradalign.core.alignment import EPS, GroupAlignment, Progress
+from gradalign.core.grpo import SequenceBatch, group_losses, token_logprobs
 
 Pieces = list[Tensor]
 Direction = Tensor | Sequence[Tensor]  # flat [D] (as `alignment` returns) or Pieces
@@ -458,7 +458,7 @@ def batched_validation_sum(
 ) -> Pieces:
     """g_V = sum_v g_v, or sum_v unit(g_v) for ``mean_of_unit`` (one norm pass, then a backward
     of sum_v L_v / (||g_v|| + 1e-5)), before normalising: a sum over groups, so sums over
-    disjoint sets of groups add up (`gradalign.distributed`)."""
+    disjoint sets of groups add up (`gradalign.scoring.distributed`)."""
     weights = None
     if aggregate == "mean_of_unit":
         _, sq, _ = _scan(_Job(model, params, []), batch, groups_per_micro)
@@ -499,7 +499,7 @@ def batched_alignment(
     direction to use instead, or False to skip it (dot_chunk is then NaN: only `align` reads it).
     With ``exp_avg_sq`` every g_p becomes g_p / (sqrt(v) + eps) (LESS), g^_C = unit(sum_p of them)
     and g^_V is used as given. ``reduce_chunk`` maps this batch's sum_p g_p to the chunk's before
-    it is normalised (called once; `gradalign.distributed` sums it over ranks)."""
+    it is normalised (called once; `gradalign.scoring.distributed` sums it over ranks)."""
     scale = adam_scale(params, exp_avg_sq, adam_eps) if exp_avg_sq is not None else None
     reduce = reduce_chunk if reduce_chunk is not None else list
     dirs = [as_pieces(val_direction, params)]

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from gradalign.problems import Problem
+from gradalign.data.problems import Problem
 
 RewardFn = Callable[[Problem, str], float]
 

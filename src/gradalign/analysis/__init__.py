@@ -1,0 +1,1 @@
+"""Benchmarks over many runs (`bench`) and reports of run directories (`report`)."""

@@ -1,0 +1,3 @@
+"""The policy and what acts on it: models and tokenizers (`policy`), the supervised warm
+start (`warmstart`), rollouts with HF generate or vLLM (`rollout`, `vllm_backend`), GRPO
+training through TRL (`training`). Built on `core` and `data`."""

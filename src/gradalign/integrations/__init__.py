@@ -1,0 +1,1 @@
+"""Integrations with other trainers: the TRL callback (`trl_callback`)."""

@@ -1,0 +1,2 @@
+"""A run: the round loop (`loop`), its run directory artifacts (`artifacts`), checkpoints and
+resume (`checkpoint`), and building a run from files and a local model (`sources`)."""
