@@ -270,7 +270,7 @@ def gradient_alignment(
 ) -> tuple[alignment.GroupAlignment, np.ndarray | None]:
     """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
     the batched scorer or the exact reference; optional projection features [P, dim]."""
-    from gradalign.scoring import fastscore
+    from gradalign.scoring import precondition
 
     s, model, pad = setup.cfg.select, setup.model, setup.tokenizer.pad_token_id
     params = alignment.scored_parameters(model, s.params)
@@ -280,13 +280,13 @@ def gradient_alignment(
     need_chunk = s.mode == "align"
     exp_avg_sq = None
     if s.precondition == "adam" and optimizer is not None and optimizer.state:
-        exp_avg_sq = fastscore.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
+        exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
     model.eval()
     with bar("scoring", cand.num_groups) as advance:
         if s.scorer == "exact":
             direction = alignment.validation_direction(model, params, val_batch, s.val_aggregate)
             if exp_avg_sq is not None:
-                al = fastscore.exact_preconditioned_alignment(
+                al = precondition.exact_preconditioned_alignment(
                     model, params, cand_batch, direction, exp_avg_sq
                 )
             else:
