@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from gradalign.config import ConfigError, RolloutConfig, SelectConfig
 from gradalign.data.problems import Problem
 from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.integrations.trl_callback import (
@@ -105,6 +107,49 @@ def test_train_without_attach_is_refused():
         cb.on_train_begin(None, SimpleNamespace(global_step=0), None)
 
 
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"rollout": RolloutConfig(k_r=1)}, r"rollout.k_r: needs >= 2 rollouts per group"),
+        ({"rollout": RolloutConfig(top_p=1.5)}, r"rollout.top_p: must be in \(0, 1\], got 1.5"),
+        (
+            {"select": SelectConfig(chunk_size=8, k=16)},
+            r"select.k \(16\) leaves 0 problems from chunk_size 8; lower k or raise chunk_size",
+        ),
+    ],
+)
+def test_the_callback_refuses_what_the_config_refuses(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        GradAlignCallback([{"prompt": "1+1"}], **settings)
+
+
+def fake_trainer(rows: int) -> SimpleNamespace:
+    """What `attach` and a round without rollouts read of a TRL trainer."""
+    args = SimpleNamespace(
+        dataloader_num_workers=0, reward_weights=None, temperature=1.0, top_p=1.0,
+        max_completion_length=4,
+    )  # fmt: skip
+    return SimpleNamespace(
+        args=args,
+        train_dataset=[{"prompt": f"{i}+1"} for i in range(rows)],
+        accelerator=SimpleNamespace(num_processes=1, unwrap_model=lambda m: m),
+        model=torch.nn.Linear(1, 1),
+        reward_funcs=[lambda **_: [0.0]],
+        callback_handler=SimpleNamespace(callbacks=[]),
+        state=SimpleNamespace(global_step=0),
+        processing_class=None,
+    )
+
+
+def test_mode_none_trains_on_the_whole_dataset_as_the_loop_trains_on_the_pool():
+    cb = GradAlignCallback([], select=SelectConfig(mode="none", chunk_size=4, k=2)).attach(
+        fake_trainer(10)
+    )
+    assert cb.select_round(0) == list(range(10))  # not just the chunk: plain GRPO
+    assert cb.history[0]["metrics"]["select/n"] == 10
+    assert len(cb.history[0]["chunk"]) == 4 and np.isnan(cb.history[0]["scores"]).all()
+
+
 def _digit_reward(completions, **_):
     """1 when the completion contains a digit: about half of a random tiny model's samples."""
     return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
@@ -153,12 +198,9 @@ def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer):
     cb = GradAlignCallback(
         validation=Dataset.from_list(rows(sets.validation)),
         reward_funcs=[_digit_reward],  # same reward, but not recording: the spy sees training only
-        mode="sim",
-        chunk_size=8,
-        select=2,
+        select=SelectConfig(mode="sim", chunk_size=8, k=4),  # 2 of 8 rows per round
+        rollout=RolloutConfig(k_r=4, k_v=4, max_new_tokens=4),
         steps_per_round=spr,
-        k_r=4,
-        k_v=4,
         seed=0,
     )
     trainer = GRPOTrainer(

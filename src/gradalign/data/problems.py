@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,19 @@ class ProblemError(ValueError):
     """A problem record is malformed; the message names the file, line and field."""
 
 
-def round_seed(seed: int, round_: int, stream: int) -> int:
+class Stream(IntEnum):
+    """The random streams of a round, each seeded `round_seed(seed, round, stream)`."""
+
+    CANDIDATES = 1  # candidate rollouts
+    VALIDATION = 2  # validation rollouts
+    SELECT = 3  # the draws of the sampled modes (acc, rand, the zero-gradient fallback)
+    EVAL = 4  # eval rollouts
+    TRAIN = 5  # the round's GRPO steps: the loop's trainer, the TRL callback's row order
+
+
+def round_seed(seed: int, round_: int, stream: Stream) -> int:
     """A distinct, reproducible seed per (run seed, round, stream)."""
-    return int(np.random.SeedSequence([seed, round_ + 1, stream]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, round_ + 1, int(stream)]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)

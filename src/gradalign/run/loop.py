@@ -1,5 +1,5 @@
-"""The round loop (DESIGN §4): chunk → rollouts → group gradients → scores → selection →
-GRPO steps → eval, with every round's artifacts written to the run directory (§5)."""
+"""The round loop: chunk → rollouts → group gradients → scores → selection (`round_scoring`)
+→ GRPO steps → eval, with every round's artifacts written to the run directory."""
 
 from __future__ import annotations
 
@@ -8,29 +8,31 @@ import functools
 import json
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gradalign.config import Config
-from gradalign.core import alignment
-from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
-from gradalign.data.problems import ChunkSchedule, Problem, check_disjoint, round_seed
+from gradalign.core.selection import SelectionWarning
+from gradalign.data.problems import ChunkSchedule, Problem, Stream, check_disjoint, round_seed
 from gradalign.data.tasks import TaskSets, make_regime
 from gradalign.engine.policy import format_prompt, resolve_device
-from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
+from gradalign.engine.rollout import Rollouts, generate
+from gradalign.engine.round_scoring import (
+    sampling_config,
+    score_chunk,
+    select_chunk,
+    selection_metrics,
+    timed,
+)
 from gradalign.progress import bar, console, log
 from gradalign.run.artifacts import (
-    RoundScores,
     discard_run,
     read_stage,
     round_line,
-    selection_metrics,
     write_stage,
     write_summary,
 )
@@ -57,11 +59,6 @@ class Setup:
     tokenizer: Any
     sets: TaskSets
     generate: Callable[..., Rollouts] = generate  # rollout engine (HF generate or vLLM)
-
-
-def seed_for(cfg: Config, round_: int, stream: int) -> int:
-    """The run's seed for (round, stream): `problems.round_seed`."""
-    return round_seed(cfg.seed, round_, stream)
 
 
 def build_sets(cfg: Config) -> TaskSets:
@@ -170,22 +167,21 @@ def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, t
         log(f"warm start: step {step}/{total}, loss {loss:.3f}")
 
 
-@contextmanager
-def timed(timings: dict[str, float], key: str):
-    t0 = time.perf_counter()
-    yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
 def sample(
-    setup: Setup, problems: list[Problem], k: int, seed: int, what: str, greedy: bool = False
+    setup: Setup,
+    problems: Sequence[Problem],
+    group_size: int,
+    seed: int,
+    what: str,
+    greedy: bool = False,
 ) -> Rollouts:
-    """k seeded rollouts per problem. Under torchrun the prompt batches are shared out over
-    the ranks and gathered: every rank gets the rollouts one process would sample."""
+    """`group_size` seeded rollouts per problem (k_r, k_v, or 1 for eval). Under torchrun
+    the prompt batches are shared out over the ranks and gathered: every rank gets the
+    rollouts one process would sample."""
     from gradalign.engine.rollout import num_batches, sample_completions, score_rollouts
 
-    r = setup.cfg.rollout
-    sampling = SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
+    sampling = sampling_config(setup.cfg.rollout)
+    problems = list(problems)
     rank, size = dd.world()
     salt = f"{what}:{seed}"
     with bar(what, len(problems)) as advance:
@@ -194,7 +190,7 @@ def sample(
                 setup.model,
                 setup.tokenizer,
                 problems,
-                k,
+                group_size,
                 sampling,
                 seed,
                 greedy=greedy,
@@ -204,10 +200,11 @@ def sample(
         prompt_ids = [format_prompt(setup.tokenizer, p.prompt) for p in problems]
         mine = dd.shard(num_batches(len(problems), sampling), rank, size)
         part = sample_completions(
-            setup.model, setup.tokenizer, prompt_ids, k, sampling, seed, greedy, advance, mine
-        )
+            setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
+            advance, mine,
+        )  # fmt: skip
         completions = [c for ranked in dd.gather_objects(part) for c in ranked]
-        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, k, salt)
+        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, group_size, salt)
 
 
 def evaluate(setup: Setup, seed: int) -> dict[str, float]:
@@ -218,99 +215,6 @@ def evaluate(setup: Setup, seed: int) -> dict[str, float]:
     for s in sorted(set(sources)):
         out[f"eval/accuracy/{s}"] = float(ro.rewards[sources == s].mean())
     return out
-
-
-def score_round(
-    setup: Setup,
-    chunk: list[Problem],
-    r: int,
-    timings: dict[str, float],
-    optimizer: torch.optim.Optimizer | None = None,
-) -> RoundScores:
-    """Candidate rollouts, validation rollouts and group gradients, as the mode needs."""
-    cfg, ids = setup.cfg, np.array([p.id for p in chunk])
-    need = needs(cfg.select.mode)
-    if not need:
-        return RoundScores(Candidates(ids), [], {})
-    with timed(timings, "time/candidate_rollouts_s"):
-        cand = sample(setup, chunk, cfg.rollout.k_r, seed_for(cfg, r, 1), "candidate rollouts")
-    crash_point("rollouts", r)
-    zv = cand.zero_variance()
-    metrics = {
-        "select/chunk_pass_rate": float(cand.pass_rates().mean()),
-        "select/chunk_zero_variance_frac": float(zv.mean()),
-        "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
-    }
-    if "gradients" not in need:
-        return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
-    with timed(timings, "time/validation_rollouts_s"):
-        val = sample(
-            setup,
-            setup.sets.validation,
-            cfg.rollout.k_v,
-            seed_for(cfg, r, 2),
-            "validation rollouts",
-        )
-    metrics["val/pass_rate"] = float(val.rewards.mean())
-    metrics["val/bad_rewards"] = val.bad_rewards
-    metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
-    with timed(timings, "time/scoring_s"):
-        al, features = gradient_alignment(setup, cand, val, optimizer)
-    crash_point("scoring", r)
-    metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
-    metrics["score/val_norm"] = al.val_norm
-    cands = Candidates(
-        ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
-    )
-    return RoundScores(cands, [cand, val], metrics, features)
-
-
-def gradient_alignment(
-    setup: Setup, cand: Rollouts, val: Rollouts, optimizer: torch.optim.Optimizer | None
-) -> tuple[alignment.GroupAlignment, np.ndarray | None]:
-    """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
-    the batched scorer or the exact reference; optional projection features [P, dim]."""
-    from gradalign.scoring import precondition
-
-    s, model, pad = setup.cfg.select, setup.model, setup.tokenizer.pad_token_id
-    params = alignment.scored_parameters(model, s.params)
-    device = next(model.parameters()).device
-    cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
-    val_batch = val.to_batch(pad, s.scale_advantages).to(device)
-    need_chunk = s.mode == "align"
-    exp_avg_sq = None
-    if s.precondition == "adam" and optimizer is not None and optimizer.state:
-        exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
-    model.eval()
-    with bar("scoring", cand.num_groups) as advance:
-        if s.scorer == "exact":
-            direction = alignment.validation_direction(model, params, val_batch, s.val_aggregate)
-            if exp_avg_sq is not None:
-                al = precondition.exact_preconditioned_alignment(
-                    model, params, cand_batch, direction, exp_avg_sq
-                )
-            else:
-                al = alignment.exact_alignment(
-                    model, params, cand_batch, direction, advance, chunk=need_chunk
-                )
-        else:  # each rank scores its share of the groups (all of them in one process)
-            al = dd.distributed_alignment(
-                model,
-                params,
-                cand_batch,
-                val_batch,
-                s.val_aggregate,
-                s.groups_per_micro,
-                chunk=need_chunk,
-                exp_avg_sq=exp_avg_sq,
-                progress=advance,
-            )
-    features = None
-    if s.project_dim:
-        features = dd.distributed_projected_gradients(
-            model, params, cand_batch, s.project_dim, setup.cfg.seed, s.groups_per_micro, exp_avg_sq
-        )
-    return al, features
 
 
 def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[str, Any]:
@@ -382,7 +286,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
             f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
         )
     else:
-        initial = evaluate(setup, seed_for(cfg, -1, 4))
+        initial = evaluate(setup, round_seed(cfg.seed, -1, Stream.EVAL))
         state = {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
         log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
     history: list[dict[str, Any]] = state["history"]
@@ -403,10 +307,10 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
             trainer.on_step = functools.partial(training_step_done, advance, r)
             with timed(timings, "time/training_s"):
                 metrics |= trainer.train_round(
-                    chosen, cfg.train.steps_per_round, seed_for(cfg, r, 5)
+                    chosen, cfg.train.steps_per_round, round_seed(cfg.seed, r, Stream.TRAIN)
                 )
         with timed(timings, "time/eval_s"):
-            metrics |= evaluate(setup, seed_for(cfg, r, 4))
+            metrics |= evaluate(setup, round_seed(cfg.seed, r, Stream.EVAL))
         crash_point("eval", r)
         metrics |= timings | {"round": r}  # a staged round keeps its scoring times
         history.append(metrics)
@@ -456,23 +360,35 @@ def score_and_select(
     timings: dict,
     trainer: Any,
 ) -> tuple[list[Problem], dict[str, Any]]:
-    """Rollouts, scores and the selection of round r, staged in rounds/NNNN/ (selection.json
-    last) so that a crash during training does not redo them."""
-    cfg, pool = setup.cfg, setup.sets.pool
-    scored = score_round(setup, chunk, r, timings, trainer.optimizer)
-    cand, metrics = scored.candidates, scored.metrics
+    """Rollouts, scores and the selection of round r (`round_scoring`), staged in
+    rounds/NNNN/ (selection.json last) so that a crash during training does not redo them."""
+    cfg = setup.cfg
+    scored = score_chunk(
+        setup.model,
+        setup.tokenizer,
+        chunk,
+        np.array([p.id for p in chunk]),
+        setup.sets.validation,
+        cfg.rollout,
+        cfg.select,
+        cfg.seed,
+        r,
+        functools.partial(sample, setup),
+        optimizer=trainer.optimizer,
+        timings=timings,
+        stage_done=lambda stage: crash_point(stage, r),
+        bar=bar,
+    )
     with timed(timings, "time/selection_s"):
-        rng = np.random.default_rng(seed_for(cfg, r, 3))
+        pool_ids = np.array([p.id for p in setup.sets.pool])
         with warnings.catch_warnings(record=True) as caught:  # fallback, skipped candidates
             warnings.simplefilter("always", SelectionWarning)
-            sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+            sel = select_chunk(scored, cfg.select, cfg.seed, r, pool_ids)
         for w in caught:
             log(f"warning: round {r + 1}: {w.message}")
-        sel = dd.broadcast_object(sel)  # made the same on every rank; rank 0's is the one
-    if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
-        sel = Selection(np.array([p.id for p in pool]), sel.scores)
+        sel = dd.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
     chosen = [by_id[int(i)] for i in sel.ids]
-    metrics |= selection_metrics(chosen, cand, sel) | timings
+    metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen) | timings
     if dd.is_main():
         write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
     return chosen, metrics

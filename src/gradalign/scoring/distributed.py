@@ -130,37 +130,48 @@ def gather_groups(local: Sequence[np.ndarray], total: int) -> list[np.ndarray]:
     return out
 
 
-def distributed_alignment(
+def distributed_validation_direction(
     model: nn.Module,
     params: Sequence[Tensor],
-    cand_batch: SequenceBatch,
     val_batch: SequenceBatch,
     aggregate: ValAggregate = "sum",
     groups_per_micro: int = 16,
-    chunk: bool = True,
-    exp_avg_sq: Mapping | None = None,
-    progress: Progress | None = None,
-) -> GroupAlignment:
-    """dot_val, dot_chunk (``chunk``: mode `align`) and norm of every candidate group, each
-    rank scoring its shard of the groups; equal to `fastscore.batched_alignment` against
-    `fastscore.batched_validation_direction` (exactly that in a single process). Call it on
-    every rank with the same batches; `progress` counts this rank's groups only."""
+) -> Pieces:
+    """g^_V = unit(g_V), each rank summing g_V over its shard of the validation groups and one
+    all_reduce adding the parts; `fastscore.batched_validation_direction` in one process."""
     rank, size = world()
     if size == 1:
-        direction = fastscore.batched_validation_direction(
+        return fastscore.batched_validation_direction(
             model, params, val_batch, aggregate, groups_per_micro
         )
-        return fastscore.batched_alignment(
-            model, params, cand_batch, direction, groups_per_micro, progress,
-            chunk=chunk, exp_avg_sq=exp_avg_sq,
-        )  # fmt: skip
     val = shard_batch(val_batch, shard(val_batch.num_groups, rank, size))
     g_v = (
         fastscore.batched_validation_sum(model, params, val, aggregate, groups_per_micro)
         if val is not None
         else zero_pieces(params)
     )
-    direction = unit_pieces(all_reduce_sum(g_v))
+    return unit_pieces(all_reduce_sum(g_v))
+
+
+def distributed_group_alignment(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    cand_batch: SequenceBatch,
+    direction: Pieces,
+    groups_per_micro: int = 16,
+    chunk: bool = True,
+    exp_avg_sq: Mapping | None = None,
+    progress: Progress | None = None,
+) -> GroupAlignment:
+    """dot_val (against `direction`, the same on every rank), dot_chunk (``chunk``: mode
+    `align`) and norm of every candidate group, each rank scoring its shard of the groups;
+    `fastscore.batched_alignment` in one process. `progress` counts this rank's groups only."""
+    rank, size = world()
+    if size == 1:
+        return fastscore.batched_alignment(
+            model, params, cand_batch, direction, groups_per_micro, progress,
+            chunk=chunk, exp_avg_sq=exp_avg_sq,
+        )  # fmt: skip
     cand = shard_batch(cand_batch, shard(cand_batch.num_groups, rank, size))
     if cand is None:  # more ranks than groups: still take part in every collective
         if chunk:
@@ -176,6 +187,28 @@ def distributed_alignment(
         [local.dot_val, local.dot_chunk, local.norm], cand_batch.num_groups
     )
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
+
+
+def distributed_alignment(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    cand_batch: SequenceBatch,
+    val_batch: SequenceBatch,
+    aggregate: ValAggregate = "sum",
+    groups_per_micro: int = 16,
+    chunk: bool = True,
+    exp_avg_sq: Mapping | None = None,
+    progress: Progress | None = None,
+) -> GroupAlignment:
+    """`distributed_group_alignment` against `distributed_validation_direction`: equal to
+    `fastscore.batched_alignment` against `fastscore.batched_validation_direction` (exactly
+    that in a single process). Call it on every rank with the same batches."""
+    direction = distributed_validation_direction(
+        model, params, val_batch, aggregate, groups_per_micro
+    )
+    return distributed_group_alignment(
+        model, params, cand_batch, direction, groups_per_micro, chunk, exp_avg_sq, progress
+    )
 
 
 def distributed_projected_gradients(
