@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from gradalign.engine.policy import use_offline_hub
+
+use_offline_hub()  # as the `gradalign` command does, before transformers is imported
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

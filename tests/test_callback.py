@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
@@ -12,6 +16,7 @@ import torch
 
 from gradalign.config import ConfigError, RolloutConfig, SelectConfig
 from gradalign.data.problems import Problem
+from gradalign.engine.policy import OFFLINE_ENV
 from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.integrations.trl_callback import (
     GradAlignCallback,
@@ -148,6 +153,25 @@ def test_mode_none_trains_on_the_whole_dataset_as_the_loop_trains_on_the_pool():
     assert cb.select_round(0) == list(range(10))  # not just the chunk: plain GRPO
     assert cb.history[0]["metrics"]["select/n"] == 10
     assert len(cb.history[0]["chunk"]) == 4 and np.isnan(cb.history[0]["scores"]).all()
+
+
+def test_importing_the_callback_changes_no_environment_variable():
+    """A library import changes nothing outside it: only the `gradalign` command goes offline.
+    The third-party modules it builds on are imported first (transformers' trainer sets
+    TORCHINDUCTOR_CACHE_DIR itself)."""
+    code = """
+import json, os
+import numpy, torch.func, torch.utils.data, yaml
+from transformers import TrainerCallback
+before = dict(os.environ)
+import gradalign.integrations.trl_callback
+changed = [k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)]
+print(json.dumps(changed))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def _digit_reward(completions, **_):

@@ -1,4 +1,4 @@
-"""End-to-end: a 2-round run at tiny sizes writes the run directory (DESIGN §5)."""
+"""End-to-end: a 2-round run at tiny sizes writes the run directory (README: Run directory)."""
 
 from __future__ import annotations
 

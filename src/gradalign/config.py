@@ -85,7 +85,7 @@ class RolloutConfig:
     backend: Literal["hf", "vllm"] = doc(
         "hf", "rollout engine: HF generate, or vLLM (GPU, optional extra)"
     )
-    prompts_per_batch: int = doc(64, "prompts per `generate` call (each with k samples)")
+    prompts_per_batch: int = doc(64, "prompts per `generate` call (each with k_r or k_v samples)")
 
 
 @dataclass
@@ -384,9 +384,9 @@ def field_docs() -> list[tuple[str, str, str]]:
 LOCATION_FIELDS = ("out_dir", "model.cache_dir")
 # What may change when a run is resumed: where it lives, and how many rounds it runs.
 RESUMABLE_FIELDS = (*LOCATION_FIELDS, "rounds")
-# What a bench varies on purpose between its runs (besides where they live): a report lists
-# the other fields that differ between the runs it compares.
-BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed", *LOCATION_FIELDS)
+# What a bench sets per run (with its out_dir): `--set` may not, and a report lists the fields
+# beyond these and LOCATION_FIELDS that differ between the runs it compares.
+BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed")
 
 
 def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -34,7 +34,13 @@ from typing import Literal
 
 import yaml
 
-from gradalign.config import LOCATION_FIELDS, ConfigError, differing_fields, load_config
+from gradalign.config import (
+    BENCH_FIELDS,
+    LOCATION_FIELDS,
+    ConfigError,
+    differing_fields,
+    load_config,
+)
 from gradalign.progress import bar, console
 from gradalign.rundir import read_json, write_json
 
@@ -54,7 +60,7 @@ QUICK = (
     "select.k=4",
 )
 QUICK_SEEDS = 1
-CONTROLLED = ("data.regime", "select.mode", "seed", "data.seed", "out_dir")  # set per run
+CONTROLLED = (*BENCH_FIELDS, "out_dir")  # set per run
 TAIL_LINES = 30
 Status = Literal["done", "skipped", "failed"]
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from gradalign.config import BENCH_FIELDS, differing_fields, flatten_config
+from gradalign.config import BENCH_FIELDS, LOCATION_FIELDS, differing_fields, flatten_config
 from gradalign.core.selection import MODES
 from gradalign.rundir import read_json, write_json, write_text
 
@@ -151,9 +151,10 @@ def load_run(path: Path) -> Run:
 
 def config_differences(runs: list[Run]) -> dict[str, list[str]]:
     """Fields that differ between finished runs beyond regime, mode, seeds and paths
-    (`config.BENCH_FIELDS`), each with the sorted set of its values' reprs."""
+    (`config.BENCH_FIELDS`, `config.LOCATION_FIELDS`), each with the sorted set of its
+    values' reprs."""
     per_run = [r.config for r in runs if r.status == "done" and r.config]
-    diffs = differing_fields(per_run, BENCH_FIELDS, absent="<absent>")
+    diffs = differing_fields(per_run, (*BENCH_FIELDS, *LOCATION_FIELDS), absent="<absent>")
     return {name: sorted({repr(v) for v in values}) for name, values in diffs.items()}
 
 

@@ -1,4 +1,4 @@
-"""Problems, their JSONL I/O, and the chunking of a pool into rounds.
+"""Problems, their JSON records, and the chunking of a pool into rounds.
 
 A *problem* is one prompt with its reference answer, a ``source`` label and a stable
 integer ``id``. The *pool* is the list of candidate training problems; a *chunk* is the
@@ -9,9 +9,8 @@ the pool (one permutation per pass).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,9 +45,6 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # `meta` records what a regime did to the problem (e.g. {"corruption": "coinflip"}),
     # for measurement only: selection never reads it.
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _REQUIRED = {"id": int, "prompt": str, "answer": str, "source": str}
@@ -102,32 +98,6 @@ def decode_json_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:
         return None, f"invalid JSON ({err})"
     except RecursionError:
         return None, "invalid JSON (nested too deeply)"
-
-
-def read_problems(path: str | Path) -> list[Problem]:
-    """Read problems from a JSONL file (one object per line, blank lines ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProblemError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
-    problems: list[Problem] = []
-    seen: dict[int, int] = {}
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            decoded = decode_json_line(raw, lineno)
-            if decoded is None:
-                continue
-            rec, error = decoded
-            if error is not None:
-                raise ProblemError(f"{where}: {error}")
-            problem = problem_from_record(rec, where)
-            if problem.id in seen:
-                raise ProblemError(
-                    f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
-                )
-            seen[problem.id] = lineno
-            problems.append(problem)
-    return problems
 
 
 def check_disjoint(a: list[Problem], b: list[Problem], names: tuple[str, str]) -> None:

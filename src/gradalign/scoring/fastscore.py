@@ -92,7 +92,7 @@ def _micro(cap: Capture, job: _Job, sub: SequenceBatch):
     uses, local, tm, dev = _backward(cap, job, sub)
     p, num_dirs, scale, sketch = sub.num_groups, len(job.dirs), job.scale, job.sketch
     dots, sq = torch.zeros(num_dirs, p, device=dev), torch.zeros(p, device=dev)
-    z = torch.zeros(p, sketch.dim, device=dev) if sketch is not None else None
+    z = torch.zeros(p, sketch.project_dim, device=dev) if sketch is not None else None
     kept: list[Tensor | None] = []
     for j, prm in enumerate(job.params):
         (o, i), dj = shape2d(prm), [d[j] for d in job.dirs]
@@ -139,7 +139,7 @@ def _scan(job: _Job, batch: SequenceBatch, per_micro: int, progress: Progress | 
     p, sketch = batch.num_groups, job.sketch
     job.dirs = [[d.to(q.device, torch.float32) for d, q in zip(ds, job.params)] for ds in job.dirs]
     dots, sq = np.zeros((len(job.dirs), p)), np.zeros(p)
-    z = np.zeros((p, sketch.dim)) if sketch is not None else None
+    z = np.zeros((p, sketch.project_dim)) if sketch is not None else None
     done = 0
     with Capture(job.model, job.params) as cap:
         for ids, sub in _micro_batches(batch, per_micro, first=1 if job.verify else 0):

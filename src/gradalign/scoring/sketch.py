@@ -18,23 +18,23 @@ from gradalign.scoring.pieces import Direction, as_pieces
 
 
 class CountSketch:
-    """S into `dim` dimensions, applied parameter by parameter."""
+    """S into `project_dim` dimensions, applied parameter by parameter."""
 
-    def __init__(self, params: Sequence[Tensor], dim: int, seed: int) -> None:
-        self.dim, self.seed, self.params = dim, seed, params
+    def __init__(self, params: Sequence[Tensor], project_dim: int, seed: int) -> None:
+        self.project_dim, self.seed, self.params = project_dim, seed, params
         self.maps: dict[int, tuple[Tensor, Tensor]] = {}
 
     def apply(self, j: int, g: Tensor) -> Tensor:
-        """S_j g of parameter j's part of each row. # [P, D_j] -> [P, dim]"""
+        """S_j g of parameter j's part of each row. # [P, D_j] -> [P, project_dim]"""
         if j not in self.maps:
             seed_j = int(np.random.SeedSequence([self.seed, j]).generate_state(1)[0])
             gen = torch.Generator().manual_seed(seed_j)
             n, dev = self.params[j].numel(), self.params[j].device
-            bucket = torch.randint(self.dim, (n,), generator=gen)
+            bucket = torch.randint(self.project_dim, (n,), generator=gen)
             sign = torch.randint(2, (n,), generator=gen).float() * 2 - 1
             self.maps[j] = (bucket.to(dev), sign.to(dev))
         bucket, sign = self.maps[j]
-        return g.new_zeros(g.shape[0], self.dim).index_add_(1, bucket, g * sign)
+        return g.new_zeros(g.shape[0], self.project_dim).index_add_(1, bucket, g * sign)
 
 
 def project_direction(
