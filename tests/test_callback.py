@@ -18,12 +18,9 @@ from gradalign.config import ConfigError, RolloutConfig, SelectConfig
 from gradalign.data.problems import Problem
 from gradalign.engine.policy import OFFLINE_ENV
 from gradalign.engine.rollout import SamplingConfig, generate
-from gradalign.integrations.trl_callback import (
-    GradAlignCallback,
-    RoundSampler,
-    trl_prompt_ids,
-    trl_rewards,
-)
+from gradalign.integrations.round_sampler import RoundSampler
+from gradalign.integrations.trl_callback import GradAlignCallback
+from gradalign.integrations.trl_rows import trl_prompt_ids, trl_rewards
 
 
 def _relabel(stream: list[int]) -> list[int]:
@@ -104,6 +101,13 @@ def test_trl_rewards_pass_columns_and_sum_with_weights(tokenizer, tiny_model):
     assert seen["completions"][0] == [{"role": "assistant", "content": ro.texts[0]}]
     assert seen["kwargs"]["trainer_state"] == "s" and len(seen["kwargs"]["prompts"]) == 6
     np.testing.assert_allclose(out, [1, 0, 1, 2, 3, 2])
+
+
+def test_the_callback_is_a_public_name_of_the_package():
+    import gradalign
+
+    assert gradalign.GradAlignCallback is GradAlignCallback
+    assert all(getattr(gradalign, name) is not None for name in gradalign.__all__)
 
 
 def test_train_without_attach_is_refused():

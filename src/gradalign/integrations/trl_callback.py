@@ -42,18 +42,17 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from gradalign.config import RolloutConfig, SelectConfig, check_rollout, check_select
 from gradalign.core import selection
-from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
+from gradalign.data.problems import ChunkSchedule, Problem
 from gradalign.engine.rollout import Rollouts, generate
 from gradalign.engine.round_scoring import (
     RoundScores,
@@ -63,142 +62,8 @@ from gradalign.engine.round_scoring import (
     selection_metrics,
     timed,
 )
-
-Row = Mapping[str, Any]
-RewardFunc = Callable[..., Sequence[float | None]]
-
-
-class RoundSampler(Sampler[int]):
-    """TRL's `RepeatSampler` index stream, over each round's selected rows only.
-
-    Per round r, with G = ``num_generations``, B = ``batch_size`` (distinct prompts per
-    generation batch), R = ``repeat_count`` and U = ``generation_batches``:
-
-    - ``select_round(r)`` is called when the first index of round r is requested, never
-      earlier: the stream is a generator, so a round's rows are chosen lazily;
-    - the chosen rows are shuffled (seeded per round: `Stream.TRAIN`) and cycled to fill
-      U * B slots;
-    - each generation batch of B rows is emitted R times in a row, each row G times in a row
-      (TRL: ``mini_repeat_count=G``, ``batch_size=generation_batch_size // G``,
-      ``repeat_count=num_iterations * steps_per_generation``), so generation batches are whole
-      and every prompt comes in whole groups.
-
-    One iteration yields ``rounds`` rounds; round numbers continue across iterations
-    (epochs) from ``first_round``.
-    """
-
-    def __init__(
-        self,
-        select_round: Callable[[int], Sequence[int]],
-        num_generations: int,
-        batch_size: int,
-        repeat_count: int,
-        generation_batches: int,
-        rounds: int,
-        seed: int = 0,
-        first_round: int = 0,
-    ) -> None:
-        self.select_round = select_round
-        self.num_generations = num_generations
-        self.batch_size = batch_size
-        self.repeat_count = repeat_count
-        self.generation_batches = generation_batches
-        self.rounds = rounds
-        self.seed = seed
-        self.next_round = first_round
-
-    @property
-    def round_length(self) -> int:
-        return self.generation_batches * self.repeat_count * self.batch_size * self.num_generations
-
-    def __len__(self) -> int:
-        return self.rounds * self.round_length
-
-    def __iter__(self) -> Iterator[int]:
-        for _ in range(self.rounds):
-            r, self.next_round = self.next_round, self.next_round + 1
-            chosen = [int(i) for i in self.select_round(r)]
-            if not chosen:
-                raise ValueError(f"round {r}: the selection is empty")
-            yield from self.round_indices(r, chosen)
-
-    def round_indices(self, r: int, chosen: Sequence[int]) -> Iterator[int]:
-        rng = np.random.default_rng(round_seed(self.seed, r, Stream.TRAIN))
-        slots = self.generation_batches * self.batch_size
-        order: list[int] = []
-        while len(order) < slots:
-            order.extend(int(i) for i in rng.permutation(chosen))
-        for u in range(self.generation_batches):
-            batch = order[u * self.batch_size : (u + 1) * self.batch_size]
-            for _ in range(self.repeat_count):
-                for index in batch:
-                    yield from [index] * self.num_generations
-
-
-def trl_prompt_ids(trainer: Any, prompts: list[Any]) -> list[list[int]]:
-    """Prompt token ids as TRL 1.16's `GRPOTrainer` builds them: the chat template with the
-    generation prompt for conversational prompts, plain tokenisation for strings."""
-    from trl import is_conversational
-
-    tok = trainer.processing_class
-    if is_conversational({"prompt": prompts[0]}):
-        enc = tok.apply_chat_template(
-            conversation=prompts,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            chat_template=getattr(trainer, "chat_template", None),
-            **(trainer.args.chat_template_kwargs or {}),
-        )
-        return [list(ids) for ids in enc["input_ids"]]
-    return [list(ids) for ids in tok(text=prompts)["input_ids"]]
-
-
-def _ignore(*_: Any, **__: Any) -> None:
-    """Stands in for TRL's `log_extra` / `log_metric` hooks during the callback's rollouts."""
-
-
-def trl_rewards(
-    reward_funcs: Sequence[RewardFunc],
-    weights: Sequence[float],
-    rows: Sequence[Row],
-    rollouts: Rollouts,
-    trainer_state: Any = None,
-) -> np.ndarray:
-    """Rewards of rollouts of `rows` under TRL-style reward functions: each is called once
-    with ``prompts``, ``completions`` (text, or ``[{"role": "assistant", "content": ...}]``
-    for conversational prompts), ``completion_ids``, ``trainer_state`` and every other
-    column of the rows, one entry per rollout; like TRL, the weighted sum over functions with
-    None counted as missing (nansum). # [N]"""
-    from trl import is_conversational
-
-    group = rollouts.group
-    prompts = [rows[g]["prompt"] for g in group]
-    completions: list[Any] = list(rollouts.texts)
-    if is_conversational({"prompt": prompts[0]}):
-        completions = [[{"role": "assistant", "content": t}] for t in rollouts.texts]
-    skip = ("prompt", "completion", "completion_ids")
-    columns = {k: [rows[g][k] for g in group] for k in rows[0] if k not in skip}
-    table = np.zeros((len(prompts), len(reward_funcs)))
-    for c, fn in enumerate(reward_funcs):
-        out = list(
-            fn(
-                prompts=prompts,
-                completions=completions,
-                completion_ids=[list(ids) for ids in rollouts.completion_ids],
-                trainer_state=trainer_state,
-                log_extra=_ignore,
-                log_metric=_ignore,
-                **columns,
-            )
-        )
-        if len(out) != len(prompts):
-            name = getattr(fn, "__name__", repr(fn))
-            raise ValueError(
-                f"reward function {name} returned {len(out)} rewards for {len(prompts)}"
-            )
-        table[:, c] = [math.nan if v is None else float(v) for v in out]
-    return np.nansum(table * np.asarray(weights, dtype=np.float64), axis=1)
+from gradalign.integrations.round_sampler import RoundSampler
+from gradalign.integrations.trl_rows import RewardFunc, Row, trl_prompt_ids, trl_rewards
 
 
 class GradAlignCallback(TrainerCallback):

@@ -279,16 +279,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         cfg.seed,
         resolve_device(cfg.model.device),
     )
-    if ckpt is not None:
-        restore(ckpt, setup.model, trainer.optimizer, trainer.scheduler)
-        state = ckpt.state
-        log(
-            f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
-        )
-    else:
-        initial = evaluate(setup, round_seed(cfg.seed, -1, Stream.EVAL))
-        state = {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
-        log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    state = start_state(setup, out, ckpt, trainer)
     history: list[dict[str, Any]] = state["history"]
     for r in range(done, cfg.rounds):
         timings: dict[str, float] = {}
@@ -322,6 +313,22 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         log(round_line(cfg, r, metrics))
     trainer.close()
     return write_summary(cfg, out, state, time.perf_counter() - t_start)
+
+
+def start_state(setup: Setup, out: Path, ckpt: Checkpoint | None, trainer: Any) -> dict[str, Any]:
+    """The state to continue: the checkpoint's (its weights, optimizer and RNG states
+    restored), or a new one that holds the eval accuracy before any training."""
+    cfg = setup.cfg
+    if ckpt is not None:
+        restore(ckpt, setup.model, trainer.optimizer, trainer.scheduler)
+        done = ckpt.round + 1
+        log(
+            f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
+        )
+        return ckpt.state
+    initial = evaluate(setup, round_seed(cfg.seed, -1, Stream.EVAL))
+    log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    return {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
 
 
 def training_step_done(advance: Callable[[int], None], r: int) -> None:
