@@ -6,12 +6,12 @@ scores agree to 1e-4 relative (cosines to 1e-4 absolute).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from scoring_batches import Group, batch_of, make_batch, tokens
 from torch import nn
 
 from gradalign.core.alignment import (
@@ -21,7 +21,7 @@ from gradalign.core.alignment import (
     scored_parameters,
     validation_direction,
 )
-from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences, token_logprobs
+from gradalign.core.grpo import SequenceBatch, token_logprobs
 from gradalign.core.selection import RULES, Candidates, select_ranked
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.scoring import fastscore as fs
@@ -29,35 +29,11 @@ from gradalign.scoring.pieces import flatten_pieces
 from gradalign.scoring.precondition import adam_exp_avg_sq, exact_preconditioned_alignment
 from gradalign.scoring.sketch import project_direction
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: as fast, and steady
+
 # rewards per group: sizes 3, 5, 8, 4, 6; group 2 has zero variance (all 1), so g_2 = 0
 REWARDS = [[1, 0, 0], [1, 1, 0, 1, 0], [1] * 8, [0, 1, 1, 0], [0, 0, 1, 0, 0, 1]]
 VAL_REWARDS = [[1, 0, 1, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0]]
-
-
-Group = tuple[list[int], list[list[int]], list[float]]  # prompt, completions, rewards
-
-
-def batch_of(groups: list[Group]) -> SequenceBatch:
-    prompts, completions, rewards, group = [], [], [], []
-    for p, (prompt, comps, rs) in enumerate(groups):
-        prompts += [prompt] * len(comps)
-        completions += comps
-        rewards += rs
-        group += [p] * len(comps)
-    input_ids, attention_mask, completion_mask = pack_sequences(prompts, completions, pad_id=0)
-    group_t = torch.tensor(group)
-    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), group_t, len(groups))
-    return SequenceBatch(input_ids, attention_mask, completion_mask, adv, group_t, len(groups))
-
-
-def tokens(rng: np.random.Generator, lo: int, hi: int) -> list[int]:
-    return rng.integers(4, 85, size=int(rng.integers(lo, hi + 1))).tolist()
-
-
-def make_batch(rewards: list[list[float]], seed: int) -> SequenceBatch:
-    """Random prompts (3-8 tokens, one per group) and completions (2-12 tokens)."""
-    rng = np.random.default_rng(seed)
-    return batch_of([(tokens(rng, 3, 8), [tokens(rng, 2, 12) for _ in rs], rs) for rs in rewards])
 
 
 def assert_same(exact: GroupAlignment, fast: GroupAlignment) -> None:
@@ -68,15 +44,6 @@ def assert_same(exact: GroupAlignment, fast: GroupAlignment) -> None:
     np.testing.assert_allclose(fast.dot_chunk, exact.dot_chunk, rtol=1e-4, atol=1e-6 * scale)
     np.testing.assert_allclose(fast.cos_val, exact.cos_val, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast.cos_chunk, exact.cos_chunk, rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is as fast, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,20 @@ import json
 
 import numpy as np
 import pytest
+from gradalign_runs import ROUND
 
 from gradalign.config import load_config
 from gradalign.run.loop import build_setup, run
 from gradalign.rundir import read_json, read_jsonl
 
 TINY = [
+    *ROUND,
     "rounds=2",
     "model.warmstart_steps=20",
     "data.pool_size=48",
     "data.val_size=6",
     "data.eval_size=12",
-    "select.chunk_size=16",
-    "select.k=4",
-    "train.batch_size=2",
-    "train.steps_per_round=2",
-    "train.num_generations=4",
-    "rollout.k_r=4",
     "rollout.k_v=4",
-    "rollout.max_new_tokens=8",
 ]
 
 
