@@ -103,9 +103,9 @@ def score_chunk(
     need = needs(s.mode)
     if not need:
         return RoundScores(Candidates(ids), [], {})
+    cand_seed = round_seed(seed, round_, Stream.CANDIDATES)
     with timed(timings, "time/candidate_rollouts_s"):
-        cand = sample(chunk, rollout.k_r, round_seed(seed, round_, Stream.CANDIDATES),
-                      "candidate rollouts")  # fmt: skip
+        cand = sample(chunk, rollout.k_r, cand_seed, "candidate rollouts")
     done("rollouts")
     zv = cand.zero_variance()
     metrics: dict[str, Any] = {
@@ -115,9 +115,9 @@ def score_chunk(
     }
     if "gradients" not in need:
         return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
+    val_seed = round_seed(seed, round_, Stream.VALIDATION)
     with timed(timings, "time/validation_rollouts_s"):
-        val = sample(validation, rollout.k_v, round_seed(seed, round_, Stream.VALIDATION),
-                     "validation rollouts")  # fmt: skip
+        val = sample(validation, rollout.k_v, val_seed, "validation rollouts")
     metrics["val/pass_rate"] = float(val.rewards.mean())
     metrics["val/bad_rewards"] = val.bad_rewards
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
