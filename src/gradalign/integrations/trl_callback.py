@@ -78,6 +78,7 @@ class GradAlignCallback(TrainerCallback):
             norm, align, negsim, simacc, accgreedy, acc, rand, none), ``chunk_size`` (train rows
             scored per round, at most the train dataset's size), ``k`` (n = chunk_size // k rows
             trained on per round) and the scoring options; checked as the config checks it.
+            Mode ``none`` scores nothing and trains every round on the whole train dataset.
         rollout: the `gradalign.config.RolloutConfig`: ``k_r``, ``k_v`` (rollouts per chunk row
             and per validation row, >= 2) and the sampling; ``backend`` must be "hf". Default:
             ``k_r = k_v = 8`` at the trainer's ``temperature``, ``top_p`` and
@@ -110,7 +111,10 @@ class GradAlignCallback(TrainerCallback):
         if rollout is not None:
             check_rollout(rollout)
             if rollout.backend != "hf":
-                raise ValueError("GradAlignCallback samples with HF generate: rollout.backend='hf'")
+                raise ValueError(
+                    f"rollout.backend: {rollout.backend!r}, but GradAlignCallback samples with "
+                    "HF generate; use 'hf'"
+                )
         self.rollout = rollout
         if steps_per_round < 1:
             raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
