@@ -19,6 +19,7 @@ import yaml
 
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
+from gradalign.data.tasks import Flaw
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,16 @@ class ModelConfig:
     warmstart_steps: int = doc(500, "supervised warm-start steps for built-in models (0 = none)")
     warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
     warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
+    warmstart_seed: int = doc(
+        0, "seed of the built-in model's init and warm start (not of the data)"
+    )
+    warmstart_flaw: Flaw = doc(
+        "junk",
+        "systematic flaw in a share of the warm-start targets, which GRPO then repairs: 'junk' "
+        "(a character before EOS that the reward rejects), 'lastdigit' (a wrong last digit / "
+        "last operator: a content flaw) or 'none' (see docs/testbed.md)",
+    )
+    warmstart_flaw_frac: float = doc(0.6, "share of warm-start targets with the flaw, in [0, 1]")
     lora_r: int = doc(0, "LoRA rank (0 = full fine-tuning); with LoRA, scoring uses the adapters")
     lora_alpha: int = doc(16, "LoRA alpha")
     lora_targets: list[str] = doc(
@@ -81,6 +92,12 @@ class RolloutConfig:
     k_v: int = doc(8, "rollouts per validation problem (k_v)")
     temperature: float = doc(1.0, "sampling temperature for candidate and validation rollouts")
     top_p: float = doc(1.0, "nucleus sampling threshold")
+    eval_samples: int = doc(
+        8,
+        "k samples per eval problem for the sampled accuracy eval/mean_at_k (verl's mean@k: "
+        "the mean reward of k samples at rollout.temperature), at the start and after the last "
+        "round; 0 = greedy pass@1 only",
+    )
     max_new_tokens: int = doc(12, "completion length limit (also GRPO's max_completion_length)")
     backend: Literal["hf", "vllm"] = doc(
         "hf", "rollout engine: HF generate, or vLLM (GPU, optional extra)"
@@ -287,7 +304,15 @@ def _positive(cfg: Config) -> None:
 def _positive_fields(section: str, obj: Any) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name in ("seed", "warmstart_steps", "beta", "lora_r", "project_dim"):
+        if f.name in (
+            "seed",
+            "warmstart_seed",
+            "warmstart_steps",
+            "warmstart_flaw_frac",
+            "beta",
+            "lora_r",
+            "project_dim",
+        ):
             if isinstance(value, (int, float)) and value < 0:
                 raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
@@ -350,6 +375,10 @@ def check(cfg: Config) -> None:
     for name in ("corrupt_frac", "majority_frac", "lowutility_frac"):
         if not 0 <= getattr(d, name) <= 1:
             raise ConfigError(f"data.{name}: must be in [0, 1], got {getattr(d, name)}")
+    if not 0 <= cfg.model.warmstart_flaw_frac <= 1:
+        raise ConfigError(
+            f"model.warmstart_flaw_frac: must be in [0, 1], got {cfg.model.warmstart_flaw_frac}"
+        )
     if d.regime == "imbalance" and d.minority not in d.families:
         raise ConfigError(
             f"data.minority: {d.minority!r} is not in data.families {d.families}; add it or pick one"
