@@ -9,7 +9,8 @@ import pytest
 from gradalign_runs import ROUND
 
 from gradalign.config import load_config
-from gradalign.run.loop import build_setup, run
+from gradalign.run.loop import run
+from gradalign.run.setup import build_setup
 from gradalign.rundir import read_json, read_jsonl
 
 TINY = [
@@ -161,7 +162,7 @@ def test_problems_longer_than_the_context_are_dropped_and_reported(capsys):
     from gradalign.data.problems import Problem
     from gradalign.data.tasks import TaskSets
     from gradalign.engine.policy import build_model, build_tokenizer
-    from gradalign.run.loop import fit_context
+    from gradalign.run.setup import fit_context
 
     tok = build_tokenizer()
     model = build_model(tok, "tiny")  # 256 positions
@@ -193,7 +194,8 @@ def test_rollouts_go_through_the_setups_engine():
     from gradalign.data.tasks import TaskSets
     from gradalign.engine.policy import build_model, build_tokenizer
     from gradalign.engine.rollout import generate
-    from gradalign.run.loop import Setup, evaluate
+    from gradalign.run.loop import evaluate
+    from gradalign.run.setup import Setup
 
     calls = []
 
