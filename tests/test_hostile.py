@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from problem_records import read_problems
 from typer.testing import CliRunner
 
 from gradalign.cli import app
@@ -23,7 +24,7 @@ from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core.selection import Candidates, SelectionWarning, select
 from gradalign.data import rewards
 from gradalign.data.files import FileSpec, load_file, load_files, summarise
-from gradalign.data.problems import ChunkSchedule, Problem, ProblemError, read_problems
+from gradalign.data.problems import ChunkSchedule, Problem, ProblemError
 from gradalign.data.rewards import RewardError, RewardWarning, checked_reward, score_completion
 from gradalign.engine.rollout import score_rollouts
 from gradalign.run.sources import (
