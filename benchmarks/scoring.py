@@ -39,8 +39,8 @@ from gradalign.scoring.fastscore import (
     batched_alignment,
     batched_summed_gradient,
     batched_validation_direction,
-    flatten_pieces,
 )
+from gradalign.scoring.pieces import flatten_pieces
 
 
 def measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, float, float]:

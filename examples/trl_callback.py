@@ -22,12 +22,13 @@ import torch
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
-from gradalign.integrations.trl_callback import GradAlignCallback
+from gradalign.config import SelectConfig
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
-from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.data.tasks import make_regime
+from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.engine.warmstart import load_or_warmstart
+from gradalign.integrations.trl_callback import GradAlignCallback
 
 
 def rows(problems: list[Problem]) -> list[dict]:
@@ -78,12 +79,8 @@ def main() -> None:
     cb = GradAlignCallback(
         validation=Dataset.from_list(rows(sets.validation)),
         reward_funcs=[reward],
-        mode=opt.mode,
-        chunk_size=64,
-        select=16,
-        steps_per_round=steps_per_round,
-        k_r=8,
-        k_v=8,
+        select=SelectConfig(mode=opt.mode, chunk_size=64, k=4),  # 16 of 64 rows per round
+        steps_per_round=steps_per_round,  # k_r = k_v = 8 rollouts at the trainer's sampling
         seed=0,
     )
     with tempfile.TemporaryDirectory() as out:
@@ -119,7 +116,7 @@ def main() -> None:
     for h in cb.history:
         chunk = np.mean([i in corrupted for i in h["chunk"]])
         chosen = np.mean([i in corrupted for i in h["selected"]])
-        cos = h["metrics"].get("cos_mean", float("nan"))
+        cos = h["metrics"].get("score/cos_mean", float("nan"))
         print(f"  {h['round']:5d} | {chunk:.2f} -> {chosen:.2f} | {cos:+.3f} | {h['seconds']:.1f}")
     print(f"eval accuracy after GRPO: {accuracy(model, tokenizer, sets.eval):.3f}")
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+
+from gradalign.engine.policy import use_offline_hub
+
+use_offline_hub()  # as the `gradalign` command does, before transformers is imported
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +24,14 @@ def tiny_model(tokenizer):
     from gradalign.engine.policy import build_model
 
     return build_model(tokenizer, "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny matmuls: as fast, and immune to a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

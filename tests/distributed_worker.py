@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from scoring_batches import make_batch
 
 from gradalign.core.alignment import scored_parameters
-from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences
 from gradalign.core.selection import Candidates, select
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.scoring import distributed as dd
@@ -37,26 +37,6 @@ CAND_REWARDS = [
 # 5 validation groups (3 + 2); group 1 has zero variance (its unit(g_v) is 0 too)
 VAL_REWARDS = [[1, 0, 1, 0], [0, 0, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0], [0, 1, 1]]
 CASES = ["sum", "mean_of_unit", "sum_no_chunk", "two_pass", "adam", "one_group"]
-
-
-def make_batch(rewards: list[list[float]], seed: int) -> SequenceBatch:
-    """Random prompts (3-8 tokens, one per group) and completions (2-12 tokens)."""
-    rng = np.random.default_rng(seed)
-
-    def tokens(lo: int, hi: int) -> list[int]:
-        return rng.integers(4, 85, size=int(rng.integers(lo, hi + 1))).tolist()
-
-    prompts, completions, flat, group = [], [], [], []
-    for p, rs in enumerate(rewards):
-        prompt = tokens(3, 8)
-        prompts += [prompt] * len(rs)
-        completions += [tokens(2, 12) for _ in rs]
-        flat += rs
-        group += [p] * len(rs)
-    input_ids, attention_mask, completion_mask = pack_sequences(prompts, completions, pad_id=0)
-    g = torch.tensor(group)
-    adv = group_advantages(torch.tensor(flat, dtype=torch.float64), g, len(rewards))
-    return SequenceBatch(input_ids, attention_mask, completion_mask, adv, g, len(rewards))
 
 
 def candidates(rewards: list[list[float]], al: Any) -> Candidates:

@@ -1,5 +1,5 @@
-"""Small `gradalign run` processes launched as a user would (optionally under torchrun),
-shared by the resume and distributed-loop tests."""
+"""Small `gradalign run` settings, and runs launched as a user would (optionally under
+torchrun): shared by the end-to-end, bench, resume and distributed-loop tests."""
 
 from __future__ import annotations
 
@@ -8,21 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCORED = [
-    "model.warmstart_steps=120",  # enough for validation passes: real scores, g_V != 0
-    "model.warmstart_flaw=none",  # targets the reward accepts: a short warm start passes
-    "data.families=[addition]",  # the family a short warm start already passes sometimes
-    "data.pool_size=48",
-    "data.val_size=12",
-    "data.eval_size=12",
+# The round arithmetic every small test run shares: chunks of 16 with 4 selected, 2 GRPO steps
+# of 2 problems x 4 completions, 4 rollouts of at most 8 tokens per candidate.
+ROUND = [
     "select.chunk_size=16",
     "select.k=4",
     "train.batch_size=2",
     "train.steps_per_round=2",
     "train.num_generations=4",
     "rollout.k_r=4",
-    "rollout.k_v=8",
     "rollout.max_new_tokens=8",
+]
+SCORED = [
+    *ROUND,
+    "model.warmstart_steps=120",  # enough for validation passes: real scores, g_V != 0
+    "model.warmstart_flaw=none",  # targets the reward accepts: a short warm start passes
+    "data.families=[addition]",  # the family a short warm start already passes sometimes
+    "data.pool_size=48",
+    "data.val_size=12",
+    "data.eval_size=12",
+    "rollout.k_v=8",
 ]
 
 

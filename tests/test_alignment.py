@@ -1,4 +1,4 @@
-"""alignment: exact group gradients, validation direction and alignment stats (DESIGN §3).
+"""alignment: exact group gradients, validation direction and alignment stats (docs/method.md).
 
 Gradients are float32 on the model and differ from an independently batched computation
 by float32 round-off only (~3e-7 of the norm), so vectors are compared by relative error of

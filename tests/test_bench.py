@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from gradalign_runs import ROUND
 from typer.testing import CliRunner
 
 from gradalign.analysis import bench
@@ -13,19 +14,13 @@ from gradalign.config import load_config
 from gradalign.rundir import read_json, write_json, write_yaml
 
 TINY = [
+    *ROUND,
     "rounds=1",
     "model.warmstart_steps=10",
     "data.pool_size=32",
     "data.val_size=4",
     "data.eval_size=8",
-    "select.chunk_size=16",
-    "select.k=4",
-    "train.batch_size=2",
-    "train.steps_per_round=2",
-    "train.num_generations=4",
-    "rollout.k_r=4",
     "rollout.k_v=4",
-    "rollout.max_new_tokens=8",
 ]
 
 

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from gradalign.config import ConfigError, RolloutConfig, SelectConfig
 from gradalign.data.problems import Problem
+from gradalign.engine.policy import OFFLINE_ENV
 from gradalign.engine.rollout import SamplingConfig, generate
-from gradalign.integrations.trl_callback import (
-    GradAlignCallback,
-    RoundSampler,
-    trl_prompt_ids,
-    trl_rewards,
-)
+from gradalign.integrations.round_sampler import RoundSampler
+from gradalign.integrations.trl_callback import GradAlignCallback
+from gradalign.integrations.trl_rows import trl_prompt_ids, trl_rewards
 
 
 def _relabel(stream: list[int]) -> list[int]:
@@ -99,10 +103,79 @@ def test_trl_rewards_pass_columns_and_sum_with_weights(tokenizer, tiny_model):
     np.testing.assert_allclose(out, [1, 0, 1, 2, 3, 2])
 
 
+def test_the_callback_is_a_public_name_of_the_package():
+    import gradalign
+
+    assert gradalign.GradAlignCallback is GradAlignCallback
+    assert all(getattr(gradalign, name) is not None for name in gradalign.__all__)
+
+
 def test_train_without_attach_is_refused():
     cb = GradAlignCallback([{"prompt": "1+1"}], reward_funcs=[lambda **_: [0.0]])
     with pytest.raises(RuntimeError, match="attach"):
         cb.on_train_begin(None, SimpleNamespace(global_step=0), None)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"rollout": RolloutConfig(k_r=1)}, r"rollout.k_r: needs >= 2 rollouts per group"),
+        ({"rollout": RolloutConfig(top_p=1.5)}, r"rollout.top_p: must be in \(0, 1\], got 1.5"),
+        (
+            {"select": SelectConfig(chunk_size=8, k=16)},
+            r"select.k \(16\) leaves 0 problems from chunk_size 8; lower k or raise chunk_size",
+        ),
+    ],
+)
+def test_the_callback_refuses_what_the_config_refuses(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        GradAlignCallback([{"prompt": "1+1"}], **settings)
+
+
+def fake_trainer(rows: int) -> SimpleNamespace:
+    """What `attach` and a round without rollouts read of a TRL trainer."""
+    args = SimpleNamespace(
+        dataloader_num_workers=0, reward_weights=None, temperature=1.0, top_p=1.0,
+        max_completion_length=4,
+    )  # fmt: skip
+    return SimpleNamespace(
+        args=args,
+        train_dataset=[{"prompt": f"{i}+1"} for i in range(rows)],
+        accelerator=SimpleNamespace(num_processes=1, unwrap_model=lambda m: m),
+        model=torch.nn.Linear(1, 1),
+        reward_funcs=[lambda **_: [0.0]],
+        callback_handler=SimpleNamespace(callbacks=[]),
+        state=SimpleNamespace(global_step=0),
+        processing_class=None,
+    )
+
+
+def test_mode_none_trains_on_the_whole_dataset_as_the_loop_trains_on_the_pool():
+    cb = GradAlignCallback([], select=SelectConfig(mode="none", chunk_size=4, k=2)).attach(
+        fake_trainer(10)
+    )
+    assert cb.select_round(0) == list(range(10))  # not just the chunk: plain GRPO
+    assert cb.history[0]["metrics"]["select/n"] == 10
+    assert len(cb.history[0]["chunk"]) == 4 and np.isnan(cb.history[0]["scores"]).all()
+
+
+def test_importing_the_callback_changes_no_environment_variable():
+    """A library import changes nothing outside it: only the `gradalign` command goes offline.
+    The third-party modules it builds on are imported first (transformers' trainer sets
+    TORCHINDUCTOR_CACHE_DIR itself)."""
+    code = """
+import json, os
+import numpy, torch.func, torch.utils.data, yaml
+from transformers import TrainerCallback
+before = dict(os.environ)
+import gradalign.integrations.trl_callback
+changed = [k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)]
+print(json.dumps(changed))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_ENV}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == []
 
 
 def _digit_reward(completions, **_):
@@ -153,12 +226,9 @@ def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer):
     cb = GradAlignCallback(
         validation=Dataset.from_list(rows(sets.validation)),
         reward_funcs=[_digit_reward],  # same reward, but not recording: the spy sees training only
-        mode="sim",
-        chunk_size=8,
-        select=2,
+        select=SelectConfig(mode="sim", chunk_size=8, k=4),  # 2 of 8 rows per round
+        rollout=RolloutConfig(k_r=4, k_v=4, max_new_tokens=4),
         steps_per_round=spr,
-        k_r=4,
-        k_v=4,
         seed=0,
     )
     trainer = GRPOTrainer(

@@ -14,7 +14,6 @@ import os
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,10 @@ from gradalign.core.alignment import scored_parameters
 from gradalign.core.selection import Candidates, select
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore
+from gradalign.scoring.pieces import flatten_pieces
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +135,11 @@ def test_reduce_chunk_is_called_once_on_the_batch_sum(
     model = worker.build_model(worker.build_tokenizer(), "tiny", seed=3).eval()
     params = scored_parameters(model, "last:1")
     cand = worker.make_batch(worker.CAND_REWARDS, seed=1)
-    summed = fastscore.flatten_pieces(fastscore.batched_summed_gradient(model, params, cand, 2))
+    summed = flatten_pieces(fastscore.batched_summed_gradient(model, params, cand, 2))
     seen: list[torch.Tensor] = []
 
     def reduce(pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-        seen.append(fastscore.flatten_pieces(pieces))
+        seen.append(flatten_pieces(pieces))
         return [-p for p in pieces]  # the "other ranks" flip g_C
 
     plain = fastscore.batched_alignment(model, params, cand, summed, 2)

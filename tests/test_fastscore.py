@@ -6,12 +6,12 @@ scores agree to 1e-4 relative (cosines to 1e-4 absolute).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from scoring_batches import Group, batch_of, make_batch, tokens
 from torch import nn
 
 from gradalign.core.alignment import (
@@ -21,40 +21,19 @@ from gradalign.core.alignment import (
     scored_parameters,
     validation_direction,
 )
-from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences, token_logprobs
-from gradalign.core.selection import RANKED, Candidates, select_ranked
+from gradalign.core.grpo import SequenceBatch, token_logprobs
+from gradalign.core.selection import RULES, Candidates, select_ranked
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.scoring import fastscore as fs
+from gradalign.scoring.pieces import flatten_pieces
+from gradalign.scoring.precondition import adam_exp_avg_sq, exact_preconditioned_alignment
+from gradalign.scoring.sketch import project_direction
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: as fast, and steady
 
 # rewards per group: sizes 3, 5, 8, 4, 6; group 2 has zero variance (all 1), so g_2 = 0
 REWARDS = [[1, 0, 0], [1, 1, 0, 1, 0], [1] * 8, [0, 1, 1, 0], [0, 0, 1, 0, 0, 1]]
 VAL_REWARDS = [[1, 0, 1, 0], [0, 0, 0, 1, 1], [1, 0, 0, 0]]
-
-
-Group = tuple[list[int], list[list[int]], list[float]]  # prompt, completions, rewards
-
-
-def batch_of(groups: list[Group]) -> SequenceBatch:
-    prompts, completions, rewards, group = [], [], [], []
-    for p, (prompt, comps, rs) in enumerate(groups):
-        prompts += [prompt] * len(comps)
-        completions += comps
-        rewards += rs
-        group += [p] * len(comps)
-    input_ids, attention_mask, completion_mask = pack_sequences(prompts, completions, pad_id=0)
-    group_t = torch.tensor(group)
-    adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), group_t, len(groups))
-    return SequenceBatch(input_ids, attention_mask, completion_mask, adv, group_t, len(groups))
-
-
-def tokens(rng: np.random.Generator, lo: int, hi: int) -> list[int]:
-    return rng.integers(4, 85, size=int(rng.integers(lo, hi + 1))).tolist()
-
-
-def make_batch(rewards: list[list[float]], seed: int) -> SequenceBatch:
-    """Random prompts (3-8 tokens, one per group) and completions (2-12 tokens)."""
-    rng = np.random.default_rng(seed)
-    return batch_of([(tokens(rng, 3, 8), [tokens(rng, 2, 12) for _ in rs], rs) for rs in rewards])
 
 
 def assert_same(exact: GroupAlignment, fast: GroupAlignment) -> None:
@@ -65,15 +44,6 @@ def assert_same(exact: GroupAlignment, fast: GroupAlignment) -> None:
     np.testing.assert_allclose(fast.dot_chunk, exact.dot_chunk, rtol=1e-4, atol=1e-6 * scale)
     np.testing.assert_allclose(fast.cos_val, exact.cos_val, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(fast.cos_chunk, exact.cos_chunk, rtol=1e-4, atol=1e-4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: one thread is as fast, and immune to a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +102,8 @@ def test_every_gradient_mode_ranks_the_same(tiny, batch, val_batch) -> None:
     def cands(a: GroupAlignment) -> Candidates:
         return Candidates(np.arange(5), pass_rate, zv, a.dot_val, a.dot_chunk, a.norm)
 
-    for mode, (_, _, uses_grads) in RANKED.items():
-        if not uses_grads:
+    for mode, mode_rule in RULES.items():
+        if not mode_rule.uses_gradients:
             continue
         want, got = (
             select_ranked(mode, cands(exact), 3, "zero"),
@@ -150,7 +120,7 @@ def test_validation_direction(tiny, val_batch, aggregate: str, subset: str) -> N
     want = validation_direction(tiny, params, val_batch, aggregate)  # type: ignore[arg-type]
     got = fs.batched_validation_direction(tiny, params, val_batch, aggregate, 2)  # type: ignore[arg-type]
     assert abs(float(want.norm()) - 1.0) < 1e-4
-    np.testing.assert_allclose(fs.flatten_pieces(got).numpy(), want.numpy(), atol=2e-6)
+    np.testing.assert_allclose(flatten_pieces(got).numpy(), want.numpy(), atol=2e-6)
 
 
 def test_chunk_options(tiny, batch, val_batch, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,7 +136,7 @@ def test_chunk_options(tiny, batch, val_batch, monkeypatch: pytest.MonkeyPatch) 
     assert np.isnan(skipped.dot_chunk).all()
     np.testing.assert_allclose(skipped.dot_val, kept.dot_val, rtol=1e-5, atol=1e-9)
     # a given chunk direction is used as is: here g^_V, so dot_chunk == dot_val
-    given = fs.batched_alignment(tiny, params, batch, val, 2, chunk=val)
+    given = fs.batched_alignment(tiny, params, batch, val, 2, chunk_direction=val)
     np.testing.assert_allclose(given.dot_chunk, kept.dot_val, rtol=1e-5, atol=1e-9)
 
 
@@ -247,13 +217,13 @@ def test_random_projection(tiny) -> None:
     assert exact.cos_val.std() > 0.2
     z = fs.projected_gradients(tiny, params, cand, groups_per_micro=6, seed=4)
     assert z.shape == (16, 512)
-    zv = fs.project_direction(val, params, seed=4)
+    zv = project_direction(val, params, seed=4)
     cos = z @ zv / (np.linalg.norm(z, axis=1) * np.linalg.norm(zv))
     assert spearman(cos, exact.cos_val) >= 0.95
     # the features are S g_p for the exact g_p, with the same seeded S as project_direction
     g0 = next(iter_group_gradients(tiny, params, cand)).float()
     np.testing.assert_allclose(
-        z[0], fs.project_direction(g0, params, seed=4), rtol=1e-4, atol=1e-6 * np.abs(z[0]).max()
+        z[0], project_direction(g0, params, seed=4), rtol=1e-4, atol=1e-6 * np.abs(z[0]).max()
     )
     other = fs.projected_gradients(tiny, params, cand, groups_per_micro=6, seed=5)
     assert not np.allclose(other, z)
@@ -268,9 +238,9 @@ def test_adam_preconditioned(batch, val_batch) -> None:
         opt.zero_grad()
         (loss * seed).backward()
         opt.step()
-    v = fs.adam_exp_avg_sq(opt, params)
+    v = adam_exp_avg_sq(opt, params)
     val = validation_direction(model, params, val_batch)
-    exact = fs.exact_preconditioned_alignment(model, params, batch, val, v)
+    exact = exact_preconditioned_alignment(model, params, batch, val, v)
     fast = fs.batched_alignment(model, params, batch, val, 2, exp_avg_sq=v)
     assert_same(exact, fast)
     plain = exact_alignment(model, params, batch, val)
@@ -320,13 +290,13 @@ def degenerate_batch(seed: int, then: list[list[float]] | None = None) -> Sequen
 def verify_results(monkeypatch) -> list[bool]:
     """What each call of the self-check concluded (True = every parameter agreed)."""
     seen: list[bool] = []
-    real = fs._verify
+    real = fs.verify
 
     def spy(*args: object) -> bool:
         seen.append(real(*args))
         return seen[-1]
 
-    monkeypatch.setattr(fs, "_verify", spy)
+    monkeypatch.setattr(fs, "verify", spy)
     return seen
 
 

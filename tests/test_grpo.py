@@ -1,4 +1,4 @@
-"""grpo: advantages, packing, token log-probs and the scoring loss (DESIGN §3)."""
+"""grpo: advantages, packing, token log-probs and the scoring loss (docs/method.md)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from problem_records import read_problems
 from typer.testing import CliRunner
 
 from gradalign.cli import app
@@ -23,7 +24,7 @@ from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core.selection import Candidates, SelectionWarning, select
 from gradalign.data import rewards
 from gradalign.data.files import FileSpec, load_file, load_files, summarise
-from gradalign.data.problems import ChunkSchedule, Problem, ProblemError, read_problems
+from gradalign.data.problems import ChunkSchedule, Problem, ProblemError
 from gradalign.data.rewards import RewardError, RewardWarning, checked_reward, score_completion
 from gradalign.engine.rollout import score_rollouts
 from gradalign.run.sources import (
@@ -643,7 +644,7 @@ def test_scorers_report_the_validation_norm_and_selection_falls_back(
     import torch
 
     from gradalign.core import alignment
-    from gradalign.scoring import fastscore
+    from gradalign.scoring import fastscore, precondition
 
     params = alignment.scored_parameters(tiny_model)
     cand, val = scoring_batch([[1, 0, 0], [1, 1, 0], [0, 1, 1]], 0), scoring_batch(val_rewards, 1)
@@ -654,7 +655,7 @@ def test_scorers_report_the_validation_norm_and_selection_falls_back(
     direction = fastscore.batched_validation_direction(tiny_model, params, val)
     fast = fastscore.batched_alignment(tiny_model, params, cand, direction)
     ones = {q: torch.ones_like(q) for q in params}
-    pre = fastscore.exact_preconditioned_alignment(tiny_model, params, cand, direction, ones)
+    pre = precondition.exact_preconditioned_alignment(tiny_model, params, cand, direction, ones)
     for al in (exact, fast, pre):
         assert al.val_norm == 0.0 if zero else abs(al.val_norm - 1.0) < 1e-3
     c = Candidates(

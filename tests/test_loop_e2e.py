@@ -1,4 +1,4 @@
-"""End-to-end: a 2-round run at tiny sizes writes the run directory (DESIGN §5)."""
+"""End-to-end: a 2-round run at tiny sizes writes the run directory (README: Run directory)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,21 @@ import json
 
 import numpy as np
 import pytest
+from gradalign_runs import ROUND
 
 from gradalign.config import load_config
-from gradalign.run.loop import build_setup, run
+from gradalign.run.loop import run
+from gradalign.run.setup import build_setup
 from gradalign.rundir import read_json, read_jsonl
 
 TINY = [
+    *ROUND,
     "rounds=2",
     "model.warmstart_steps=20",
     "data.pool_size=48",
     "data.val_size=6",
     "data.eval_size=12",
-    "select.chunk_size=16",
-    "select.k=4",
-    "train.batch_size=2",
-    "train.steps_per_round=2",
-    "train.num_generations=4",
-    "rollout.k_r=4",
     "rollout.k_v=4",
-    "rollout.max_new_tokens=8",
 ]
 
 
@@ -166,7 +162,7 @@ def test_problems_longer_than_the_context_are_dropped_and_reported(capsys):
     from gradalign.data.problems import Problem
     from gradalign.data.tasks import TaskSets
     from gradalign.engine.policy import build_model, build_tokenizer
-    from gradalign.run.loop import fit_context
+    from gradalign.run.setup import fit_context
 
     tok = build_tokenizer()
     model = build_model(tok, "tiny")  # 256 positions
@@ -198,7 +194,8 @@ def test_rollouts_go_through_the_setups_engine():
     from gradalign.data.tasks import TaskSets
     from gradalign.engine.policy import build_model, build_tokenizer
     from gradalign.engine.rollout import generate
-    from gradalign.run.loop import Setup, evaluate
+    from gradalign.run.loop import evaluate
+    from gradalign.run.setup import Setup
 
     calls = []
 

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from problem_records import read_problems
 
 from gradalign.data.problems import (
     ChunkSchedule,
     Problem,
     ProblemError,
     check_disjoint,
-    read_problems,
 )
 
 

@@ -300,7 +300,7 @@ def test_lora_on_builtin_model(tokenizer):
 
 
 def _independent_group_gradients(model, params, ro, pad_id: int) -> list[torch.Tensor]:
-    """g_p by the formula of DESIGN §3, one unpadded sequence at a time, all in float64:
+    """g_p by the formula of docs/method.md, one unpadded sequence at a time, all in float64:
     L_p = -(1/T_p) sum_i A_i sum_t log pi(y_it | x, y_i<t), gradient over `params` only."""
     out = []
     for g in range(ro.num_groups):

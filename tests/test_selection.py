@@ -1,4 +1,4 @@
-"""selection: every mode on one hand-made chunk (DESIGN §3).
+"""selection: every mode on one hand-made chunk (docs/method.md).
 
 The table has ids out of order, exact ties, two zero-variance rows (id 12 carries round-off
 residue 1e-9 that the zero-variance guard must clear) and negative scores. Expected orders

@@ -4,14 +4,16 @@ Layers, each importing only from those above it in this list:
 
 - `gradalign.core`: the algorithm (advantages, group gradients, the validation direction,
   selection modes), pure functions;
-- `gradalign.scoring`: the batched scorer and its distributed sharding;
+- `gradalign.scoring`: the batched scorer (capture hooks, parameter uses, sketches, LESS)
+  and its distributed sharding;
 - `gradalign.data`: problems, problem files, built-in tasks and regimes, rewards;
-- `gradalign.engine`: the policy, warm start, rollouts, GRPO training;
+- `gradalign.engine`: the policy, warm start, rollouts, scoring a round's chunk (the one
+  path of the loop and the TRL callback), GRPO training;
 - `gradalign.run`: the round loop, run directory, checkpoints;
-- `gradalign.integrations`: the TRL callback;
+- `gradalign.integrations`: the TRL callback, its train sampler and TRL rows;
 - `gradalign.analysis`: benchmarks and reports.
 
-The public names below are re-exported lazily: ``import gradalign`` imports neither torch
+The method they implement: docs/method.md. The public names below are re-exported lazily: ``import gradalign`` imports neither torch
 nor TRL until one of them is used.
 """
 

@@ -21,6 +21,15 @@ app = typer.Typer(
     help="GradAlign: gradient-aligned problem selection for GRPO.",
 )
 
+
+@app.callback()
+def _offline() -> None:
+    """Every command runs without the model hub (`policy.use_offline_hub`)."""
+    from gradalign.engine.policy import use_offline_hub
+
+    use_offline_hub()
+
+
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(

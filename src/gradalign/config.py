@@ -10,12 +10,14 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
 from gradalign.data.tasks import Flaw
 
@@ -100,18 +102,20 @@ class RolloutConfig:
     backend: Literal["hf", "vllm"] = doc(
         "hf", "rollout engine: HF generate, or vLLM (GPU, optional extra)"
     )
-    prompts_per_batch: int = doc(64, "prompts per `generate` call (each with k samples)")
+    prompts_per_batch: int = doc(64, "prompts per `generate` call (each with k_r or k_v samples)")
 
 
 @dataclass
 class SelectConfig:
-    mode: Mode = doc("sim", "how a chunk is ranked (DESIGN §3); 'none' = plain GRPO on the pool")
+    mode: Mode = doc(
+        "sim", "how a chunk is ranked (docs/method.md); 'none' = plain GRPO on the whole pool"
+    )
     chunk_size: int = doc(64, "pool problems scored per round (M)")
     k: int = doc(4, "selection ratio: keep n = chunk_size // k problems per round")
     zero_variance: ZeroVariance = doc(
         "zero", "score of all-equal-reward groups: zero | last | exclude"
     )
-    val_aggregate: Literal["sum", "mean_of_unit"] = doc("sum", "g_V = sum of g_v, or of unit g_v")
+    val_aggregate: ValAggregate = doc("sum", "g_V = sum of g_v, or of unit g_v")
     scale_advantages: bool = doc(False, "divide scoring advantages by the group std")
     params: str = doc("all", "scored parameters: 'all', 'lora' or 'last:N' blocks")
     scorer: Literal["batched", "exact"] = doc(
@@ -122,9 +126,14 @@ class SelectConfig:
         "none", "'adam': score g_p / (sqrt(v) + 1e-8) with the trainer's Adam second moment (LESS)"
     )
     project_dim: int = doc(
-        0, "save seeded random-projection features [P, dim] of each g_p per round (0 = off)"
+        0, "save seeded random-projection features [P, project_dim] of each g_p per round (0 = off)"
     )
     groups_per_micro: int = doc(16, "groups per forward/backward micro-batch when scoring")
+
+    @property
+    def n_select(self) -> int:
+        """n = chunk_size // k problems trained on per round."""
+        return self.chunk_size // self.k
 
 
 @dataclass
@@ -153,8 +162,8 @@ class Config:
 
     @property
     def n_select(self) -> int:
-        """n = chunk_size // k problems trained on per round."""
-        return self.select.chunk_size // self.select.k
+        """n = chunk_size // k problems trained on per round (`SelectConfig.n_select`)."""
+        return self.select.n_select
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -289,21 +298,51 @@ def _positive(cfg: Config) -> None:
     for section, obj in [("", cfg)] + [
         (f"{f}.", getattr(cfg, f)) for f in ("model", "data", "rollout", "select", "train")
     ]:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.name in (
-                "seed",
-                "warmstart_seed",
-                "warmstart_steps",
-                "warmstart_flaw_frac",
-                "beta",
-                "lora_r",
-                "project_dim",
-            ):
-                if isinstance(value, (int, float)) and value < 0:
-                    raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-                raise ConfigError(f"{section}{f.name}: must be > 0, got {value}")
+        _positive_fields(section, obj)
+
+
+def _positive_fields(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in (
+            "seed",
+            "warmstart_seed",
+            "warmstart_steps",
+            "warmstart_flaw_frac",
+            "beta",
+            "lora_r",
+            "project_dim",
+        ):
+            if isinstance(value, (int, float)) and value < 0:
+                raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{section}{f.name}: must be > 0, got {value}")
+
+
+def _group_size(name: str, value: int) -> None:
+    if value < 2:
+        raise ConfigError(f"{name}: needs >= 2 rollouts per group for an advantage, got {value}")
+
+
+def check_rollout(r: RolloutConfig) -> None:
+    """The `rollout` section's own invariants (the TRL callback checks its RolloutConfig so)."""
+    _positive_fields("rollout.", r)
+    _group_size("rollout.k_r", r.k_r)
+    _group_size("rollout.k_v", r.k_v)
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+
+
+def check_select(s: SelectConfig) -> None:
+    """The `select` section's own invariants (the TRL callback checks its SelectConfig so)."""
+    _positive_fields("select.", s)
+    if s.n_select < 1:
+        raise ConfigError(
+            f"select.k ({s.k}) leaves 0 problems from chunk_size {s.chunk_size}; "
+            "lower k or raise chunk_size"
+        )
+    if not (s.params in ("all", "lora") or s.params.startswith("last:")):
+        raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
 
 
 def check(cfg: Config) -> None:
@@ -317,30 +356,15 @@ def check(cfg: Config) -> None:
             f"select.chunk_size ({s.chunk_size}) exceeds data.pool_size ({d.pool_size}); "
             "lower chunk_size or grow the pool"
         )
-    if cfg.n_select < 1:
-        raise ConfigError(
-            f"select.k ({s.k}) leaves 0 problems from chunk_size {s.chunk_size}; "
-            "lower k or raise chunk_size"
-        )
+    check_select(s)
     trained_on = d.pool_size if s.mode == "none" else cfg.n_select
     if t.batch_size > trained_on and not (d.pool_files and s.mode == "none"):
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
             f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
         )
-    for name, value in (
-        ("rollout.k_r", r.k_r),
-        ("rollout.k_v", r.k_v),
-        ("train.num_generations", t.num_generations),
-    ):
-        if value < 2:
-            raise ConfigError(
-                f"{name}: needs >= 2 rollouts per group for an advantage, got {value}"
-            )
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-    if not (s.params in ("all", "lora") or s.params.startswith("last:")):
-        raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
+    check_rollout(r)
+    _group_size("train.num_generations", t.num_generations)
     from gradalign.data.tasks import FAMILIES
 
     for fam in d.families:
@@ -381,3 +405,40 @@ def field_docs() -> list[tuple[str, str, str]]:
         else:
             rows.append((f.name, repr(value), f.metadata["help"]))
     return rows
+
+
+# ---------------------------------------------------------------- comparing configs
+
+# Where a run lives, not what it computes: a bench reuses a finished run across these.
+LOCATION_FIELDS = ("out_dir", "model.cache_dir")
+# What may change when a run is resumed: where it lives, and how many rounds it runs.
+RESUMABLE_FIELDS = (*LOCATION_FIELDS, "rounds")
+# What a bench sets per run (with its out_dir): `--set` may not, and a report lists the fields
+# beyond these and LOCATION_FIELDS that differ between the runs it compares.
+BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed")
+
+
+def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"section.field": value} of a nested config mapping (`Config.to_dict`, config.yaml)."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, Mapping):
+            out |= flatten_config(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differing_fields(
+    configs: Sequence[Mapping[str, Any]], ignore: Collection[str] = (), absent: Any = None
+) -> dict[str, list[Any]]:
+    """The dotted fields whose values are not all equal among `configs` (nested mappings),
+    in name order, each with its value in every config (`absent` where one lacks it);
+    the fields named in `ignore` (one of the lists above) are left out."""
+    flat = [flatten_config(c) for c in configs]
+    out = {}
+    for name in sorted({key for f in flat for key in f} - set(ignore)):
+        values = [f.get(name, absent) for f in flat]
+        if any(v != values[0] for v in values[1:]):
+            out[name] = values
+    return out

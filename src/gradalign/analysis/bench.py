@@ -34,7 +34,13 @@ from typing import Literal
 
 import yaml
 
-from gradalign.config import ConfigError, load_config
+from gradalign.config import (
+    BENCH_FIELDS,
+    LOCATION_FIELDS,
+    ConfigError,
+    differing_fields,
+    load_config,
+)
 from gradalign.progress import bar, console
 from gradalign.rundir import read_json, write_json
 
@@ -54,7 +60,7 @@ QUICK = (
     "select.k=4",
 )
 QUICK_SEEDS = 1
-CONTROLLED = ("data.regime", "select.mode", "seed", "data.seed", "out_dir")  # set per run
+CONTROLLED = (*BENCH_FIELDS, "out_dir")  # set per run
 TAIL_LINES = 30
 Status = Literal["done", "skipped", "failed"]
 
@@ -130,23 +136,20 @@ def plan_runs(
     return specs
 
 
-IGNORED = ("out_dir", "model.cache_dir")  # where a run lives, not what it computes
-
-
-def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """`field: old -> new` for every field of `old` whose value differs in `new`.
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`field: old -> new` for every field of `old` whose value differs in `new`
+    (`config.LOCATION_FIELDS` ignored).
 
     Fields missing from `old` (added to the code since that run) count as unchanged."""
-    changes = []
-    for key, value in old.items():
-        name = f"{prefix}{key}"
-        if name in IGNORED or key not in new:
-            continue
-        if isinstance(value, dict) and isinstance(new[key], dict):
-            changes += config_changes(value, new[key], f"{name}.")
-        elif value != new[key]:
-            changes.append(f"{name}: {value!r} there, {new[key]!r} now")
-    return changes
+    diffs = differing_fields([old, new], LOCATION_FIELDS, absent=_ABSENT)
+    return [
+        f"{name}: {a!r} there, {b!r} now"
+        for name, (a, b) in diffs.items()
+        if a is not _ABSENT and b is not _ABSENT
+    ]
+
+
+_ABSENT = object()
 
 
 def is_finished(spec: RunSpec) -> bool:

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from gradalign.config import BENCH_FIELDS, LOCATION_FIELDS, differing_fields, flatten_config
 from gradalign.core.selection import MODES
 from gradalign.rundir import read_json, write_json, write_text
 
-BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed", "out_dir", "model.cache_dir")
 REGIME_ORDER = ("noisy", "imbalance", "lowutility", "clean")
 # t_{0.975, df} for df = 1..30 (two-sided 95%); beyond, a Cornish-Fisher expansion
 T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004,
@@ -128,7 +128,7 @@ def load_run(path: Path) -> Run:
         stderr_tail=record.get("stderr_tail", ""),
         wall_s=record.get("wall_s"),
     )
-    run.config = _flatten(cfg)
+    run.config = flatten_config(cfg)
     if data:
         run.pool_shares = {k: float(pool(data)) for k, (_, _, pool) in SHARES.items()}
     metrics = [read_json(p) for p in sorted(path.glob("rounds/*/metrics.json"))]
@@ -149,25 +149,13 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def _flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(runs: list[Run]) -> dict[str, list[str]]:
-    """Fields that differ between finished runs beyond regime, mode, seeds and paths."""
+    """Fields that differ between finished runs beyond regime, mode, seeds and paths
+    (`config.BENCH_FIELDS`, `config.LOCATION_FIELDS`), each with the sorted set of its
+    values' reprs."""
     per_run = [r.config for r in runs if r.status == "done" and r.config]
-    varying = {}
-    for name in sorted({k for c in per_run for k in c} - set(BENCH_FIELDS)):
-        values = {repr(c.get(name, "<absent>")) for c in per_run}
-        if len(values) > 1:
-            varying[name] = sorted(values)
-    return varying
+    diffs = differing_fields(per_run, (*BENCH_FIELDS, *LOCATION_FIELDS), absent="<absent>")
+    return {name: sorted({repr(v) for v in values}) for name, values in diffs.items()}
 
 
 def collect(root: Path) -> list[Run]:

@@ -16,16 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from gradalign.core.common import EPS, ValAggregate, check_val_aggregate
 from gradalign.core.grpo import SequenceBatch, scoring_loss
 
-EPS = 1e-5
-ValAggregate = Literal["sum", "mean_of_unit"]
 Progress = Callable[[int], None]
 
 
@@ -72,7 +70,7 @@ def scored_parameters(model: torch.nn.Module, subset: str = "all") -> list[torch
         return [
             p
             for n, p in named
-            if any(k in n for k in keep) or ("layers." not in n and "embed" not in n)
+            if any(block in n for block in keep) or ("layers." not in n and "embed" not in n)
         ]
     raise ValueError(f"score.params='{subset}': expected 'all', 'lora' or 'last:N'")
 
@@ -88,10 +86,6 @@ def flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
     )
 
 
-def _group_rows(batch: SequenceBatch) -> list[Tensor]:
-    return [torch.nonzero(batch.group == p).squeeze(1) for p in range(batch.num_groups)]
-
-
 def iter_group_gradients(
     model: torch.nn.Module, params: list[torch.nn.Parameter], batch: SequenceBatch
 ) -> Iterator[Tensor]:
@@ -100,12 +94,12 @@ def iter_group_gradients(
     A group whose advantages are all zero (zero reward variance) has g_p = 0 exactly, so
     its backward is skipped."""
     size = sum(p.numel() for p in params)
-    for rows in _group_rows(batch):
+    rows_of = batch.group_rows()
+    for p, rows in enumerate(rows_of):
         if not bool(batch.advantages[rows].any()):
             yield torch.zeros(size, dtype=torch.float64, device=batch.advantages.device)
             continue
-        sub = batch.select(rows, 1, torch.zeros(len(rows), dtype=torch.long, device=rows.device))
-        yield flat_grad(scoring_loss(model, sub), params)
+        yield flat_grad(scoring_loss(model, batch.take_groups([p], rows_of)), params)
 
 
 def summed_gradient(
@@ -115,18 +109,11 @@ def summed_gradient(
     groups_per_micro: int = 8,
 ) -> Tensor:
     """sum_p g_p, computed over micro-batches of whole groups. # [D]"""
-    rows_of = _group_rows(batch)
+    rows_of = batch.group_rows()
     total = None
     for start in range(0, batch.num_groups, groups_per_micro):
-        chunk = rows_of[start : start + groups_per_micro]
-        rows = torch.cat(chunk)
-        group = torch.cat(
-            [
-                torch.full((len(r),), j, dtype=torch.long, device=r.device)
-                for j, r in enumerate(chunk)
-            ]
-        )
-        g = flat_grad(scoring_loss(model, batch.select(rows, len(chunk), group)), params)
+        groups = range(start, min(start + groups_per_micro, batch.num_groups))
+        g = flat_grad(scoring_loss(model, batch.take_groups(groups, rows_of)), params)
         total = g if total is None else total + g
     assert total is not None
     return total
@@ -152,6 +139,7 @@ def validation_direction(
     aggregate: ValAggregate = "sum",
 ) -> Tensor:
     """g^_V = g_V / (||g_V|| + 1e-5), g_V = sum_v g_v (or sum_v unit(g_v)). # [D]"""
+    check_val_aggregate(aggregate)
     if aggregate == "sum":
         return unit(summed_gradient(model, params, batch))
     total = sum(unit(g) for g in iter_group_gradients(model, params, batch))

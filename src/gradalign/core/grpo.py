@@ -1,4 +1,4 @@
-"""GRPO pieces as pure tensor functions (DESIGN §3).
+"""GRPO pieces as pure tensor functions (the method: docs/method.md).
 
 Notation: N sequences (rollouts) · P groups (problems) · L padded sequence length ·
 T = L - 1 next-token positions. `group[i]` is the group (problem) index of sequence i.
@@ -16,6 +16,7 @@ with T_p the number of completion tokens in the whole group (token mean over the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,23 @@ class SequenceBatch:
             group,
             num_groups,
         )
+
+    def group_rows(self) -> list[Tensor]:
+        """The row indices of each group, ascending. # P x [rows of p]"""
+        counts = torch.bincount(self.group, minlength=self.num_groups)  # [P]
+        return list(torch.split(torch.argsort(self.group, stable=True), counts.tolist()))
+
+    def take_groups(
+        self, groups: Sequence[int], rows_of: Sequence[Tensor] | None = None
+    ) -> SequenceBatch:
+        """The rows of `groups`, group by group in that order, renumbered 0..len(groups)-1.
+        `rows_of` is `group_rows()` when the caller already has it."""
+        rows_of = self.group_rows() if rows_of is None else rows_of
+        chosen = [rows_of[g] for g in groups]
+        rows = torch.cat(chosen)
+        sizes = torch.tensor([len(r) for r in chosen], device=rows.device)
+        group = torch.arange(len(chosen), device=rows.device).repeat_interleave(sizes)
+        return self.select(rows, len(chosen), group)
 
 
 def pack_sequences(

@@ -1,4 +1,4 @@
-"""Selection modes: which n problems of a chunk to train on (DESIGN §3).
+"""Selection modes: which n problems of a chunk to train on (docs/method.md).
 
 Pure functions on arrays. Notation: P candidates in the chunk, n selected.
 a_p is the pass rate of p's rollouts; dot_val = <g_p, g^_V>, dot_chunk = <g_p, g^_C>,
@@ -10,7 +10,13 @@ problem id. Zero-variance groups (all rewards equal, so g_p = 0) follow `zero_va
 i.e. 0.0 for the gradient modes — above every negative score, below every positive one;
 ``last`` ranks them after every other candidate; ``exclude`` removes them, so fewer than n
 may be selected. Sampled modes (`acc`, `rand`) draw with the given seeded generator and
-ignore the option (`acc` never draws a zero-variance group: its a_p is 0 or 1).
+ignore the option: `acc` draws first among 0.2 <= a_p <= 0.8, where no zero-variance group is
+(a zero-variance group has a_p = 0 or 1), but its fill step, when fewer than n qualify, draws
+from the other candidates and so can take one.
+
+Each mode is one `ModeRule` in `RULES`: the inputs it reads, and either its score function
+(ranked modes) or its draw (sampled modes); what a mode needs computed (`needs`) and whether it
+reads the validation direction (`uses_validation`) follow from its inputs.
 
 Hostile numbers never turn into scores (see `select`): a candidate whose inputs are NaN or Inf
 is skipped and counted; a zero or non-finite validation direction falls back to `rand`.
@@ -25,7 +31,8 @@ from typing import Literal
 
 import numpy as np
 
-EPS = 1e-5
+from gradalign.core.common import EPS
+
 Mode = Literal[
     "sim", "dot", "norm", "align", "negsim", "simacc", "accgreedy", "acc", "rand", "none"
 ]
@@ -92,75 +99,6 @@ def score_accgreedy(c: Candidates) -> np.ndarray:
     return -np.abs(_req(c.pass_rate, "pass rates") - 0.5)
 
 
-# mode -> (score function, take the top (True) or the bottom (False), uses gradients)
-RANKED: dict[str, tuple[Callable[[Candidates], np.ndarray], bool, bool]] = {
-    "sim": (score_sim, True, True),
-    "dot": (score_dot, True, True),
-    "norm": (score_norm, True, True),
-    "align": (score_align, True, True),
-    "negsim": (score_sim, False, True),
-    "simacc": (score_simacc, True, True),
-    "accgreedy": (score_accgreedy, True, False),
-}
-
-
-# mode -> the Candidates fields it reads; a candidate with a non-finite one is skipped
-INPUTS: dict[str, tuple[str, ...]] = {
-    "sim": ("dot_val", "norm"),
-    "dot": ("dot_val",),
-    "norm": ("norm",),
-    "align": ("dot_chunk", "norm"),
-    "negsim": ("dot_val", "norm"),
-    "simacc": ("dot_val", "norm", "pass_rate"),
-    "accgreedy": ("pass_rate",),
-    "acc": ("pass_rate",),
-}
-
-
-def finite_inputs(mode: str, c: Candidates) -> np.ndarray:
-    """True where every input `mode` reads is finite (absent inputs are not checked). # [P]"""
-    ok = np.ones(len(c.ids), dtype=bool)
-    for name in INPUTS.get(mode, ()):
-        values = getattr(c, name)
-        if values is not None:
-            ok &= np.isfinite(values)
-    return ok
-
-
-def needs(mode: str) -> set[str]:
-    """What a mode needs computed: 'rollouts' (pass rates) and/or 'gradients'."""
-    if mode in ("rand", "none"):
-        return set()
-    if mode in ("acc", "accgreedy"):
-        return {"rollouts"}
-    return {"rollouts", "gradients"}
-
-
-def rank_top(scores: np.ndarray, ids: np.ndarray, top: bool = True) -> np.ndarray:
-    """Positions sorted best first; ties by ascending id. # [P] -> [P]"""
-    key = -scores if top else scores
-    return np.lexsort((ids, key))
-
-
-def select_ranked(mode: str, c: Candidates, n: int, zero_variance: ZeroVariance) -> Selection:
-    score_fn, top, uses_grads = RANKED[mode]
-    with np.errstate(all="ignore"):  # non-finite inputs are masked below
-        scores = score_fn(c).astype(np.float64)
-    ok = finite_inputs(mode, c)
-    zv = c.zero_variance if c.zero_variance is not None else np.zeros(len(c.ids), bool)
-    if uses_grads:
-        scores[zv] = 0.0  # g_p = 0 exactly; guard against round-off
-    scores[~ok] = np.nan  # no score: never ranked, never selected
-    order = rank_top(scores, c.ids, top)
-    order = order[ok[order]]
-    excluded = 0
-    if zero_variance != "zero":
-        keep, drop = order[~zv[order]], order[zv[order]]
-        order = keep if zero_variance == "exclude" else np.concatenate([keep, drop])
-        excluded = len(drop) if zero_variance == "exclude" else 0
-    return Selection(c.ids[order[:n]], scores, excluded, int((~ok).sum()))
-
-
 def select_acc(c: Candidates, n: int, rng: np.random.Generator) -> Selection:
     """Uniform sample from {p : 0.2 <= a_p <= 0.8}; if fewer than n qualify, all of them
     and the rest drawn uniformly from the others (so every mode trains on n problems)."""
@@ -179,9 +117,106 @@ def select_rand(c: Candidates, n: int, rng: np.random.Generator) -> Selection:
     return Selection(c.ids[chosen], np.full(len(c.ids), np.nan))
 
 
+def select_none(c: Candidates, n: int, rng: np.random.Generator) -> Selection:
+    """No selection: the whole chunk, in chunk order (the loop trains on the whole pool)."""
+    return Selection(c.ids.copy(), np.full(len(c.ids), np.nan))
+
+
+GRADIENT_INPUTS = ("dot_val", "dot_chunk", "norm")
+
+
+@dataclass(frozen=True)
+class ModeRule:
+    """One selection mode: what it reads and how it chooses. A mode either ranks (``score``:
+    top-n, or bottom-n when not ``top``) or draws (``draw``, with the seeded generator)."""
+
+    inputs: tuple[str, ...]  # the Candidates fields it reads; a non-finite one skips a candidate
+    score: Callable[[Candidates], np.ndarray] | None = None
+    top: bool = True
+    draw: Callable[[Candidates, int, np.random.Generator], Selection] | None = None
+
+    @property
+    def uses_gradients(self) -> bool:
+        return any(name in GRADIENT_INPUTS for name in self.inputs)
+
+    @property
+    def uses_validation(self) -> bool:
+        """Whether it scores with the validation direction g^_V (reads dot_val)."""
+        return "dot_val" in self.inputs
+
+    @property
+    def needs(self) -> set[str]:
+        """What must be computed for it: 'rollouts' (pass rates) and/or 'gradients'."""
+        if self.uses_gradients:
+            return {"rollouts", "gradients"}
+        return {"rollouts"} if "pass_rate" in self.inputs else set()
+
+
+RULES: dict[str, ModeRule] = {
+    "sim": ModeRule(("dot_val", "norm"), score_sim),
+    "dot": ModeRule(("dot_val",), score_dot),
+    "norm": ModeRule(("norm",), score_norm),
+    "align": ModeRule(("dot_chunk", "norm"), score_align),
+    "negsim": ModeRule(("dot_val", "norm"), score_sim, top=False),  # ablation: bottom-n
+    "simacc": ModeRule(("dot_val", "norm", "pass_rate"), score_simacc),
+    "accgreedy": ModeRule(("pass_rate",), score_accgreedy),
+    "acc": ModeRule(("pass_rate",), draw=select_acc),
+    "rand": ModeRule((), draw=select_rand),
+    "none": ModeRule((), draw=select_none),
+}
+assert tuple(RULES) == MODES
+
+
+def rule(mode: str) -> ModeRule:
+    if mode not in RULES:
+        raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+    return RULES[mode]
+
+
+def finite_inputs(mode: str, c: Candidates) -> np.ndarray:
+    """True where every input `mode` reads is finite (absent inputs are not checked). # [P]"""
+    ok = np.ones(len(c.ids), dtype=bool)
+    for name in RULES[mode].inputs:
+        values = getattr(c, name)
+        if values is not None:
+            ok &= np.isfinite(values)
+    return ok
+
+
+def needs(mode: str) -> set[str]:
+    """What a mode needs computed: 'rollouts' (pass rates) and/or 'gradients'."""
+    return rule(mode).needs
+
+
 def uses_validation(mode: str) -> bool:
     """Whether `mode` scores with the validation direction g^_V (reads dot_val)."""
-    return "dot_val" in INPUTS.get(mode, ())
+    return rule(mode).uses_validation
+
+
+def rank_top(scores: np.ndarray, ids: np.ndarray, top: bool = True) -> np.ndarray:
+    """Positions sorted best first; ties by ascending id. # [P] -> [P]"""
+    key = -scores if top else scores
+    return np.lexsort((ids, key))
+
+
+def select_ranked(mode: str, c: Candidates, n: int, zero_variance: ZeroVariance) -> Selection:
+    mode_rule = RULES[mode]
+    assert mode_rule.score is not None, f"mode '{mode}' draws, it does not rank"
+    with np.errstate(all="ignore"):  # non-finite inputs are masked below
+        scores = mode_rule.score(c).astype(np.float64)
+    ok = finite_inputs(mode, c)
+    zv = c.zero_variance if c.zero_variance is not None else np.zeros(len(c.ids), bool)
+    if mode_rule.uses_gradients:
+        scores[zv] = 0.0  # g_p = 0 exactly; guard against round-off
+    scores[~ok] = np.nan  # no score: never ranked, never selected
+    order = rank_top(scores, c.ids, mode_rule.top)
+    order = order[ok[order]]
+    excluded = 0
+    if zero_variance != "zero":
+        keep, drop = order[~zv[order]], order[zv[order]]
+        order = keep if zero_variance == "exclude" else np.concatenate([keep, drop])
+        excluded = len(drop) if zero_variance == "exclude" else 0
+    return Selection(c.ids[order[:n]], scores, excluded, int((~ok).sum()))
 
 
 def select(
@@ -194,7 +229,7 @@ def select(
     """Choose n of the chunk's problems under `mode`.
 
     Non-finite inputs: a candidate with a NaN or Inf among the inputs its mode reads
-    (`INPUTS`: dot_val, dot_chunk, norm, pass_rate) is skipped -- score NaN, never ranked or
+    (`ModeRule.inputs`: dot_val, dot_chunk, norm, pass_rate) is skipped -- score NaN, never ranked or
     drawn, so fewer than n may be chosen -- and counted in `Selection.skipped_nonfinite`; the
     other candidates' scores are unaffected. A `SelectionWarning` names the first ids.
 
@@ -206,10 +241,9 @@ def select(
     """
     if n < 1:
         raise ValueError(f"selection size n must be >= 1, got {n}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+    mode_rule = rule(mode)
     if (
-        uses_validation(mode)
+        mode_rule.uses_validation
         and c.val_norm is not None
         and not (np.isfinite(c.val_norm) and c.val_norm > 0)
     ):
@@ -222,19 +256,15 @@ def select(
             stacklevel=2,
         )
         return replace(select_rand(c, n, rng), fallback="zero_validation_gradient")
-    if mode in RANKED:
+    if mode_rule.draw is not None:
+        sel = mode_rule.draw(c, n, rng)
+    else:
         sel = select_ranked(mode, c, n, zero_variance)
-    elif mode == "acc":
-        sel = select_acc(c, n, rng)
-    elif mode == "rand":
-        return select_rand(c, n, rng)
-    else:  # none
-        return Selection(c.ids.copy(), np.full(len(c.ids), np.nan))
     if sel.skipped_nonfinite:
         bad = c.ids[~finite_inputs(mode, c)]
         warnings.warn(
             f"selection mode '{mode}': skipped {len(bad)} of {len(c.ids)} candidates with a "
-            f"NaN or Inf in {', '.join(INPUTS[mode])} (problem ids "
+            f"NaN or Inf in {', '.join(mode_rule.inputs)} (problem ids "
             f"{', '.join(map(str, bad[:5].tolist()))}{', ...' if len(bad) > 5 else ''})",
             SelectionWarning,
             stacklevel=2,

@@ -1,2 +1,3 @@
-"""Problems and where they come from: the `Problem` record and chunk schedule (`problems`),
-problem files (`files`), built-in task families and data regimes (`tasks`), rewards (`rewards`)."""
+"""Problems and where they come from: the `Problem` record, the seed streams and the chunk
+schedule (`problems`), problem files (`files`), built-in task families and data regimes
+(`tasks`), rewards (`rewards`)."""

@@ -1,4 +1,4 @@
-"""Problems, their JSONL I/O, and the chunking of a pool into rounds.
+"""Problems, their JSON records, and the chunking of a pool into rounds.
 
 A *problem* is one prompt with its reference answer, a ``source`` label and a stable
 integer ``id``. The *pool* is the list of candidate training problems; a *chunk* is the
@@ -9,8 +9,8 @@ the pool (one permutation per pass).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
@@ -20,9 +20,19 @@ class ProblemError(ValueError):
     """A problem record is malformed; the message names the file, line and field."""
 
 
-def round_seed(seed: int, round_: int, stream: int) -> int:
+class Stream(IntEnum):
+    """The random streams of a round, each seeded `round_seed(seed, round, stream)`."""
+
+    CANDIDATES = 1  # candidate rollouts
+    VALIDATION = 2  # validation rollouts
+    SELECT = 3  # the draws of the sampled modes (acc, rand, the zero-gradient fallback)
+    EVAL = 4  # eval rollouts
+    TRAIN = 5  # the round's GRPO steps: the loop's trainer, the TRL callback's row order
+
+
+def round_seed(seed: int, round_: int, stream: Stream) -> int:
     """A distinct, reproducible seed per (run seed, round, stream)."""
-    return int(np.random.SeedSequence([seed, round_ + 1, stream]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, round_ + 1, int(stream)]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -35,9 +45,6 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # `meta` records what a regime did to the problem (e.g. {"corruption": "coinflip"}),
     # for measurement only: selection never reads it.
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 _REQUIRED = {"id": int, "prompt": str, "answer": str, "source": str}
@@ -91,32 +98,6 @@ def decode_json_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:
         return None, f"invalid JSON ({err})"
     except RecursionError:
         return None, "invalid JSON (nested too deeply)"
-
-
-def read_problems(path: str | Path) -> list[Problem]:
-    """Read problems from a JSONL file (one object per line, blank lines ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ProblemError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
-    problems: list[Problem] = []
-    seen: dict[int, int] = {}
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            decoded = decode_json_line(raw, lineno)
-            if decoded is None:
-                continue
-            rec, error = decoded
-            if error is not None:
-                raise ProblemError(f"{where}: {error}")
-            problem = problem_from_record(rec, where)
-            if problem.id in seen:
-                raise ProblemError(
-                    f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
-                )
-            seen[problem.id] = lineno
-            problems.append(problem)
-    return problems
 
 
 def check_disjoint(a: list[Problem], b: list[Problem], names: tuple[str, str]) -> None:

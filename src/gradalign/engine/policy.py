@@ -15,10 +15,22 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no per-file bars in our logs
+# The built-in models and local model directories need no model hub. A process that only runs
+# them (the `gradalign` command) turns hub access off, and its per-file bars, before
+# transformers is imported; importing this module changes nothing.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def use_offline_hub() -> None:
+    """Set `OFFLINE_ENV` in this process (a variable already set is kept): for an entry
+    point, before transformers, datasets or TRL is imported (they read it at import)."""
+    for name, value in OFFLINE_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def quiet_transformers() -> None:

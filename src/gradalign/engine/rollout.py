@@ -1,6 +1,7 @@
-"""Rollouts: k sampled completions per problem with HF `generate`, and their rewards.
+"""Rollouts: `group_size` sampled completions per problem with HF `generate`, and their rewards.
 
-Notation: P problems · k rollouts per problem · N = P*k sequences.
+Notation: P problems · G = group_size rollouts per problem (k_r for candidates, k_v for
+validation problems, 1 for greedy eval) · N = P*G sequences.
 The sampled token ids are kept exactly as generated (EOS included when it was sampled; the
 padding after it dropped), so scoring never re-tokenises text.
 """
@@ -98,17 +99,17 @@ def score_rollouts(
     problems: list[Problem],
     prompt_ids: list[list[int]],
     completions: list[list[int]],
-    k: int,
+    group_size: int,
     salt: str,
 ) -> Rollouts:
-    """Decode k completions per problem (problem-major order) and reward each with its
+    """Decode `group_size` completions per problem (problem-major order) and reward each with its
     problem's reward function; rollout i gets the salt "{salt}:{i}" (coin-flip rewards).
 
     A reward function that raises or returns NaN / Inf / a non-number scores that rollout 0.0
     (a check that cannot be made is not a pass; training sees the same through
     `score_completion`); such rollouts are counted in `Rollouts.bad_rewards` and one
     `RewardWarning` per call names the first (problem id, source, reward) and the count."""
-    group = np.repeat(np.arange(len(problems)), k)
+    group = np.repeat(np.arange(len(problems)), group_size)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     checked = [
         checked_reward(problems[g], t, salt=f"{salt}:{i}")
@@ -146,7 +147,7 @@ def generate(
     model,
     tokenizer,
     problems: list[Problem],
-    k: int,
+    group_size: int,
     sampling: SamplingConfig,
     seed: int,
     greedy: bool = False,
@@ -154,15 +155,15 @@ def generate(
     progress: Callable[[int], None] | None = None,
     prompt_ids: list[list[int]] | None = None,
 ) -> Rollouts:
-    """k completions for each problem (greedy: k must be 1), rewarded by each problem's
+    """`group_size` completions for each problem (greedy: 1), rewarded by each problem's
     reward function. Seeded: the same model, problems and seed give the same rollouts.
     `prompt_ids` gives the prompts' tokens directly (default: the chat-formatted prompt)."""
     if prompt_ids is None:
         prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
     completions = sample_completions(
-        model, tokenizer, prompt_ids, k, sampling, seed, greedy, progress
+        model, tokenizer, prompt_ids, group_size, sampling, seed, greedy, progress
     )
-    return score_rollouts(tokenizer, problems, prompt_ids, completions, k, salt)
+    return score_rollouts(tokenizer, problems, prompt_ids, completions, group_size, salt)
 
 
 def num_batches(n_prompts: int, sampling: SamplingConfig) -> int:
@@ -174,18 +175,18 @@ def sample_completions(
     model,
     tokenizer,
     prompt_ids: list[list[int]],
-    k: int,
+    group_size: int,
     sampling: SamplingConfig,
     seed: int,
     greedy: bool = False,
     progress: Callable[[int], None] | None = None,
     batches: range | None = None,
 ) -> list[list[int]]:
-    """k completions per prompt (prompt-major), in batches of `sampling.prompts_per_batch`
+    """`group_size` completions per prompt (prompt-major), in batches of `sampling.prompts_per_batch`
     prompts; batch b samples with seed + b, so any run of `batches` (one rank's share) gives
     exactly the completions the whole would give for those prompts."""
-    if greedy and k != 1:
-        raise ValueError("greedy decoding gives one completion per problem (k=1)")
+    if greedy and group_size != 1:
+        raise ValueError("greedy decoding gives one completion per problem (group_size=1)")
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     size = sampling.prompts_per_batch
@@ -213,7 +214,7 @@ def sample_completions(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=k,
+                num_return_sequences=group_size,
                 pad_token_id=pad_id,
                 eos_token_id=eos_id,
                 **kwargs,

@@ -80,8 +80,6 @@ class GRPOTraining:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         self._dataset_cls = Dataset
         self.by_id: dict[int, Problem] = {}
-        self.cfg = cfg
-        self.seed = seed
         self._calls = itertools.count()
         self._round_seed = 0
         self.on_step: Callable[[], None] | None = None

@@ -159,28 +159,28 @@ def generate_vllm(
     model,
     tokenizer,
     problems: list[Problem],
-    k: int,
+    group_size: int,
     sampling: SamplingConfig,
     seed: int,
     greedy: bool = False,
     salt: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> Rollouts:
-    """`gradalign.engine.rollout.generate` on a vLLM engine: k completions per problem (greedy: k
-    must be 1) from `model`'s current weights. Problem i samples with seed ``seed + i``, so the
+    """`gradalign.engine.rollout.generate` on a vLLM engine: `group_size` completions per
+    problem (greedy: 1) from `model`'s current weights. Problem i samples with seed ``seed + i``, so the
     same weights, problems and seed give the same rollouts whatever the batching.
 
     ``functools.partial(generate_vllm, engine)`` has `rollout.generate`'s signature."""
     from vllm import SamplingParams
 
-    if greedy and k != 1:
-        raise ValueError("greedy decoding gives one completion per problem (k=1)")
+    if greedy and group_size != 1:
+        raise ValueError("greedy decoding gives one completion per problem (group_size=1)")
     engine.sync_weights(model)
     eos_id = tokenizer.eos_token_id
     prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
     params = [
         SamplingParams(
-            n=k,
+            n=group_size,
             temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
             max_tokens=sampling.max_new_tokens,
@@ -199,4 +199,4 @@ def generate_vllm(
             completions.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
     if progress is not None:
         progress(len(problems))
-    return score_rollouts(tokenizer, problems, prompt_ids, completions, k, salt)
+    return score_rollouts(tokenizer, problems, prompt_ids, completions, group_size, salt)

@@ -2,10 +2,12 @@
 
 Add GradAlign data selection to an existing TRL GRPO script with a few lines::
 
+    from gradalign.config import RolloutConfig, SelectConfig
     from gradalign.integrations.trl_callback import GradAlignCallback
 
-    cb = GradAlignCallback(validation=val_ds, reward_funcs=[my_reward], mode="sim",
-                           chunk_size=64, select=16, steps_per_round=4, k_r=8, k_v=8, seed=0)
+    cb = GradAlignCallback(validation=val_ds, reward_funcs=[my_reward],
+                           select=SelectConfig(mode="sim", chunk_size=64, k=4),
+                           steps_per_round=4, seed=0)
     trainer = GRPOTrainer(model, reward_funcs=[my_reward], args=args, train_dataset=ds,
                           callbacks=[cb])
     cb.attach(trainer)  # installs the sampler; required (see `GradAlignCallback.attach`)
@@ -16,15 +18,19 @@ Both datasets use TRL's row format: ``prompt`` (a string, or a conversational li
 messages) plus any extra columns, which the reward functions receive as keyword arguments.
 
 What happens each round (every ``steps_per_round`` optimizer steps), with the current policy:
+the round scoring of `gradalign run` (`gradalign.engine.round_scoring`, the same code, metric
+names and seed streams), on the train dataset's rows:
 
-1. the next chunk of ``chunk_size`` rows of the train dataset (`ChunkSchedule`: seeded
+1. the next chunk of ``select.chunk_size`` rows of the train dataset (`ChunkSchedule`: seeded
    shuffles of the dataset, chunks cycle through it);
-2. ``k_r`` rollouts per chunk row and, for the gradient modes, ``k_v`` per validation row
-   (`gradalign.engine.rollout.generate`), rewarded by the TRL reward functions (`trl_rewards`);
-3. each row's GRPO group gradient aligned with the validation direction
-   (`gradalign.scoring.fastscore`), then `gradalign.core.selection.select` picks ``select`` rows;
+2. ``rollout.k_r`` rollouts per chunk row and, for the gradient modes, ``rollout.k_v`` per
+   validation row (`gradalign.engine.rollout.generate` from TRL's prompt tokens), rewarded by
+   the TRL reward functions (`trl_rewards`);
+3. `round_scoring.score_chunk` scores the rows and `round_scoring.select_chunk` picks
+   n = ``select.chunk_size // select.k`` of them; mode ``none`` selects the whole train
+   dataset, as `gradalign run` trains on the whole pool (plain GRPO, no rollouts);
 4. the round's ``steps_per_round`` steps train on those rows only, in TRL's batch layout
-   (`RoundSampler`). A record of the round is appended to ``history`` and its summary is
+   (`RoundSampler`). A record of the round is appended to ``history`` and its metrics are
    added to the trainer's training logs (``gradalign/*`` keys).
 
 Requires a single process (one device), ``dataloader_num_workers=0``, a map-style
@@ -33,157 +39,31 @@ Requires a single process (one device), ``dataloader_num_workers=0``, a map-styl
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-from gradalign.core import alignment, selection
-from gradalign.data.problems import ChunkSchedule, Problem, round_seed
-from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
-from gradalign.scoring import fastscore
-
-Row = Mapping[str, Any]
-RewardFunc = Callable[..., Sequence[float | None]]
-STREAM_CANDIDATES, STREAM_VALIDATION, STREAM_SELECT, STREAM_ORDER = 1, 2, 3, 4
-
-
-class RoundSampler(Sampler[int]):
-    """TRL's `RepeatSampler` index stream, over each round's selected rows only.
-
-    Per round r, with G = ``num_generations``, B = ``batch_size`` (distinct prompts per
-    generation batch), R = ``repeat_count`` and U = ``generation_batches``:
-
-    - ``select_round(r)`` is called when the first index of round r is requested, never
-      earlier: the stream is a generator, so a round's rows are chosen lazily;
-    - the chosen rows are shuffled (seeded per round) and cycled to fill U * B slots;
-    - each generation batch of B rows is emitted R times in a row, each row G times in a row
-      (TRL: ``mini_repeat_count=G``, ``batch_size=generation_batch_size // G``,
-      ``repeat_count=num_iterations * steps_per_generation``), so generation batches are whole
-      and every prompt comes in whole groups.
-
-    One iteration yields ``rounds`` rounds; round numbers continue across iterations
-    (epochs) from ``first_round``.
-    """
-
-    def __init__(
-        self,
-        select_round: Callable[[int], Sequence[int]],
-        num_generations: int,
-        batch_size: int,
-        repeat_count: int,
-        generation_batches: int,
-        rounds: int,
-        seed: int = 0,
-        first_round: int = 0,
-    ) -> None:
-        self.select_round = select_round
-        self.num_generations = num_generations
-        self.batch_size = batch_size
-        self.repeat_count = repeat_count
-        self.generation_batches = generation_batches
-        self.rounds = rounds
-        self.seed = seed
-        self.next_round = first_round
-
-    @property
-    def round_length(self) -> int:
-        return self.generation_batches * self.repeat_count * self.batch_size * self.num_generations
-
-    def __len__(self) -> int:
-        return self.rounds * self.round_length
-
-    def __iter__(self) -> Iterator[int]:
-        for _ in range(self.rounds):
-            r, self.next_round = self.next_round, self.next_round + 1
-            chosen = [int(i) for i in self.select_round(r)]
-            if not chosen:
-                raise ValueError(f"round {r}: the selection is empty")
-            yield from self.round_indices(r, chosen)
-
-    def round_indices(self, r: int, chosen: Sequence[int]) -> Iterator[int]:
-        rng = np.random.default_rng(round_seed(self.seed, r, STREAM_ORDER))
-        slots = self.generation_batches * self.batch_size
-        order: list[int] = []
-        while len(order) < slots:
-            order.extend(int(i) for i in rng.permutation(chosen))
-        for u in range(self.generation_batches):
-            batch = order[u * self.batch_size : (u + 1) * self.batch_size]
-            for _ in range(self.repeat_count):
-                for index in batch:
-                    yield from [index] * self.num_generations
-
-
-def trl_prompt_ids(trainer: Any, prompts: list[Any]) -> list[list[int]]:
-    """Prompt token ids as TRL 1.16's `GRPOTrainer` builds them: the chat template with the
-    generation prompt for conversational prompts, plain tokenisation for strings."""
-    from trl import is_conversational
-
-    tok = trainer.processing_class
-    if is_conversational({"prompt": prompts[0]}):
-        enc = tok.apply_chat_template(
-            conversation=prompts,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            chat_template=getattr(trainer, "chat_template", None),
-            **(trainer.args.chat_template_kwargs or {}),
-        )
-        return [list(ids) for ids in enc["input_ids"]]
-    return [list(ids) for ids in tok(text=prompts)["input_ids"]]
-
-
-def _ignore(*_: Any, **__: Any) -> None:
-    """Stands in for TRL's `log_extra` / `log_metric` hooks during the callback's rollouts."""
-
-
-def trl_rewards(
-    reward_funcs: Sequence[RewardFunc],
-    weights: Sequence[float],
-    rows: Sequence[Row],
-    rollouts: Rollouts,
-    trainer_state: Any = None,
-) -> np.ndarray:
-    """Rewards of rollouts of `rows` under TRL-style reward functions: each is called once
-    with ``prompts``, ``completions`` (text, or ``[{"role": "assistant", "content": ...}]``
-    for conversational prompts), ``completion_ids``, ``trainer_state`` and every other
-    column of the rows, one entry per rollout; like TRL, the weighted sum over functions with
-    None counted as missing (nansum). # [N]"""
-    from trl import is_conversational
-
-    group = rollouts.group
-    prompts = [rows[g]["prompt"] for g in group]
-    completions: list[Any] = list(rollouts.texts)
-    if is_conversational({"prompt": prompts[0]}):
-        completions = [[{"role": "assistant", "content": t}] for t in rollouts.texts]
-    skip = ("prompt", "completion", "completion_ids")
-    columns = {k: [rows[g][k] for g in group] for k in rows[0] if k not in skip}
-    table = np.zeros((len(prompts), len(reward_funcs)))
-    for c, fn in enumerate(reward_funcs):
-        out = list(
-            fn(
-                prompts=prompts,
-                completions=completions,
-                completion_ids=[list(ids) for ids in rollouts.completion_ids],
-                trainer_state=trainer_state,
-                log_extra=_ignore,
-                log_metric=_ignore,
-                **columns,
-            )
-        )
-        if len(out) != len(prompts):
-            name = getattr(fn, "__name__", repr(fn))
-            raise ValueError(
-                f"reward function {name} returned {len(out)} rewards for {len(prompts)}"
-            )
-        table[:, c] = [math.nan if v is None else float(v) for v in out]
-    return np.nansum(table * np.asarray(weights, dtype=np.float64), axis=1)
+from gradalign.config import RolloutConfig, SelectConfig, check_rollout, check_select
+from gradalign.core import selection
+from gradalign.data.problems import ChunkSchedule, Problem
+from gradalign.engine.rollout import Rollouts, generate
+from gradalign.engine.round_scoring import (
+    RoundScores,
+    sampling_config,
+    score_chunk,
+    select_chunk,
+    selection_metrics,
+    timed,
+)
+from gradalign.integrations.round_sampler import RoundSampler
+from gradalign.integrations.trl_rows import RewardFunc, Row, trl_prompt_ids, trl_rewards
 
 
 class GradAlignCallback(TrainerCallback):
@@ -194,23 +74,25 @@ class GradAlignCallback(TrainerCallback):
             gradient is the reference direction; never trained on.
         reward_funcs: TRL-style reward functions used to reward the callback's rollouts;
             default: the trainer's own (rewards for selection should be the training rewards).
-        mode: a `gradalign.core.selection` mode: sim (GradAlign), dot, norm, align, negsim, simacc,
-            accgreedy, acc, rand, or none (train on the whole chunk).
-        chunk_size: train rows scored per round (M); at most the train dataset's size.
-        select: rows trained on per round (n).
+        select: the `gradalign.config.SelectConfig` of `gradalign run`: ``mode`` (sim, dot,
+            norm, align, negsim, simacc, accgreedy, acc, rand, none), ``chunk_size`` (train rows
+            scored per round, at most the train dataset's size), ``k`` (n = chunk_size // k rows
+            trained on per round) and the scoring options; checked as the config checks it.
+            Mode ``none`` scores nothing and trains every round on the whole train dataset.
+        rollout: the `gradalign.config.RolloutConfig`: ``k_r``, ``k_v`` (rollouts per chunk row
+            and per validation row, >= 2) and the sampling; ``backend`` must be "hf". Default:
+            ``k_r = k_v = 8`` at the trainer's ``temperature``, ``top_p`` and
+            ``max_completion_length``.
         steps_per_round: optimizer steps per round.
-        k_r, k_v: rollouts per chunk row and per validation row.
         seed: seeds the chunk shuffles, rollouts, sampled modes and the in-round order.
-        sampling: rollout sampling; default: the trainer's temperature, top_p and
-            max_completion_length.
-        params, val_aggregate, scale_advantages, groups_per_micro, zero_variance: scoring and
-            selection options, as in `gradalign.config.SelectConfig`.
         reward_weights: per reward function; default: 1 each, or with the trainer's reward
             functions, the trainer's ``args.reward_weights``.
 
     ``history`` holds one dict per round: ``round``, ``scored_at_step`` (trainer step when it
     was scored), ``chunk`` and ``selected`` (train-dataset row indices; selected in rank
-    order), ``scores`` and ``pass_rate`` (per chunk row), ``metrics`` and ``seconds``.
+    order), ``scores`` and ``pass_rate`` (per chunk row), ``metrics`` (the names of
+    `gradalign.engine.round_scoring`), ``features`` (with ``select.project_dim``) and
+    ``seconds``.
     """
 
     def __init__(
@@ -218,39 +100,30 @@ class GradAlignCallback(TrainerCallback):
         validation: Sequence[Row],
         reward_funcs: Sequence[RewardFunc] | None = None,
         *,
-        mode: str = "sim",
-        chunk_size: int = 64,
-        select: int = 16,
+        select: SelectConfig | None = None,
+        rollout: RolloutConfig | None = None,
         steps_per_round: int = 4,
-        k_r: int = 8,
-        k_v: int = 8,
         seed: int = 0,
-        sampling: SamplingConfig | None = None,
-        params: str = "all",
-        val_aggregate: alignment.ValAggregate = "sum",
-        scale_advantages: bool = False,
-        groups_per_micro: int = 16,
-        zero_variance: selection.ZeroVariance = "zero",
         reward_weights: Sequence[float] | None = None,
     ) -> None:
-        if mode not in selection.MODES:
-            raise ValueError(f"mode '{mode}': expected one of {', '.join(selection.MODES)}")
-        sizes = {"chunk_size": chunk_size, "select": select, "k_r": k_r, "k_v": k_v}
-        for name, value in (sizes | {"steps_per_round": steps_per_round}).items():
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if select > chunk_size:
-            raise ValueError(f"select ({select}) must be <= chunk_size ({chunk_size})")
+        self.select = select if select is not None else SelectConfig()
+        check_select(self.select)
+        if rollout is not None:
+            check_rollout(rollout)
+            if rollout.backend != "hf":
+                raise ValueError(
+                    f"rollout.backend: {rollout.backend!r}, but GradAlignCallback samples with "
+                    "HF generate; use 'hf'"
+                )
+        self.rollout = rollout
+        if steps_per_round < 1:
+            raise ValueError(f"steps_per_round must be >= 1, got {steps_per_round}")
         self.validation = [dict(row) for row in validation]
-        if not self.validation and "gradients" in selection.needs(mode):
-            raise ValueError(f"mode '{mode}' needs a non-empty validation set")
+        if not self.validation and "gradients" in selection.needs(self.select.mode):
+            raise ValueError(f"mode '{self.select.mode}' needs a non-empty validation set")
         self.reward_funcs = list(reward_funcs) if reward_funcs is not None else None
         self.reward_weights = list(reward_weights) if reward_weights is not None else None
-        self.mode, self.chunk_size, self.n_select = mode, chunk_size, select
-        self.steps_per_round, self.k_r, self.k_v, self.seed = steps_per_round, k_r, k_v, seed
-        self.sampling, self.params, self.val_aggregate = sampling, params, val_aggregate
-        self.scale_advantages, self.groups_per_micro = scale_advantages, groups_per_micro
-        self.zero_variance = zero_variance
+        self.steps_per_round, self.seed = steps_per_round, seed
         self.history: list[dict[str, Any]] = []
         self.trainer: Any = None
         self._schedule: ChunkSchedule | None = None
@@ -287,8 +160,17 @@ class GradAlignCallback(TrainerCallback):
             raise ValueError("GradAlignCallback's rollouts do not run tools")
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
             raise ValueError("GradAlignCallback needs a map-style train_dataset")
-        if len(dataset) < self.chunk_size:
-            raise ValueError(f"chunk_size {self.chunk_size} > train_dataset size {len(dataset)}")
+        if len(dataset) < self.select.chunk_size:
+            raise ValueError(
+                f"select.chunk_size {self.select.chunk_size} > train_dataset size {len(dataset)}"
+            )
+        if self.rollout is None:  # the trainer's sampling
+            self.rollout = RolloutConfig(
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_new_tokens=args.max_completion_length,
+            )
+            check_rollout(self.rollout)
         if self.reward_funcs is None:  # the trainer's rewards, with the trainer's weights
             self.reward_funcs = list(trainer.reward_funcs)
             self.reward_weights = self.reward_weights or args.reward_weights
@@ -300,7 +182,7 @@ class GradAlignCallback(TrainerCallback):
             raise ValueError(
                 f"{len(self.reward_weights)} reward_weights for {len(funcs)} functions"
             )
-        self._schedule = ChunkSchedule(len(dataset), self.chunk_size, self.seed)
+        self._schedule = ChunkSchedule(len(dataset), self.select.chunk_size, self.seed)
         self.trainer = trainer
         trainer._get_train_sampler = self.make_sampler  # the one private hook (see above)
         callbacks = trainer.callback_handler.callbacks
@@ -349,87 +231,73 @@ class GradAlignCallback(TrainerCallback):
         model = trainer.accelerator.unwrap_model(trainer.model)
         positions = self._schedule.chunk(r)
         rows = [trainer.train_dataset[int(i)] for i in positions]
+        timings: dict[str, float] = {}
         was_training = model.training
         try:
-            cands, metrics = self._candidates(model, positions, rows, r)
+            scored = self._score(model, rows, positions.astype(int), r, timings)
         finally:
             model.train(was_training)
-        rng = np.random.default_rng(round_seed(self.seed, r, STREAM_SELECT))
-        sel = selection.select(self.mode, cands, self.n_select, rng, self.zero_variance)
+        with timed(timings, "time/selection_s"):
+            pool = np.arange(len(trainer.train_dataset))
+            sel = select_chunk(scored, self.select, self.seed, r, pool)
         chosen = [int(i) for i in sel.ids] or [int(i) for i in positions]  # "exclude" left none
-        if cands.pass_rate is not None:
-            rate = dict(zip(positions.tolist(), cands.pass_rate.tolist()))
-            metrics["selected_pass_rate"] = float(np.mean([rate[i] for i in chosen]))
-        self.history.append(
-            {
-                "round": r,
-                "scored_at_step": trainer.state.global_step,
-                "chunk": positions.tolist(),
-                "selected": chosen,
-                "scores": sel.scores.tolist(),
-                "pass_rate": None if cands.pass_rate is None else cands.pass_rate.tolist(),
-                "metrics": metrics,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
+        metrics = scored.metrics | selection_metrics(chosen, scored.candidates, sel) | timings
+        pass_rate = scored.candidates.pass_rate
+        record = {
+            "round": r,
+            "scored_at_step": trainer.state.global_step,
+            "chunk": positions.tolist(),
+            "selected": chosen,
+            "scores": sel.scores.tolist(),
+            "pass_rate": None if pass_rate is None else pass_rate.tolist(),
+            "metrics": metrics,
+        }
+        if scored.features is not None:
+            record["features"] = scored.features
+        self.history.append(record | {"seconds": time.perf_counter() - t0})
         return chosen
 
-    def _candidates(
-        self, model: Any, positions: np.ndarray, rows: list[Row], r: int
-    ) -> tuple[selection.Candidates, dict[str, float]]:
-        ids = positions.astype(int)
-        need = selection.needs(self.mode)
-        if not need:
-            return selection.Candidates(ids), {}
-        cand = self._rollouts(model, rows, ids, self.k_r, round_seed(self.seed, r, 1), f"c{r}")
-        rates, zv = cand.pass_rates(), cand.zero_variance()
-        metrics = {"chunk_pass_rate": float(rates.mean()), "chunk_zero_variance": float(zv.mean())}
-        if "gradients" not in need:
-            return selection.Candidates(ids, rates, zv), metrics
-        val_ids = np.arange(len(self.validation))
-        seed = round_seed(self.seed, r, STREAM_VALIDATION)
-        val = self._rollouts(model, self.validation, val_ids, self.k_v, seed, f"v{r}")
-        metrics["val_pass_rate"] = float(val.rewards.mean())
-        al = self._alignment(model, cand, val)
-        metrics["cos_mean"] = float(np.mean(al.cos_val))
-        cands = selection.Candidates(
-            ids, rates, zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
+    def _score(
+        self, model: Any, rows: list[Row], ids: np.ndarray, r: int, timings: dict[str, float]
+    ) -> RoundScores:
+        assert self.rollout is not None
+        return score_chunk(
+            model,
+            self.trainer.processing_class,
+            rows,
+            ids,
+            self.validation,
+            self.rollout,
+            self.select,
+            self.seed,
+            r,
+            functools.partial(self._rollouts, model),
+            optimizer=getattr(self.trainer, "optimizer", None),
+            timings=timings,
         )
-        return cands, metrics
 
     def _rollouts(
-        self, model: Any, rows: Sequence[Row], ids: np.ndarray, k: int, seed: int, tag: str
+        self, model: Any, rows: Sequence[Row], group_size: int, seed: int, what: str
     ) -> Rollouts:
-        """k rollouts per row with `rollout.generate` from TRL's prompt tokens, rewarded by
-        the TRL reward functions."""
+        """`group_size` rollouts per row with `rollout.generate` from TRL's prompt tokens,
+        rewarded by the TRL reward functions."""
         trainer = self.trainer
         prompt_ids = trl_prompt_ids(trainer, [row["prompt"] for row in rows])
-        problems = [Problem(int(i), f"{tag}/{j}", "", "trl") for j, i in enumerate(ids)]
-        args = trainer.args
-        sampling = self.sampling or SamplingConfig(
-            args.temperature, args.top_p, args.max_completion_length
-        )
+        problems = [Problem(j, f"{what}/{j}", "", "trl") for j in range(len(rows))]
+        assert self.rollout is not None
+        sampling = sampling_config(self.rollout)
         ro = generate(
-            model, trainer.processing_class, problems, k, sampling, seed, prompt_ids=prompt_ids
+            model,
+            trainer.processing_class,
+            problems,
+            group_size,
+            sampling,
+            seed,
+            prompt_ids=prompt_ids,
         )
         assert self.reward_funcs is not None and self.reward_weights is not None
         rewards = trl_rewards(self.reward_funcs, self.reward_weights, rows, ro, trainer.state)
         return replace(ro, rewards=rewards)
-
-    def _alignment(self, model: Any, cand: Rollouts, val: Rollouts) -> alignment.GroupAlignment:
-        """<g_p, g^_V>, ||g_p|| (and <g_p, g^_C> for `align`) with the batched scorer."""
-        params = alignment.scored_parameters(model, self.params)
-        device = next(model.parameters()).device
-        pad = self.trainer.processing_class.pad_token_id
-        cand_batch = cand.to_batch(pad, self.scale_advantages).to(device)
-        val_batch = val.to_batch(pad, self.scale_advantages).to(device)
-        model.eval()
-        direction = fastscore.batched_validation_direction(
-            model, params, val_batch, self.val_aggregate, self.groups_per_micro
-        )
-        return fastscore.batched_alignment(
-            model, params, cand_batch, direction, self.groups_per_micro, chunk=self.mode == "align"
-        )
 
     # ------------------------------------------------------------------ callback events
     def round_of_step(self, step: int) -> int:

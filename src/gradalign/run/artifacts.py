@@ -1,12 +1,11 @@
-"""The run directory's round artifacts (DESIGN §5): a round's staged rollouts, scores and
-selection, its metrics line, and the run summary. Written by rank 0, atomically."""
+"""The run directory's round artifacts: a round's staged rollouts, scores and selection, its
+metrics line, and the run summary. Written by rank 0, atomically."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +16,11 @@ from gradalign.core.diagnostics import selection_auc
 from gradalign.core.selection import Candidates, Selection
 from gradalign.data.problems import Problem
 from gradalign.data.tasks import TaskSets
-from gradalign.engine.rollout import Rollouts
+from gradalign.engine.round_scoring import RoundScores
 from gradalign.progress import log
 from gradalign.run.checkpoint import crash_point
 from gradalign.rundir import read_json, write_json, write_jsonl, write_npy
 from gradalign.scoring import distributed as dd
-
-
-@dataclass
-class RoundScores:
-    candidates: Candidates
-    rollouts: list[Rollouts]  # candidate, then validation rollouts (as computed)
-    metrics: dict[str, float]
-    features: np.ndarray | None = None  # [P, select.project_dim] projections of g_p
-
-
-def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -> dict[str, Any]:
-    mix: dict[str, int] = {}
-    for p in chosen:
-        mix[p.source] = mix.get(p.source, 0) + 1
-    out: dict[str, Any] = {
-        "select/n": len(chosen),
-        "select/source_mix": mix,
-        "select/excluded": sel.excluded,
-        "select/skipped_nonfinite": sel.skipped_nonfinite,
-        "select/fallback": sel.fallback,
-    }
-    if cand.pass_rate is not None and chosen:
-        pos = {int(i): j for j, i in enumerate(cand.ids)}
-        out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[p.id]] for p in chosen]))
-    n = max(len(chosen), 1)
-    out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in chosen) / n
-    out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in chosen) / n
-    return out
 
 
 def is_bad(p: Problem) -> bool:

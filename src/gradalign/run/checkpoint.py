@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradalign.config import RESUMABLE_FIELDS, differing_fields
 from gradalign.rundir import write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
@@ -226,23 +227,7 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> N
     set_rng_state(ckpt.trainer["rng"])
 
 
-# Fields that may change between a run and its resumption: where it lives, how long it runs,
-# where the warm start is cached.
-RESUMABLE_FIELDS = ("out_dir", "rounds", "model.cache_dir")
-
-
-def config_differences(
-    saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
-) -> list[str]:
-    """The fields whose values differ, one line each (RESUMABLE_FIELDS ignored)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if name in RESUMABLE_FIELDS:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{name}.")
-        elif a != b:
-            out.append(f"{name}: {a!r} in the run directory, {b!r} now")
-    return out
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields whose values differ, one line each (`config.RESUMABLE_FIELDS` ignored)."""
+    diffs = differing_fields([saved, current], RESUMABLE_FIELDS)
+    return [f"{name}: {a!r} in the run directory, {b!r} now" for name, (a, b) in diffs.items()]

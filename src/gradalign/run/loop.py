@@ -1,5 +1,5 @@
-"""The round loop (DESIGN §4): chunk → rollouts → group gradients → scores → selection →
-GRPO steps → eval, with every round's artifacts written to the run directory (§5)."""
+"""The round loop: chunk → rollouts → group gradients → scores → selection (`round_scoring`)
+→ GRPO steps → eval, with every round's artifacts written to the run directory."""
 
 from __future__ import annotations
 
@@ -8,30 +8,30 @@ import functools
 import json
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from gradalign.config import Config
-from gradalign.core import alignment
-from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
-from gradalign.data.problems import ChunkSchedule, Problem, check_disjoint, round_seed
-from gradalign.data.tasks import TaskSets, make_regime
+from gradalign.core.selection import SelectionWarning
+from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
 from gradalign.engine.policy import format_prompt, resolve_device
-from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
-from gradalign.progress import bar, console, log
+from gradalign.engine.rollout import Rollouts
+from gradalign.engine.round_scoring import (
+    sampling_config,
+    score_chunk,
+    select_chunk,
+    selection_metrics,
+    timed,
+)
+from gradalign.progress import bar, log
 from gradalign.run.artifacts import (
-    RoundScores,
     discard_run,
     problem_rows,
     read_stage,
     round_line,
-    selection_metrics,
     selection_quality,
     write_stage,
     write_summary,
@@ -48,148 +48,26 @@ from gradalign.run.checkpoint import (
     restore,
     save_checkpoint,
 )
+from gradalign.run.setup import Setup, build_setup
 from gradalign.rundir import write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
 
 
-@dataclass
-class Setup:
-    cfg: Config
-    model: Any
-    tokenizer: Any
-    sets: TaskSets
-    generate: Callable[..., Rollouts] = generate  # rollout engine (HF generate or vLLM)
-
-
-def seed_for(cfg: Config, round_: int, stream: int) -> int:
-    """The run's seed for (round, stream): `problems.round_seed`."""
-    return round_seed(cfg.seed, round_, stream)
-
-
-def build_sets(cfg: Config) -> TaskSets:
-    """Pool, validation and eval sets: from problem files, or a built-in regime."""
-    d = cfg.data
-    if d.pool_files:
-        from gradalign.run.sources import sets_from_files
-
-        return sets_from_files(cfg, log)
-    sets = make_regime(
-        d.regime,
-        d.families,
-        d.pool_size,
-        d.val_size,
-        d.eval_size,
-        d.seed,
-        d.corrupt_frac,
-        d.corruption,
-        d.majority_frac,
-        d.minority,
-        d.lowutility_frac,
-    )
-    check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
-    return sets
-
-
-def build_setup(cfg: Config) -> Setup:
-    """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
-    asked) and the rollout engine."""
-    from gradalign.engine.policy import apply_lora
-    from gradalign.engine.warmstart import load_or_warmstart
-
-    if cfg.rollout.backend == "vllm":
-        from gradalign.config import ConfigError
-        from gradalign.engine.vllm_backend import require
-
-        if dd.world()[1] > 1:
-            raise ConfigError(
-                "rollout.backend=vllm runs in one process (vLLM shards the model itself); "
-                "launch without torchrun, or use rollout.backend=hf"
-            )
-        require()  # fail before loading anything
-    sets = build_sets(cfg)
-    m = cfg.model
-    if m.name.startswith("builtin:"):
-        exclude = {p.prompt for p in sets.pool + sets.validation + sets.eval}
-        with bar("warm start", m.warmstart_steps) as advance:
-            model, tokenizer = load_or_warmstart(
-                m.name.split(":", 1)[1],
-                cfg.data.families,
-                m.warmstart_steps,
-                m.warmstart_lr,
-                m.warmstart_batch_size,
-                m.warmstart_seed,
-                exclude,
-                m.cache_dir,
-                progress=lambda step, loss: warmstart_progress(
-                    advance, step, loss, m.warmstart_steps
-                ),
-                log=log,
-                flaw=m.warmstart_flaw,
-                flaw_frac=m.warmstart_flaw_frac,
-            )
-        model = model.to(resolve_device(m.device))
-        if m.lora_r > 0:
-            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
-    else:
-        from gradalign.run.sources import policy_from_config
-
-        model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
-    setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
-    if cfg.rollout.backend == "vllm":
-        from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
-
-        setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
-    return setup
-
-
-def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> TaskSets:
-    """Drop (and report) problems whose prompt plus rollout.max_new_tokens exceeds the model's
-    context; a set left empty, or a pool smaller than a chunk, is a config error."""
-    from gradalign.config import ConfigError
-    from gradalign.run.sources import check_pool_size, check_prompt_lengths, model_context
-
-    context, kept = model_context(model), {}
-    for what in ("pool", "validation", "eval"):
-        problems = getattr(sets, what)
-        kept[what], msgs = check_prompt_lengths(
-            problems, tokenizer, context, cfg.rollout.max_new_tokens, what
-        )
-        if msgs:
-            log(f"warning: {len(msgs)} of {len(problems)} {what} problems do not fit the context:")
-            for msg in msgs[:5]:
-                log(f"  {msg}")
-        if not kept[what]:
-            raise ConfigError(
-                f"no {what} problem fits the model context of {context} tokens with "
-                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
-            )
-    if len(kept["pool"]) < len(sets.pool):
-        check_pool_size(cfg, len(kept["pool"]))
-    return TaskSets(**kept)
-
-
-def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
-    advance(1)
-    if step % max(total // 5, 1) == 0 and not console.is_terminal:  # a few lines in logs
-        log(f"warm start: step {step}/{total}, loss {loss:.3f}")
-
-
-@contextmanager
-def timed(timings: dict[str, float], key: str):
-    t0 = time.perf_counter()
-    yield
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
 def sample(
-    setup: Setup, problems: list[Problem], k: int, seed: int, what: str, greedy: bool = False
+    setup: Setup,
+    problems: Sequence[Problem],
+    group_size: int,
+    seed: int,
+    what: str,
+    greedy: bool = False,
 ) -> Rollouts:
-    """k seeded rollouts per problem. Under torchrun the prompt batches are shared out over
-    the ranks and gathered: every rank gets the rollouts one process would sample."""
+    """`group_size` seeded rollouts per problem (k_r, k_v, or 1 for eval). Under torchrun
+    the prompt batches are shared out over the ranks and gathered: every rank gets the
+    rollouts one process would sample."""
     from gradalign.engine.rollout import num_batches, sample_completions, score_rollouts
 
-    r = setup.cfg.rollout
-    sampling = SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
+    sampling = sampling_config(setup.cfg.rollout)
+    problems = list(problems)
     rank, size = dd.world()
     salt = f"{what}:{seed}"
     with bar(what, len(problems)) as advance:
@@ -198,7 +76,7 @@ def sample(
                 setup.model,
                 setup.tokenizer,
                 problems,
-                k,
+                group_size,
                 sampling,
                 seed,
                 greedy=greedy,
@@ -208,10 +86,11 @@ def sample(
         prompt_ids = [format_prompt(setup.tokenizer, p.prompt) for p in problems]
         mine = dd.shard(num_batches(len(problems), sampling), rank, size)
         part = sample_completions(
-            setup.model, setup.tokenizer, prompt_ids, k, sampling, seed, greedy, advance, mine
-        )
+            setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
+            advance, mine,
+        )  # fmt: skip
         completions = [c for ranked in dd.gather_objects(part) for c in ranked]
-        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, k, salt)
+        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, group_size, salt)
 
 
 def evaluate(setup: Setup, seed: int, sampled: bool = False) -> dict[str, float]:
@@ -220,9 +99,9 @@ def evaluate(setup: Setup, seed: int, sampled: bool = False) -> dict[str, float]
     ro = sample(setup, setup.sets.eval, 1, seed, "eval", greedy=True)
     out = {"eval/accuracy": float(ro.rewards.mean()), "eval/bad_rewards": ro.bad_rewards}
     out |= per_source(ro, "eval/accuracy")
-    k = setup.cfg.rollout.eval_samples
-    if sampled and k > 0:
-        ro = sample(setup, setup.sets.eval, k, seed + 1, f"eval mean@{k}")
+    samples = setup.cfg.rollout.eval_samples
+    if sampled and samples > 0:
+        ro = sample(setup, setup.sets.eval, samples, seed + 1, f"eval mean@{samples}")
         out["eval/mean_at_k"] = float(ro.rewards.mean())
         out |= per_source(ro, "eval/mean_at_k")
         out["eval/bad_rewards"] += ro.bad_rewards
@@ -233,99 +112,6 @@ def per_source(ro: Rollouts, name: str) -> dict[str, float]:
     """The mean reward of each problem source's rollouts, as `name/source`."""
     sources = np.array([ro.problems[g].source for g in ro.group])
     return {f"{name}/{s}": float(ro.rewards[sources == s].mean()) for s in sorted(set(sources))}
-
-
-def score_round(
-    setup: Setup,
-    chunk: list[Problem],
-    r: int,
-    timings: dict[str, float],
-    optimizer: torch.optim.Optimizer | None = None,
-) -> RoundScores:
-    """Candidate rollouts, validation rollouts and group gradients, as the mode needs."""
-    cfg, ids = setup.cfg, np.array([p.id for p in chunk])
-    need = needs(cfg.select.mode)
-    if not need:
-        return RoundScores(Candidates(ids), [], {})
-    with timed(timings, "time/candidate_rollouts_s"):
-        cand = sample(setup, chunk, cfg.rollout.k_r, seed_for(cfg, r, 1), "candidate rollouts")
-    crash_point("rollouts", r)
-    zv = cand.zero_variance()
-    metrics = {
-        "select/chunk_pass_rate": float(cand.pass_rates().mean()),
-        "select/chunk_zero_variance_frac": float(zv.mean()),
-        "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
-    }
-    if "gradients" not in need:
-        return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
-    with timed(timings, "time/validation_rollouts_s"):
-        val = sample(
-            setup,
-            setup.sets.validation,
-            cfg.rollout.k_v,
-            seed_for(cfg, r, 2),
-            "validation rollouts",
-        )
-    metrics["val/pass_rate"] = float(val.rewards.mean())
-    metrics["val/bad_rewards"] = val.bad_rewards
-    metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
-    with timed(timings, "time/scoring_s"):
-        al, features = gradient_alignment(setup, cand, val, optimizer)
-    crash_point("scoring", r)
-    metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
-    metrics["score/val_norm"] = al.val_norm
-    cands = Candidates(
-        ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
-    )
-    return RoundScores(cands, [cand, val], metrics, features)
-
-
-def gradient_alignment(
-    setup: Setup, cand: Rollouts, val: Rollouts, optimizer: torch.optim.Optimizer | None
-) -> tuple[alignment.GroupAlignment, np.ndarray | None]:
-    """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
-    the batched scorer or the exact reference; optional projection features [P, dim]."""
-    from gradalign.scoring import fastscore
-
-    s, model, pad = setup.cfg.select, setup.model, setup.tokenizer.pad_token_id
-    params = alignment.scored_parameters(model, s.params)
-    device = next(model.parameters()).device
-    cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
-    val_batch = val.to_batch(pad, s.scale_advantages).to(device)
-    need_chunk = s.mode == "align"
-    exp_avg_sq = None
-    if s.precondition == "adam" and optimizer is not None and optimizer.state:
-        exp_avg_sq = fastscore.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
-    model.eval()
-    with bar("scoring", cand.num_groups) as advance:
-        if s.scorer == "exact":
-            direction = alignment.validation_direction(model, params, val_batch, s.val_aggregate)
-            if exp_avg_sq is not None:
-                al = fastscore.exact_preconditioned_alignment(
-                    model, params, cand_batch, direction, exp_avg_sq
-                )
-            else:
-                al = alignment.exact_alignment(
-                    model, params, cand_batch, direction, advance, chunk=need_chunk
-                )
-        else:  # each rank scores its share of the groups (all of them in one process)
-            al = dd.distributed_alignment(
-                model,
-                params,
-                cand_batch,
-                val_batch,
-                s.val_aggregate,
-                s.groups_per_micro,
-                chunk=need_chunk,
-                exp_avg_sq=exp_avg_sq,
-                progress=advance,
-            )
-    features = None
-    if s.project_dim:
-        features = dd.distributed_projected_gradients(
-            model, params, cand_batch, s.project_dim, setup.cfg.seed, s.groups_per_micro, exp_avg_sq
-        )
-    return al, features
 
 
 def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[str, Any]:
@@ -391,16 +177,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         cfg.seed,
         resolve_device(cfg.model.device),
     )
-    if ckpt is not None:
-        restore(ckpt, setup.model, trainer.optimizer, trainer.scheduler)
-        state = ckpt.state
-        log(
-            f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
-        )
-    else:
-        initial = evaluate(setup, seed_for(cfg, -1, 4), sampled=True)
-        state = {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
-        log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    state = start_state(setup, out, ckpt, trainer)
     history: list[dict[str, Any]] = state["history"]
     for r in range(done, cfg.rounds):
         timings: dict[str, float] = {}
@@ -419,10 +196,11 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
             trainer.on_step = functools.partial(training_step_done, advance, r)
             with timed(timings, "time/training_s"):
                 metrics |= trainer.train_round(
-                    chosen, cfg.train.steps_per_round, seed_for(cfg, r, 5)
+                    chosen, cfg.train.steps_per_round, round_seed(cfg.seed, r, Stream.TRAIN)
                 )
         with timed(timings, "time/eval_s"):
-            metrics |= evaluate(setup, seed_for(cfg, r, 4), sampled=r == cfg.rounds - 1)
+            eval_seed = round_seed(cfg.seed, r, Stream.EVAL)
+            metrics |= evaluate(setup, eval_seed, sampled=r == cfg.rounds - 1)
         crash_point("eval", r)
         metrics |= timings | {"round": r}  # a staged round keeps its scoring times
         history.append(metrics)
@@ -434,6 +212,22 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         log(round_line(cfg, r, metrics))
     trainer.close()
     return write_summary(cfg, out, state, time.perf_counter() - t_start)
+
+
+def start_state(setup: Setup, out: Path, ckpt: Checkpoint | None, trainer: Any) -> dict[str, Any]:
+    """The state to continue: the checkpoint's (its weights, optimizer and RNG states
+    restored), or a new one that holds the eval accuracy before any training."""
+    cfg = setup.cfg
+    if ckpt is not None:
+        restore(ckpt, setup.model, trainer.optimizer, trainer.scheduler)
+        done = ckpt.round + 1
+        log(
+            f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
+        )
+        return ckpt.state
+    initial = evaluate(setup, round_seed(cfg.seed, -1, Stream.EVAL), sampled=True)
+    log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    return {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
 
 
 def training_step_done(advance: Callable[[int], None], r: int) -> None:
@@ -472,23 +266,36 @@ def score_and_select(
     timings: dict,
     trainer: Any,
 ) -> tuple[list[Problem], dict[str, Any]]:
-    """Rollouts, scores and the selection of round r, staged in rounds/NNNN/ (selection.json
-    last) so that a crash during training does not redo them."""
-    cfg, pool = setup.cfg, setup.sets.pool
-    scored = score_round(setup, chunk, r, timings, trainer.optimizer)
-    cand, metrics = scored.candidates, scored.metrics
+    """Rollouts, scores and the selection of round r (`round_scoring`), staged in
+    rounds/NNNN/ (selection.json last) so that a crash during training does not redo them."""
+    cfg = setup.cfg
+    scored = score_chunk(
+        setup.model,
+        setup.tokenizer,
+        chunk,
+        np.array([p.id for p in chunk]),
+        setup.sets.validation,
+        cfg.rollout,
+        cfg.select,
+        cfg.seed,
+        r,
+        functools.partial(sample, setup),
+        optimizer=trainer.optimizer,
+        timings=timings,
+        stage_done=lambda stage: crash_point(stage, r),
+        bar=bar,
+    )
     with timed(timings, "time/selection_s"):
-        rng = np.random.default_rng(seed_for(cfg, r, 3))
+        pool_ids = np.array([p.id for p in setup.sets.pool])
         with warnings.catch_warnings(record=True) as caught:  # fallback, skipped candidates
             warnings.simplefilter("always", SelectionWarning)
-            sel = select(cfg.select.mode, cand, cfg.n_select, rng, cfg.select.zero_variance)
+            sel = select_chunk(scored, cfg.select, cfg.seed, r, pool_ids)
         for w in caught:
             log(f"warning: round {r + 1}: {w.message}")
-        sel = dd.broadcast_object(sel)  # made the same on every rank; rank 0's is the one
-    if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
-        sel = Selection(np.array([p.id for p in pool]), sel.scores)
+        sel = dd.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
     chosen = [by_id[int(i)] for i in sel.ids]
-    metrics |= selection_metrics(chosen, cand, sel) | selection_quality(chunk, cand, sel) | timings
+    metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
+    metrics |= selection_quality(chunk, scored.candidates, sel) | timings
     if dd.is_main():
         write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
     return chosen, metrics

@@ -11,7 +11,9 @@ each rank sums over its own groups and one all_reduce per scored parameter adds 
 
 Each rank then reads dot_val, dot_chunk and norm of its groups off one batched backward
 (`gradalign.scoring.fastscore`), and an all_gather puts the 3 floats per group back in group order
-on every rank. The selection is made once, on rank 0, and broadcast (`broadcast_object`).
+on every rank. Every rank then holds the same scores and makes the same selection; the loop
+broadcasts rank 0's (`broadcast_object`), so all ranks train on one selection even if their
+floating-point results ever differed.
 With one process (torch.distributed not initialised) this is exactly the fastscore path.
 Backends: gloo on CPU, NCCL on CUDA (`init_from_env`, for `torchrun` / `accelerate launch`).
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,8 +30,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradalign.core.alignment import GroupAlignment, Progress, direction_norm
+from gradalign.core.common import ValAggregate
 from gradalign.core.grpo import SequenceBatch
 from gradalign.scoring import fastscore
+from gradalign.scoring.pieces import Pieces, unit_pieces, zero_pieces
 
 T = TypeVar("T")
 
@@ -42,7 +46,8 @@ def world() -> tuple[int, int]:
 
 
 def is_main() -> bool:
-    """True on rank 0 (and in a single process): the rank that selects and writes."""
+    """True on rank 0 (and in a single process): the rank that writes, and whose selection
+    every rank trains on."""
     return world()[0] == 0
 
 
@@ -80,12 +85,10 @@ def shard_batch(batch: SequenceBatch, groups: range) -> SequenceBatch | None:
     """The rows of groups `groups` (renumbered from 0), or None when there are none."""
     if len(groups) == 0:
         return None
-    mine = (batch.group >= groups.start) & (batch.group < groups.stop)
-    rows = mine.nonzero().squeeze(1)
-    return batch.select(rows, len(groups), batch.group[rows] - groups.start)
+    return batch.take_groups(groups)
 
 
-def all_reduce_sum(pieces: Sequence[Tensor]) -> fastscore.Pieces:
+def all_reduce_sum(pieces: Sequence[Tensor]) -> Pieces:
     """Sum each piece over ranks (fp32 on the wire, one all_reduce per piece); dtype kept."""
     out = []
     for piece in pieces:
@@ -127,45 +130,52 @@ def gather_groups(local: Sequence[np.ndarray], total: int) -> list[np.ndarray]:
     return out
 
 
-def _zeros(params: Sequence[Tensor]) -> fastscore.Pieces:
-    return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+def distributed_validation_direction(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    val_batch: SequenceBatch,
+    aggregate: ValAggregate = "sum",
+    groups_per_micro: int = 16,
+) -> Pieces:
+    """g^_V = unit(g_V), each rank summing g_V over its shard of the validation groups and one
+    all_reduce adding the parts; `fastscore.batched_validation_direction` in one process."""
+    rank, size = world()
+    if size == 1:
+        return fastscore.batched_validation_direction(
+            model, params, val_batch, aggregate, groups_per_micro
+        )
+    val = shard_batch(val_batch, shard(val_batch.num_groups, rank, size))
+    g_v = (
+        fastscore.batched_validation_sum(model, params, val, aggregate, groups_per_micro)
+        if val is not None
+        else zero_pieces(params)
+    )
+    return unit_pieces(all_reduce_sum(g_v))
 
 
-def distributed_alignment(
+def distributed_group_alignment(
     model: nn.Module,
     params: Sequence[Tensor],
     cand_batch: SequenceBatch,
-    val_batch: SequenceBatch,
-    aggregate: Literal["sum", "mean_of_unit"] = "sum",
+    direction: Pieces,
     groups_per_micro: int = 16,
     chunk: bool = True,
     exp_avg_sq: Mapping | None = None,
     progress: Progress | None = None,
 ) -> GroupAlignment:
-    """dot_val, dot_chunk (``chunk``: mode `align`) and norm of every candidate group, each
-    rank scoring its shard of the groups; equal to `fastscore.batched_alignment` against
-    `fastscore.batched_validation_direction` (exactly that in a single process). Call it on
-    every rank with the same batches; `progress` counts this rank's groups only."""
+    """dot_val (against `direction`, the same on every rank), dot_chunk (``chunk``: mode
+    `align`) and norm of every candidate group, each rank scoring its shard of the groups;
+    `fastscore.batched_alignment` in one process. `progress` counts this rank's groups only."""
     rank, size = world()
     if size == 1:
-        direction = fastscore.batched_validation_direction(
-            model, params, val_batch, aggregate, groups_per_micro
-        )
         return fastscore.batched_alignment(
             model, params, cand_batch, direction, groups_per_micro, progress,
             chunk=chunk, exp_avg_sq=exp_avg_sq,
         )  # fmt: skip
-    val = shard_batch(val_batch, shard(val_batch.num_groups, rank, size))
-    g_v = (
-        fastscore.batched_validation_sum(model, params, val, aggregate, groups_per_micro)
-        if val is not None
-        else _zeros(params)
-    )
-    direction = fastscore.unit_pieces(all_reduce_sum(g_v))
     cand = shard_batch(cand_batch, shard(cand_batch.num_groups, rank, size))
     if cand is None:  # more ranks than groups: still take part in every collective
         if chunk:
-            all_reduce_sum(_zeros(params))
+            all_reduce_sum(zero_pieces(params))
         empty = np.zeros(0)
         local = GroupAlignment(empty, empty, empty)
     else:
@@ -179,6 +189,28 @@ def distributed_alignment(
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
 
 
+def distributed_alignment(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    cand_batch: SequenceBatch,
+    val_batch: SequenceBatch,
+    aggregate: ValAggregate = "sum",
+    groups_per_micro: int = 16,
+    chunk: bool = True,
+    exp_avg_sq: Mapping | None = None,
+    progress: Progress | None = None,
+) -> GroupAlignment:
+    """`distributed_group_alignment` against `distributed_validation_direction`: equal to
+    `fastscore.batched_alignment` against `fastscore.batched_validation_direction` (exactly
+    that in a single process). Call it on every rank with the same batches."""
+    direction = distributed_validation_direction(
+        model, params, val_batch, aggregate, groups_per_micro
+    )
+    return distributed_group_alignment(
+        model, params, cand_batch, direction, groups_per_micro, chunk, exp_avg_sq, progress
+    )
+
+
 def distributed_projected_gradients(
     model: nn.Module,
     params: Sequence[Tensor],
@@ -189,7 +221,7 @@ def distributed_projected_gradients(
     exp_avg_sq: Mapping | None = None,
 ) -> np.ndarray:
     """`fastscore.projected_gradients` of every candidate group, each rank projecting its
-    shard (the sketch is seeded, so it is the same on every rank). # -> [P, k] float64"""
+    shard (the sketch is seeded, so it is the same on every rank). # -> [P, project_dim] float64"""
     rank, size = world()
     if size == 1:
         return fastscore.projected_gradients(

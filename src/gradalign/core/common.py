@@ -1,0 +1,21 @@
+"""What the core modules and the config share, without torch (so the config imports no torch).
+
+Method: docs/method.md.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+EPS = 1e-5  # every unit vector g / (||g|| + EPS) and cosine <g, d> / (||g|| + EPS)
+
+# How the validation groups' gradients are combined: g_V = sum_v g_v, or sum_v unit(g_v)
+ValAggregate = Literal["sum", "mean_of_unit"]
+VAL_AGGREGATES: tuple[str, ...] = ValAggregate.__args__  # type: ignore[attr-defined]
+
+
+def check_val_aggregate(aggregate: str) -> None:
+    """Raise for a `val_aggregate` outside `ValAggregate`."""
+    if aggregate not in VAL_AGGREGATES:
+        expected = " or ".join(f"'{a}'" for a in VAL_AGGREGATES)
+        raise ValueError(f"val_aggregate='{aggregate}': expected {expected}")

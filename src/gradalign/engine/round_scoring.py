@@ -1,0 +1,241 @@
+"""Scoring and selecting a round's chunk: the one path of the round loop and the TRL callback.
+
+Notation: P chunk problems (candidates) · V validation problems · D scored parameters.
+
+`score_chunk` runs, as the mode needs (`selection.needs`): k_r rollouts per candidate, k_v per
+validation problem, the validation direction g^_V (`validation_direction`, the one place it
+is computed) and every candidate's alignment statistics (`group_alignment`), and returns them
+as a `RoundScores` record with the round's metrics. `select_chunk` then chooses with the
+round's seeded generator. The caller brings the rollouts (`Sample`: the loop's sharded HF or
+vLLM sampling and problem rewards; the callback's TRL prompts and reward functions) and keeps
+what is its own (run directory, checkpoints, TRL's sampler).
+
+Metrics (stable names, shared by the run directory and the callback's ``gradalign/*`` logs):
+``select/chunk_pass_rate``, ``select/chunk_zero_variance_frac``, ``rollouts/bad_rewards``,
+``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``score/cos_mean``,
+``score/val_norm``, then from `selection_metrics` ``select/n``, ``select/excluded``,
+``select/skipped_nonfinite``, ``select/fallback``, ``select/pass_rate`` (and, for problems
+with provenance, ``select/source_mix``, ``select/corrupted_share``,
+``select/low_utility_share``), and the ``time/*_s`` of each phase.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from gradalign.config import RolloutConfig, SelectConfig
+from gradalign.core import alignment
+from gradalign.core.alignment import GroupAlignment, Progress
+from gradalign.core.grpo import SequenceBatch
+from gradalign.core.selection import Candidates, Selection, needs, select
+from gradalign.data.problems import Problem, Stream, round_seed
+from gradalign.engine.rollout import Rollouts, SamplingConfig
+from gradalign.scoring import distributed as dd
+from gradalign.scoring import precondition
+from gradalign.scoring.pieces import Direction
+
+Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TRL row (callback)
+# (items, rollouts per item, seed, what: "candidate rollouts" | "validation rollouts") -> rollouts
+Sample = Callable[[Sequence[Item], int, int, str], Rollouts]
+Bar = Callable[[str, int], AbstractContextManager[Progress]]
+
+
+@dataclass
+class RoundScores:
+    """What scoring a chunk gave, as far as the mode needed it."""
+
+    candidates: Candidates  # ids; pass rates with rollouts; dot_val, dot_chunk, norm with gradients
+    rollouts: list[Rollouts]  # candidate, then validation rollouts (as computed)
+    metrics: dict[str, Any]
+    features: np.ndarray | None = None  # [P, select.project_dim] projections of g_p
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[key]``."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+@contextmanager
+def no_bar(description: str, total: int) -> Iterator[Progress]:
+    yield lambda n=1: None
+
+
+def sampling_config(r: RolloutConfig) -> SamplingConfig:
+    return SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
+
+
+def score_chunk(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    chunk: Sequence[Item],
+    ids: np.ndarray,
+    validation: Sequence[Item],
+    rollout: RolloutConfig,
+    s: SelectConfig,
+    seed: int,
+    round_: int,
+    sample: Sample,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    timings: dict[str, float] | None = None,
+    stage_done: Callable[[str], None] | None = None,
+    bar: Bar = no_bar,
+) -> RoundScores:
+    """Rollouts, validation direction and group gradients of round `round_`'s chunk (ids
+    [P], in chunk order), as mode ``s.mode`` needs them, under the current policy.
+
+    `sample` draws the rollouts, seeded by `round_seed(seed, round_, Stream.CANDIDATES /
+    VALIDATION)`; `optimizer` gives Adam's second moment for ``s.precondition=adam``;
+    `timings` collects ``time/candidate_rollouts_s``, ``time/validation_rollouts_s`` and
+    ``time/scoring_s``; `stage_done("rollouts" | "scoring")` is called as each stage ends."""
+    timings = {} if timings is None else timings
+    done = stage_done or (lambda stage: None)
+    need = needs(s.mode)
+    if not need:
+        return RoundScores(Candidates(ids), [], {})
+    cand_seed = round_seed(seed, round_, Stream.CANDIDATES)
+    with timed(timings, "time/candidate_rollouts_s"):
+        cand = sample(chunk, rollout.k_r, cand_seed, "candidate rollouts")
+    done("rollouts")
+    zv = cand.zero_variance()
+    metrics: dict[str, Any] = {
+        "select/chunk_pass_rate": float(cand.pass_rates().mean()),
+        "select/chunk_zero_variance_frac": float(zv.mean()),
+        "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
+    }
+    if "gradients" not in need:
+        return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
+    val_seed = round_seed(seed, round_, Stream.VALIDATION)
+    with timed(timings, "time/validation_rollouts_s"):
+        val = sample(validation, rollout.k_v, val_seed, "validation rollouts")
+    metrics["val/pass_rate"] = float(val.rewards.mean())
+    metrics["val/bad_rewards"] = val.bad_rewards
+    metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
+    with timed(timings, "time/scoring_s"):
+        al, features = _gradient_scores(model, tokenizer, cand, val, s, seed, optimizer, bar)
+    done("scoring")
+    metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
+    metrics["score/val_norm"] = al.val_norm
+    cands = Candidates(
+        ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
+    )
+    return RoundScores(cands, [cand, val], metrics, features)
+
+
+def _gradient_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cand: Rollouts,
+    val: Rollouts,
+    s: SelectConfig,
+    seed: int,
+    optimizer: torch.optim.Optimizer | None,
+    bar: Bar,
+) -> tuple[GroupAlignment, np.ndarray | None]:
+    """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
+    the batched scorer or the exact reference; optional projection features [P, project_dim]."""
+    params = alignment.scored_parameters(model, s.params)
+    device, pad = next(model.parameters()).device, tokenizer.pad_token_id
+    cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
+    val_batch = val.to_batch(pad, s.scale_advantages).to(device)
+    exp_avg_sq = None
+    if s.precondition == "adam" and optimizer is not None and optimizer.state:
+        exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
+    model.eval()
+    with bar("scoring", cand.num_groups) as advance:
+        direction = validation_direction(model, params, val_batch, s)
+        al = group_alignment(model, params, cand_batch, direction, s, exp_avg_sq, advance)
+    features = None
+    if s.project_dim:
+        features = dd.distributed_projected_gradients(
+            model, params, cand_batch, s.project_dim, seed, s.groups_per_micro, exp_avg_sq
+        )
+    return al, features
+
+
+def validation_direction(
+    model: torch.nn.Module, params: list, val_batch: SequenceBatch, s: SelectConfig
+) -> Direction:
+    """The round's g^_V = unit(g_V) (``s.val_aggregate``): flat [D] with the exact scorer,
+    pieces (summed over ranks' shards of the validation groups) with the batched one."""
+    if s.scorer == "exact":
+        return alignment.validation_direction(model, params, val_batch, s.val_aggregate)
+    return dd.distributed_validation_direction(
+        model, params, val_batch, s.val_aggregate, s.groups_per_micro
+    )
+
+
+def group_alignment(
+    model: torch.nn.Module,
+    params: list,
+    cand_batch: SequenceBatch,
+    direction: Direction,
+    s: SelectConfig,
+    exp_avg_sq: dict | None,
+    advance: Progress,
+) -> GroupAlignment:
+    """dot_val, dot_chunk (mode `align` only) and norm of every candidate group against
+    `direction`: the exact reference (one backward per group) or the batched scorer (each rank
+    scoring its shard of the groups); LESS-preconditioned with `exp_avg_sq`."""
+    chunk = s.mode == "align"
+    if s.scorer == "exact" and exp_avg_sq is not None:
+        return precondition.exact_preconditioned_alignment(
+            model, params, cand_batch, direction, exp_avg_sq
+        )
+    if s.scorer == "exact":
+        assert isinstance(direction, torch.Tensor)
+        return alignment.exact_alignment(model, params, cand_batch, direction, advance, chunk)
+    return dd.distributed_group_alignment(
+        model, params, cand_batch, list(direction), s.groups_per_micro, chunk, exp_avg_sq, advance
+    )
+
+
+def select_chunk(
+    scored: RoundScores, s: SelectConfig, seed: int, round_: int, pool_ids: np.ndarray
+) -> Selection:
+    """The round's selection under ``s.mode``, random choices seeded by `round_seed(seed,
+    round_, Stream.SELECT)`. Mode `none` selects the whole pool (`pool_ids`): plain GRPO."""
+    rng = np.random.default_rng(round_seed(seed, round_, Stream.SELECT))
+    sel = select(s.mode, scored.candidates, s.n_select, rng, s.zero_variance)
+    if s.mode == "none":
+        return Selection(np.asarray(pool_ids), sel.scores)
+    return sel
+
+
+def selection_metrics(
+    chosen: Sequence[int],
+    cand: Candidates,
+    sel: Selection,
+    problems: Sequence[Problem] | None = None,
+) -> dict[str, Any]:
+    """The ``select/*`` metrics of the chosen ids; with the chosen `problems` (same order),
+    also their source mix and the shares a regime made corrupted or low-utility."""
+    out: dict[str, Any] = {"select/n": len(chosen)}
+    if problems is not None:
+        mix: dict[str, int] = {}
+        for p in problems:
+            mix[p.source] = mix.get(p.source, 0) + 1
+        out["select/source_mix"] = mix
+    out |= {
+        "select/excluded": sel.excluded,
+        "select/skipped_nonfinite": sel.skipped_nonfinite,
+        "select/fallback": sel.fallback,
+    }
+    if cand.pass_rate is not None and len(chosen):
+        pos = {int(i): j for j, i in enumerate(cand.ids)}
+        out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[int(i)]] for i in chosen]))
+    if problems is not None:
+        n = max(len(problems), 1)
+        out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in problems) / n
+        out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in problems) / n
+    return out

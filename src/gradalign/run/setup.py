@@ -1,0 +1,133 @@
+"""What a run is built from: the task sets, the policy and the rollout engine (`Setup`)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gradalign.config import Config
+from gradalign.data.problems import check_disjoint
+from gradalign.data.tasks import TaskSets, make_regime
+from gradalign.engine.policy import resolve_device
+from gradalign.engine.rollout import Rollouts, generate
+from gradalign.progress import bar, console, log
+from gradalign.scoring import distributed as dd
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    model: Any
+    tokenizer: Any
+    sets: TaskSets
+    generate: Callable[..., Rollouts] = generate  # rollout engine (HF generate or vLLM)
+
+
+def build_sets(cfg: Config) -> TaskSets:
+    """Pool, validation and eval sets: from problem files, or a built-in regime."""
+    d = cfg.data
+    if d.pool_files:
+        from gradalign.run.sources import sets_from_files
+
+        return sets_from_files(cfg, log)
+    sets = make_regime(
+        d.regime,
+        d.families,
+        d.pool_size,
+        d.val_size,
+        d.eval_size,
+        d.seed,
+        d.corrupt_frac,
+        d.corruption,
+        d.majority_frac,
+        d.minority,
+        d.lowutility_frac,
+    )
+    check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
+    return sets
+
+
+def build_setup(cfg: Config) -> Setup:
+    """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
+    asked) and the rollout engine."""
+    from gradalign.engine.policy import apply_lora
+    from gradalign.engine.warmstart import load_or_warmstart
+
+    if cfg.rollout.backend == "vllm":
+        from gradalign.config import ConfigError
+        from gradalign.engine.vllm_backend import require
+
+        if dd.world()[1] > 1:
+            raise ConfigError(
+                "rollout.backend=vllm runs in one process (vLLM shards the model itself); "
+                "launch without torchrun, or use rollout.backend=hf"
+            )
+        require()  # fail before loading anything
+    sets = build_sets(cfg)
+    m = cfg.model
+    if m.name.startswith("builtin:"):
+        exclude = {p.prompt for p in sets.pool + sets.validation + sets.eval}
+        with bar("warm start", m.warmstart_steps) as advance:
+            model, tokenizer = load_or_warmstart(
+                m.name.split(":", 1)[1],
+                cfg.data.families,
+                m.warmstart_steps,
+                m.warmstart_lr,
+                m.warmstart_batch_size,
+                m.warmstart_seed,
+                exclude,
+                m.cache_dir,
+                progress=lambda step, loss: warmstart_progress(
+                    advance, step, loss, m.warmstart_steps
+                ),
+                log=log,
+                flaw=m.warmstart_flaw,
+                flaw_frac=m.warmstart_flaw_frac,
+            )
+        model = model.to(resolve_device(m.device))
+        if m.lora_r > 0:
+            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
+    else:
+        from gradalign.run.sources import policy_from_config
+
+        model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
+    setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
+    if cfg.rollout.backend == "vllm":
+        from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
+
+        setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
+    return setup
+
+
+def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> TaskSets:
+    """Drop (and report) problems whose prompt plus rollout.max_new_tokens exceeds the model's
+    context; a set left empty, or a pool smaller than a chunk, is a config error."""
+    from gradalign.config import ConfigError
+    from gradalign.run.sources import check_pool_size, check_prompt_lengths, model_context
+
+    context, kept = model_context(model), {}
+    for what in ("pool", "validation", "eval"):
+        problems = getattr(sets, what)
+        kept[what], msgs = check_prompt_lengths(
+            problems, tokenizer, context, cfg.rollout.max_new_tokens, what
+        )
+        if msgs:
+            log(f"warning: {len(msgs)} of {len(problems)} {what} problems do not fit the context:")
+            for msg in msgs[:5]:
+                log(f"  {msg}")
+        if not kept[what]:
+            raise ConfigError(
+                f"no {what} problem fits the model context of {context} tokens with "
+                f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}"
+            )
+    if len(kept["pool"]) < len(sets.pool):
+        check_pool_size(cfg, len(kept["pool"]))
+    return TaskSets(**kept)
+
+
+def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
+    advance(1)
+    if step % max(total // 5, 1) == 0 and not console.is_terminal:  # a few lines in logs
+        log(f"warm start: step {step}/{total}, loss {loss:.3f}")
