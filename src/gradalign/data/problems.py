@@ -8,7 +8,9 @@ the pool (one permutation per pass).
 
 from __future__ import annotations
 
+import errno
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ import numpy as np
 
 class ProblemError(ValueError):
     """A problem record is malformed; the message names the file, line and field."""
+
+
+MAX_LINE_BYTES = 8 * 2**20  # a JSONL line (one record) longer than 8 MiB is rejected unread
 
 
 def round_seed(seed: int, round_: int, stream: int) -> int:
@@ -93,6 +98,32 @@ def decode_json_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:
         return None, "invalid JSON (nested too deeply)"
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number from 1, raw bytes) of each line of a JSONL file, in bounded memory: a
+    line over MAX_LINE_BYTES (newline not counted) yields None, its bytes skipped in
+    64 KiB pieces and never held whole. An OSError while opening or reading (EIO,
+    EACCES) raises ProblemError naming the file and the line."""
+    lineno = 0
+    try:
+        with open(path, "rb") as fh:
+            while raw := fh.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+                    yield lineno, raw
+                    continue
+                del raw  # the rest of the over-long line is read in small pieces and dropped
+                while (piece := fh.readline(2**16)) and not piece.endswith(b"\n"):
+                    pass
+                yield lineno, None
+    except OSError as err:
+        where = f"{path}:{lineno + 1}" if lineno else str(path)
+        code = errno.errorcode.get(err.errno or 0, "")
+        raise ProblemError(f"{where}: cannot read ({err.strerror or err} [{code}])") from None
+
+
+LINE_TOO_LONG = f"line longer than {MAX_LINE_BYTES // 2**20} MiB (MAX_LINE_BYTES); not read"
+
+
 def read_problems(path: str | Path) -> list[Problem]:
     """Read problems from a JSONL file (one object per line, blank lines ignored)."""
     path = Path(path)
@@ -100,22 +131,23 @@ def read_problems(path: str | Path) -> list[Problem]:
         raise ProblemError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
     problems: list[Problem] = []
     seen: dict[int, int] = {}
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            decoded = decode_json_line(raw, lineno)
-            if decoded is None:
-                continue
-            rec, error = decoded
-            if error is not None:
-                raise ProblemError(f"{where}: {error}")
-            problem = problem_from_record(rec, where)
-            if problem.id in seen:
-                raise ProblemError(
-                    f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
-                )
-            seen[problem.id] = lineno
-            problems.append(problem)
+    for lineno, raw in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        if raw is None:
+            raise ProblemError(f"{where}: {LINE_TOO_LONG}")
+        decoded = decode_json_line(raw, lineno)
+        if decoded is None:
+            continue
+        rec, error = decoded
+        if error is not None:
+            raise ProblemError(f"{where}: {error}")
+        problem = problem_from_record(rec, where)
+        if problem.id in seen:
+            raise ProblemError(
+                f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
+            )
+        seen[problem.id] = lineno
+        problems.append(problem)
     return problems
 
 
@@ -161,10 +193,16 @@ class ChunkSchedule:
         return perm[j * self.chunk_size : (j + 1) * self.chunk_size]
 
     def manifest(self, rounds: int) -> dict[str, Any]:
+        """The schedule's rule and the chunks of its first pass (at most `rounds` of them):
+        bounded by the pool, however many rounds. Round r is chunk r % chunks_per_pass of
+        pass r // chunks_per_pass, whose order is default_rng(shuffle_seed + pass)."""
+        listed = min(rounds, self.chunks_per_pass)
         return {
             "pool_size": self.pool_size,
             "chunk_size": self.chunk_size,
             "shuffle_seed": self.seed,
             "chunks_per_pass": self.chunks_per_pass,
-            "chunks": [self.chunk(r).tolist() for r in range(rounds)],
+            "rule": "round r: chunk r % chunks_per_pass of pass r // chunks_per_pass, the "
+            "pool positions permuted by numpy default_rng(shuffle_seed + pass)",
+            "chunks": [self.chunk(r).tolist() for r in range(listed)],
         }
