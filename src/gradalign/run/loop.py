@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradalign.config import Config
+from gradalign.config import Config, ConfigError, check
 from gradalign.core import alignment
 from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
 from gradalign.data.problems import ChunkSchedule, Problem, check_disjoint, round_seed
@@ -39,6 +39,7 @@ from gradalign.run.checkpoint import (
     ResumeError,
     RunLock,
     RunLocked,
+    checkpoint_dir,
     config_differences,
     crash_point,
     latest_checkpoint,
@@ -46,7 +47,7 @@ from gradalign.run.checkpoint import (
     restore,
     save_checkpoint,
 )
-from gradalign.rundir import write_json, write_yaml
+from gradalign.rundir import StorageError, write_json, write_yaml
 from gradalign.scoring import distributed as dd
 
 
@@ -71,19 +72,22 @@ def build_sets(cfg: Config) -> TaskSets:
         from gradalign.run.sources import sets_from_files
 
         return sets_from_files(cfg, log)
-    sets = make_regime(
-        d.regime,
-        d.families,
-        d.pool_size,
-        d.val_size,
-        d.eval_size,
-        d.seed,
-        d.corrupt_frac,
-        d.corruption,
-        d.majority_frac,
-        d.minority,
-        d.lowutility_frac,
-    )
+    try:
+        sets = make_regime(
+            d.regime,
+            d.families,
+            d.pool_size,
+            d.val_size,
+            d.eval_size,
+            d.seed,
+            d.corrupt_frac,
+            d.corruption,
+            d.majority_frac,
+            d.minority,
+            d.lowutility_frac,
+        )
+    except ValueError as err:  # a family that cannot supply that many distinct prompts
+        raise ConfigError(f"data.pool_size, val_size and eval_size: {err}") from None
     check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
     return sets
 
@@ -91,11 +95,11 @@ def build_sets(cfg: Config) -> TaskSets:
 def build_setup(cfg: Config) -> Setup:
     """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
     asked) and the rollout engine."""
-    from gradalign.engine.policy import apply_lora
     from gradalign.engine.warmstart import load_or_warmstart
+    from gradalign.run.sources import check_model, check_scored_params, with_lora
 
+    check_model(cfg)  # model.device, a built-in model's size: before loading anything
     if cfg.rollout.backend == "vllm":
-        from gradalign.config import ConfigError
         from gradalign.engine.vllm_backend import require
 
         if dd.world()[1] > 1:
@@ -125,11 +129,12 @@ def build_setup(cfg: Config) -> Setup:
             )
         model = model.to(resolve_device(m.device))
         if m.lora_r > 0:
-            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
+            model = with_lora(model, cfg)
     else:
         from gradalign.run.sources import policy_from_config
 
         model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
+    check_scored_params(cfg, model)
     setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
     if cfg.rollout.backend == "vllm":
         from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
@@ -320,6 +325,7 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     same config is resumed from its newest verified checkpoint (`restart` discards it).
     Under torchrun / accelerate launch, rank 0 holds the lock and writes; every rank loads
     the same checkpoint, samples and scores its share and trains through TRL's DDP."""
+    check(cfg)  # again: a Config's fields may have been changed after it was built
     out = Path(cfg.out_dir)
     dd.init_from_env(resolve_device(cfg.model.device))
     with contextlib.ExitStack() as stack:
@@ -341,7 +347,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
     if dd.is_main():
         try:
             ckpt = fn()
-        except (RunLocked, ResumeError) as err:
+        except (RunLocked, ResumeError, StorageError) as err:
             error = err
     path, error = dd.broadcast_object((ckpt.path if ckpt else None, error))
     if error is not None:
@@ -352,7 +358,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
 
 
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
-    from gradalign.engine.training import GRPOTraining
+    from gradalign.engine.training import GRPOTraining, TrainingDiverged
 
     main = dd.is_main()
     done = ckpt.round + 1 if ckpt else 0
@@ -402,9 +408,12 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         with bar("GRPO steps", cfg.train.steps_per_round) as advance:
             trainer.on_step = functools.partial(training_step_done, advance, r)
             with timed(timings, "time/training_s"):
-                metrics |= trainer.train_round(
-                    chosen, cfg.train.steps_per_round, seed_for(cfg, r, 5)
-                )
+                try:
+                    metrics |= trainer.train_round(
+                        chosen, cfg.train.steps_per_round, seed_for(cfg, r, 5)
+                    )
+                except TrainingDiverged as err:  # before this round writes anything
+                    raise err.at(r, str(checkpoint_dir(out, r - 1)) if r else None) from None
         with timed(timings, "time/eval_s"):
             metrics |= evaluate(setup, seed_for(cfg, r, 4))
         crash_point("eval", r)
