@@ -371,17 +371,18 @@ def test_a_huge_rounds_count_writes_a_bounded_manifest(
             "1e30",
             1,
             "round 2: GRPO training diverged at step 1 of 1 with train.learning_rate=1e+30: "
-            "parameter 'model.embed_tokens.weight' holds NaN or Inf; nothing of this round "
-            "was saved and {out}/checkpoints/round-0000 (after round 1) is kept; lower "
-            "train.learning_rate (or train.max_grad_norm) and start again with --restart",
+            "parameter 'model.embed_tokens.weight' holds NaN or Inf; the update is not "
+            "saved, and {out}/checkpoints/round-0000 (after round 1) keeps the last finite "
+            "weights; lower train.learning_rate (or train.max_grad_norm) and start again "
+            "with --restart",
         ),
         (
             "1e38",
             2,
             "round 1: GRPO training diverged at step 1 of 2 with train.learning_rate=1e+38: "
-            "RuntimeError: value cannot be converted to type float without overflow; nothing "
-            "of this round was saved and no checkpoint was written; lower train.learning_rate "
-            "(or train.max_grad_norm) and start again with --restart",
+            "RuntimeError: value cannot be converted to type float without overflow; the "
+            "update is not saved, and no checkpoint was written yet; lower "
+            "train.learning_rate (or train.max_grad_norm) and start again with --restart",
         ),
     ],
     ids=["NaN weights in round 2", "overflow in round 1"],

@@ -70,9 +70,13 @@ class TrainingDiverged(RuntimeError):
         """The same error, its message naming the round (0-based `round_`) and `kept`, the
         checkpoint that still holds the last finite weights (None: none written yet)."""
         err = TrainingDiverged(self.step, self.steps, self.learning_rate, self.reason)
-        last = f"{kept} (after round {round_}) is kept" if kept else "no checkpoint was written"
+        last = (
+            f"{kept} (after round {round_}) keeps the last finite weights"
+            if kept
+            else "no checkpoint was written yet"
+        )
         err.args = (
-            f"round {round_ + 1}: {self}; nothing of this round was saved and {last}; lower "
+            f"round {round_ + 1}: {self}; the update is not saved, and {last}; lower "
             "train.learning_rate (or train.max_grad_norm) and start again with --restart",
         )
         return err
