@@ -281,7 +281,7 @@ def test_a_data_file_that_fails_to_read(
         (["model.name=./no-such-model"], 0, "model.name: './no-such-model' is not a directory; give 'builtin:tiny', 'builtin:small' or a local Hugging Face model directory (config.json, weights, tokenizer)"),
         (["model.lora_r=4", "model.lora_targets=[qproj]"], 0, "model.lora_targets: ['qproj'] name no linear layer of the model (its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"),
         (["select.params=last:9"], 0, "select.params: 'last:9' does not fit this model (score.params='last:9': the model has 2 blocks)"),
-        (["data.families=[addition]", "data.pool_size=10000"], 0, "data.pool_size, val_size and eval_size: task family 'addition' cannot supply 10000 distinct problems"),
+        (["data.families=[addition]", "data.pool_size=10000"], 0, "data.pool_size, val_size and eval_size: task family 'addition' cannot supply 10000 distinct problems in the pool partition"),
     ],
     ids=["cuda without a GPU", "auto without a GPU", "cuda:3 of 2", "unknown size", "no such directory", "LoRA targets", "last:9 of 2 blocks", "more problems than a family has"],
 )  # fmt: skip
@@ -427,7 +427,12 @@ def test_a_reward_that_calls_sys_exit_scores_zero_and_the_run_goes_on(
     config, _ = data_config(tmp_path)
     config.write_text(config.read_text().replace("exact", "ga_exiting_reward:exits"))
     settings = ["rounds=1", "model.warmstart_steps=0", "select.chunk_size=8", "select.k=2"]
-    settings += ["rollout.k_r=2", "rollout.k_v=2", "train.steps_per_round=1"]
+    settings += [
+        "rollout.k_r=2",
+        "rollout.k_v=2",
+        "rollout.eval_samples=0",
+        "train.steps_per_round=1",
+    ]
     try:
         with pytest.warns(RewardWarning) as caught:
             code, errors, _ = gradalign(tmp_path / "run", *settings, config=config)

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 
 from gradalign.data.rewards import score_completion
-from gradalign.data.tasks import FAMILIES, draw_problems, make_regime, make_task
+from gradalign.data.tasks import (
+    FAMILIES,
+    draw_problems,
+    flaw_examples,
+    flaw_target,
+    make_regime,
+    make_task,
+    partition_of,
+    warmstart_examples,
+)
+from gradalign.engine.warmstart import warmstart_key
 
 FAMS = ["addition", "countdown"]
 
@@ -100,3 +110,73 @@ def test_unknown_regime_and_corruption_are_errors():
         make_regime("chaos", FAMS, 10, 2, 2, seed=0)
     with pytest.raises(ValueError, match="unknown corruption"):
         make_regime("noisy", FAMS, 10, 2, 2, seed=0, corruption="shuffle")
+
+
+# --- prompt partitions and warm-start target flaws -------------------------------------------
+
+
+@pytest.mark.parametrize("regime", ["clean", "noisy", "imbalance", "lowutility"])
+@pytest.mark.parametrize("seed", [0, 5])
+def test_sets_come_from_their_partitions(regime, seed):
+    sets = make_regime(regime, FAMS, 200, 16, 64, seed)
+    assert {partition_of(p.prompt) for p in sets.validation + sets.eval} == {"heldout"}
+    untouched = [p for p in sets.pool if not p.meta.get("utility")]  # garbling moves a prompt
+    assert {partition_of(p.prompt) for p in untouched} == {"pool"}
+
+
+def test_warmstart_examples_never_meet_a_regime_and_serve_every_data_seed():
+    examples = warmstart_examples(FAMS, 3000, seed=17, exclude=set())
+    assert {partition_of(p) for p, _ in examples} == {"warmstart"}
+    sets = make_regime("imbalance", FAMS, 300, 16, 64, seed=2)
+    exclude = _prompts(sets.pool + sets.validation + sets.eval)
+    assert warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, exclude, "junk", 0.6) == warmstart_key(
+        "tiny", FAMS, 500, 3e-3, 128, 0, set(), "junk", 0.6
+    )
+    a_warmstart_prompt = examples[0][0]  # a user file holding one: that changes the examples
+    assert warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, {a_warmstart_prompt}) != warmstart_key(
+        "tiny", FAMS, 500, 3e-3, 128, 0, set()
+    )
+
+
+def test_flaw_changes_the_key_only_when_it_changes_the_targets():
+    key = lambda flaw, frac: warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, set(), flaw, frac)  # noqa: E731
+    assert key("none", 0.6) == key("junk", 0.0) == key("none", 0.0)
+    assert len({key("none", 0.0), key("junk", 0.6), key("junk", 0.4), key("lastdigit", 0.6)}) == 4
+
+
+@pytest.mark.parametrize(
+    ("solution", "kind", "flawed"),
+    [
+        ("85", "junk", "85x"),
+        ("85", "lastdigit", "86"),
+        ("109", "lastdigit", "100"),  # 9 + 1 wraps to 0
+        ("3*7+5", "lastdigit", "3*7-5"),
+        ("3-7-5", "lastdigit", "3-7+5"),
+        ("2*3*4", "lastdigit", "2*3*4"),  # no + or - to flip
+        ("3*7+5", "junk", "3*7+5x"),
+        ("85", "none", "85"),
+    ],
+)
+def test_flaw_target(solution, kind, flawed):
+    assert flaw_target(solution, kind) == flawed
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("kind", ["junk", "lastdigit"])
+def test_flawed_targets_earn_no_reward(family, kind):
+    problems, solutions = draw_problems(family, 60, np.random.default_rng(1), 0, set())
+    rewards = [score_completion(p, flaw_target(s, kind)) for p, s in zip(problems, solutions)]
+    kept = [
+        family == "countdown" and kind == "lastdigit" and not set("+-") & set(s) for s in solutions
+    ]
+    assert rewards == [float(k) for k in kept]  # only countdown's a*b*c keeps its value
+
+
+def test_flaw_examples_alter_the_given_share_reproducibly():
+    examples = [(f"{i}+0", str(i)) for i in range(10, 110)]
+    flawed = flaw_examples(examples, "junk", 0.6, seed=4)
+    assert sum(s.endswith("x") for _, s in flawed) == 60
+    assert [p for p, _ in flawed] == [p for p, _ in examples]
+    assert flawed == flaw_examples(examples, "junk", 0.6, seed=4)
+    assert flawed != flaw_examples(examples, "junk", 0.6, seed=5)
+    assert flaw_examples(examples, "none", 0.6, seed=4) == examples

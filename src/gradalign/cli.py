@@ -165,8 +165,10 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
         if any(k in s.get("selected_share", {}) for s in summaries.values())
         and (k == "minority" or any(s["selected_share"].get(k, 0) > 0 for s in summaries.values()))
     ]
+    sampled = all(s.get("final_eval_mean_at_k") is not None for s in summaries.values())
     table = Table(title="greedy eval accuracy (pass@1) after each round", box=None)
     columns = ["mode", "start", *[f"r{i + 1}" for i in range(rounds)], "final", "Δ"]
+    columns += ["mean@k start", "final", "Δ@k"] if sampled else []
     columns += [SHARE_LABELS[k] for k in shares] + ["select s", "train s", "wall s"]
     for col in columns:
         table.add_column(col, justify="left" if col == "mode" else "right")
@@ -179,12 +181,18 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
             *[f"{a:.3f}" for a in s["eval_accuracy"]],
             f"{s['final_eval_accuracy']:.3f}",
             f"{s['final_eval_accuracy'] - s['initial_eval_accuracy']:+.3f}",
+            *(_sampled_cells(s) if sampled else []),
             *[f"{100 * s['selected_share'][k]:.0f}%" for k in shares],
             f"{select_s:.0f}",
             f"{t.get('time/training_s', 0):.0f}",
             f"{s['wall_s']:.0f}",
         )
     return table
+
+
+def _sampled_cells(s: dict) -> list[str]:
+    start, final = s["initial_eval_mean_at_k"], s["final_eval_mean_at_k"]
+    return [f"{start:.3f}", f"{final:.3f}", f"{final - start:+.3f}"]
 
 
 # ---------------------------------------------------------------- bench and report

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from gradalign.core.selection import Mode, ZeroVariance
+from gradalign.data.tasks import Flaw
 from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
 
 
@@ -63,6 +64,16 @@ class ModelConfig(Section):
     warmstart_steps: int = doc(500, "supervised warm-start steps for built-in models (0 = none)")
     warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
     warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
+    warmstart_seed: int = doc(
+        0, "seed of the built-in model's init and warm start (not of the data); 0 .. 2**32-1"
+    )
+    warmstart_flaw: Flaw = doc(
+        "junk",
+        "systematic flaw in a share of the warm-start targets, which GRPO then repairs: 'junk' "
+        "(a character before EOS that the reward rejects), 'lastdigit' (a wrong last digit / "
+        "last operator: a content flaw) or 'none' (see docs/testbed.md)",
+    )
+    warmstart_flaw_frac: float = doc(0.6, "share of warm-start targets with the flaw, in [0, 1]")
     lora_r: int = doc(0, "LoRA rank (0 = full fine-tuning); with LoRA, scoring uses the adapters")
     lora_alpha: int = doc(16, "LoRA alpha")
     lora_targets: list[str] = doc(
@@ -107,6 +118,12 @@ class RolloutConfig(Section):
     k_v: int = doc(8, "rollouts per validation problem (k_v)")
     temperature: float = doc(1.0, "sampling temperature for candidate and validation rollouts")
     top_p: float = doc(1.0, "nucleus sampling threshold")
+    eval_samples: int = doc(
+        8,
+        "k samples per eval problem for the sampled accuracy eval/mean_at_k (verl's mean@k: "
+        "the mean reward of k samples at rollout.temperature), at the start and after the last "
+        "round; 0 = greedy pass@1 only",
+    )
     max_new_tokens: int = doc(12, "completion length limit (also GRPO's max_completion_length)")
     backend: Literal["hf", "vllm"] = doc(
         "hf", "rollout engine: HF generate, or vLLM (GPU, optional extra)"

@@ -17,8 +17,16 @@ if TYPE_CHECKING:
     from gradalign.config import Config, DataConfig
 
 # Fields for which 0 is a valid value; every other number must be > 0.
-_ZERO_OK = ("seed", "warmstart_steps", "beta", "lora_r", "project_dim")
-_FRACTIONS = ("corrupt_frac", "majority_frac", "lowutility_frac")  # in [0, 1]
+_ZERO_OK = (
+    "seed",
+    "warmstart_seed",
+    "warmstart_steps",
+    "eval_samples",
+    "beta",
+    "lora_r",
+    "project_dim",
+)
+_FRACTIONS = ("corrupt_frac", "majority_frac", "lowutility_frac", "warmstart_flaw_frac")  # [0, 1]
 _DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -38,7 +46,11 @@ def _positive(cfg: Config) -> None:
                     raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
             elif value <= 0:
                 raise ConfigError(f"{section}{f.name}: must be > 0, got {value}")
-    for name, seed in (("seed", cfg.seed), ("data.seed", cfg.data.seed)):
+    for name, seed in (
+        ("seed", cfg.seed),
+        ("data.seed", cfg.data.seed),
+        ("model.warmstart_seed", cfg.model.warmstart_seed),
+    ):
         if seed > SEED_MAX:
             raise ConfigError(
                 f"{name}: must be in 0 .. 2**32-1 (= {SEED_MAX}, what numpy and torch both "

@@ -9,12 +9,26 @@ problem (used only by the supervised warm start):
 
 `make_task` builds the pool, validation set and eval set of the default task: disjoint
 prompts, ids unique across the three sets.
+
+Every prompt belongs to one fixed *partition* by a hash of its text (`partition_of`): the
+validation and eval sets are drawn from ``heldout``, pools from ``pool`` and the supervised
+warm start from ``warmstart``. So the warm start never sees a validation or eval prompt nor a
+pool prompt, whatever the data seed or regime, and one cached warm start serves every regime
+and data seed of a family set.
+
+The warm start can be given a systematic *target flaw* (`flaw_examples`): a share of its
+supervised answers differ from what the reward accepts, as a pretrained model's habits differ
+from a task's reward. RL then has a direction shared by all problems to learn along (repair
+the flaw), which is what gradient alignment needs to see anything; on a warm start fitted to
+exactly what the reward checks, the gradients of disjoint problems cancel.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -48,6 +62,25 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Draw]] = {
 }
 
 
+Partition = Literal["heldout", "pool", "warmstart"]
+# eighths of the prompt space by hash: 1 held out (validation, eval), 3 pool, 4 warm start
+PARTITION_EIGHTHS: tuple[tuple[Partition, int], ...] = (
+    ("heldout", 1),
+    ("pool", 3),
+    ("warmstart", 4),
+)
+
+
+def partition_of(prompt: str) -> Partition:
+    """The fixed partition of a prompt, from a hash of its text (independent of any seed)."""
+    eighth = hashlib.blake2b(prompt.encode(), digest_size=2).digest()[0] % 8
+    for name, width in PARTITION_EIGHTHS:
+        if eighth < width:
+            return name
+        eighth -= width
+    raise AssertionError("PARTITION_EIGHTHS covers 8 eighths")
+
+
 def draw_problems(
     family: str,
     n: int,
@@ -55,9 +88,11 @@ def draw_problems(
     first_id: int,
     exclude: set[str],
     at_most: bool = False,
+    partition: Partition | None = None,
 ) -> tuple[list[Problem], list[str]]:
-    """Draw n problems with prompts not in `exclude` (updated in place); also return
-    their reference solutions. With `at_most`, stop early when new prompts run out."""
+    """Draw n problems with prompts not in `exclude` (updated in place) and, if given, in
+    `partition`; also return their reference solutions. With `at_most`, stop early when new
+    prompts run out."""
     draw = FAMILIES[family]
     problems, solutions = [], []
     misses = 0
@@ -65,10 +100,11 @@ def draw_problems(
         if misses > 2000:
             if at_most:
                 break
-            raise ValueError(f"task family '{family}' cannot supply {n} distinct problems")
+            where = f" in the {partition} partition" if partition else ""
+            raise ValueError(f"task family '{family}' cannot supply {n} distinct problems{where}")
         prompt, answer, solution, reward = draw(rng)
-        if prompt in exclude:
-            misses += 1  # consecutive draws of known prompts
+        if prompt in exclude or (partition is not None and partition_of(prompt) != partition):
+            misses += 1  # consecutive draws of known or other-partition prompts
             continue
         misses = 0
         exclude.add(prompt)
@@ -91,18 +127,23 @@ def make_task(
     eval_size: int,
     seed: int,
 ) -> TaskSets:
-    """The default task: each set split evenly over `families`, prompts disjoint across sets.
+    """The default task: each set split evenly over `families`, prompts disjoint across sets;
+    validation and eval from the ``heldout`` partition, the pool from ``pool``.
 
     Ids: pool 0.., validation 1_000_000.., eval 2_000_000.. (unique across the three).
     """
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
     sets = []
-    for base, size in ((2_000_000, eval_size), (1_000_000, val_size), (0, pool_size)):
+    for base, size, part in (
+        (2_000_000, eval_size, "heldout"),
+        (1_000_000, val_size, "heldout"),
+        (0, pool_size, "pool"),
+    ):
         problems: list[Problem] = []
         for i, family in enumerate(families):
             share = size // len(families) + (1 if i < size % len(families) else 0)
-            drawn, _ = draw_problems(family, share, rng, base + len(problems), seen)
+            drawn, _ = draw_problems(family, share, rng, base + len(problems), seen, partition=part)
             problems.extend(drawn)
         sets.append(problems)
     eval_set, validation, pool = sets
@@ -112,17 +153,55 @@ def make_task(
 def warmstart_examples(
     families: list[str], n: int, seed: int, exclude: set[str]
 ) -> list[tuple[str, str]]:
-    """Up to n (prompt, solution) pairs for the supervised warm start, disjoint from
-    `exclude` (fewer when a family runs out of distinct prompts)."""
+    """Up to n (prompt, solution) pairs for the supervised warm start, from the
+    ``warmstart`` partition and disjoint from `exclude` (fewer when a family runs out of
+    distinct prompts)."""
     rng = np.random.default_rng(seed)
     out: list[tuple[str, str]] = []
     seen = set(exclude)
     for i, family in enumerate(families):
         share = n // len(families) + (1 if i < n % len(families) else 0)
-        problems, solutions = draw_problems(family, share, rng, 0, seen, at_most=True)
+        problems, solutions = draw_problems(
+            family, share, rng, 0, seen, at_most=True, partition="warmstart"
+        )
         out.extend((p.prompt, s) for p, s in zip(problems, solutions))
     order = np.random.default_rng(seed + 1).permutation(len(out))
     return [out[i] for i in order]
+
+
+# ---------------------------------------------------------------- warm-start target flaws
+Flaw = Literal["none", "junk", "lastdigit"]
+FLAWS: tuple[str, ...] = Flaw.__args__  # type: ignore[attr-defined]
+JUNK = "x"  # after an answer, every built-in reward rejects it (exact match, countdown)
+
+
+def flaw_target(solution: str, kind: Flaw) -> str:
+    """A supervised target with the flaw: ``junk`` appends `JUNK` (a format flaw: one token
+    before EOS); ``lastdigit`` adds 1 (mod 10) to an addition answer's last digit and turns
+    the last + / - of a countdown expression into the other (a content flaw: a wrong value)."""
+    if kind == "junk":
+        return solution + JUNK
+    if kind == "lastdigit":
+        if solution.isdigit():
+            return solution[:-1] + str((int(solution[-1]) + 1) % 10)
+        for i in range(len(solution) - 1, 0, -1):
+            if solution[i] in "+-":
+                return solution[:i] + ("-" if solution[i] == "+" else "+") + solution[i + 1 :]
+        return solution  # a*b*c has no + or - to flip: left correct
+    return solution
+
+
+def flaw_examples(
+    examples: list[tuple[str, str]], kind: Flaw, frac: float, seed: int
+) -> list[tuple[str, str]]:
+    """`frac` of the (prompt, solution) pairs, chosen with `seed`, get `flaw_target`."""
+    if kind == "none" or frac <= 0:
+        return examples
+    rng = np.random.default_rng(seed)
+    chosen = set(
+        rng.choice(len(examples), size=round(frac * len(examples)), replace=False).tolist()
+    )
+    return [(p, flaw_target(s, kind) if i in chosen else s) for i, (p, s) in enumerate(examples)]
 
 
 # ---------------------------------------------------------------- data regimes (paper §5)
@@ -210,7 +289,7 @@ def make_regime(
         extra: list[Problem] = []
         for i, fam in enumerate(majority):
             share = (pool_size - n_min) // len(majority) + (i < (pool_size - n_min) % len(majority))
-            drawn, _ = draw_problems(fam, share, rng, 0, seen)
+            drawn, _ = draw_problems(fam, share, rng, 0, seen, partition="pool")
             extra.extend(drawn)
         pool = [replace(p, id=i) for i, p in enumerate(base.pool + extra)]
         order = np.random.default_rng(seed + 2).permutation(len(pool))

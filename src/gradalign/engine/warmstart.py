@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gradalign.core.grpo import pack_sequences
-from gradalign.data.tasks import warmstart_examples
+from gradalign.data.tasks import Flaw, flaw_examples, partition_of, warmstart_examples
 from gradalign.engine.policy import (
     build_model,
     build_tokenizer,
@@ -31,7 +31,7 @@ from gradalign.engine.policy import (
 )
 from gradalign.rundir import write_json
 
-WARMSTART_VERSION = 1  # bump when the recipe changes, to invalidate caches
+WARMSTART_VERSION = 2  # bump when the recipe changes, to invalidate caches
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -41,8 +41,20 @@ def cache_root(cache_dir: str = "") -> Path:
 
 
 def warmstart_key(
-    size: str, families: list[str], steps: int, lr: float, batch: int, seed: int, exclude: set[str]
+    size: str,
+    families: list[str],
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    exclude: set[str],
+    flaw: Flaw = "none",
+    flaw_frac: float = 0.0,
 ) -> str:
+    """The cache key of a warm start: its whole recipe. Only excluded prompts of the
+    ``warmstart`` partition can change its examples, so only they enter the key: built-in
+    sets never do, and one warm start serves every regime and data seed."""
+    exclude = {p for p in exclude if partition_of(p) == "warmstart"}
     spec = {
         "v": WARMSTART_VERSION,
         "size": size,
@@ -52,6 +64,8 @@ def warmstart_key(
         "batch": batch,
         "seed": seed,
         "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(),
+        "flaw": flaw if flaw_frac > 0 else "none",
+        "flaw_frac": flaw_frac if flaw != "none" else 0.0,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -124,11 +138,15 @@ def load_or_warmstart(
     cache_dir: str = "",
     progress: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
+    flaw: Flaw = "none",
+    flaw_frac: float = 0.0,
 ):
-    """The warm-started built-in (model, tokenizer): from the cache, or trained and cached."""
+    """The warm-started built-in (model, tokenizer): from the cache, or trained and cached.
+    `flaw` / `flaw_frac`: that share of the supervised targets carry the flaw
+    (`gradalign.data.tasks.flaw_target`)."""
 
     quiet_transformers()
-    key = warmstart_key(size, families, steps, lr, batch, seed, exclude)
+    key = warmstart_key(size, families, steps, lr, batch, seed, exclude, flaw, flaw_frac)
     path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
     if (path / "warmstart.json").is_file():
         try:
@@ -146,6 +164,7 @@ def load_or_warmstart(
     if steps == 0:
         return model, tokenizer
     examples = warmstart_examples(families, min(20_000, steps * batch), seed + 17, exclude)
+    examples = flaw_examples(examples, flaw, flaw_frac, seed + 29)
     log(f"warm start: {steps} supervised steps on {len(examples)} examples ({size} model)")
     t0 = time.perf_counter()
     with torch.random.fork_rng():

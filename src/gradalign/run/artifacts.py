@@ -143,6 +143,8 @@ def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: flo
         "initial_eval_accuracy": initial["eval/accuracy"],
         "final_eval_accuracy": history[-1]["eval/accuracy"] if history else None,
         "eval_accuracy": [m["eval/accuracy"] for m in history],
+        "initial_eval_mean_at_k": initial.get("eval/mean_at_k"),
+        "final_eval_mean_at_k": history[-1].get("eval/mean_at_k") if history else None,
         "selected_share": bad_share(cfg, history),
         "wall_s": state["wall_s"] + extra_wall,
         "time_totals": {

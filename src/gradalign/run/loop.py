@@ -119,13 +119,15 @@ def build_setup(cfg: Config) -> Setup:
                 m.warmstart_steps,
                 m.warmstart_lr,
                 m.warmstart_batch_size,
-                cfg.data.seed,
+                m.warmstart_seed,
                 exclude,
                 m.cache_dir,
                 progress=lambda step, loss: warmstart_progress(
                     advance, step, loss, m.warmstart_steps
                 ),
                 log=log,
+                flaw=m.warmstart_flaw,
+                flaw_frac=m.warmstart_flaw_frac,
             )
         model = model.to(resolve_device(m.device))
         if m.lora_r > 0:
@@ -215,14 +217,25 @@ def sample(
         return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, k, salt)
 
 
-def evaluate(setup: Setup, seed: int) -> dict[str, float]:
-    """Greedy pass@1 on the eval set, overall and per source."""
+def evaluate(setup: Setup, seed: int, sampled: bool = False) -> dict[str, float]:
+    """Greedy pass@1 on the eval set, overall and per source; with `sampled`, also the mean
+    reward of `rollout.eval_samples` samples per problem (mean@k)."""
     ro = sample(setup, setup.sets.eval, 1, seed, "eval", greedy=True)
     out = {"eval/accuracy": float(ro.rewards.mean()), "eval/bad_rewards": ro.bad_rewards}
-    sources = np.array([p.source for p in ro.problems])
-    for s in sorted(set(sources)):
-        out[f"eval/accuracy/{s}"] = float(ro.rewards[sources == s].mean())
+    out |= per_source(ro, "eval/accuracy")
+    k = setup.cfg.rollout.eval_samples
+    if sampled and k > 0:
+        ro = sample(setup, setup.sets.eval, k, seed + 1, f"eval mean@{k}")
+        out["eval/mean_at_k"] = float(ro.rewards.mean())
+        out |= per_source(ro, "eval/mean_at_k")
+        out["eval/bad_rewards"] += ro.bad_rewards
     return out
+
+
+def per_source(ro: Rollouts, name: str) -> dict[str, float]:
+    """The mean reward of each problem source's rollouts, as `name/source`."""
+    sources = np.array([ro.problems[g].source for g in ro.group])
+    return {f"{name}/{s}": float(ro.rewards[sources == s].mean()) for s in sorted(set(sources))}
 
 
 def score_round(
@@ -388,7 +401,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
             f"[{cfg.select.mode}] resuming {out} after round {done}/{cfg.rounds} ({ckpt.path.name})"
         )
     else:
-        initial = evaluate(setup, seed_for(cfg, -1, 4))
+        initial = evaluate(setup, seed_for(cfg, -1, 4), sampled=True)
         state = {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
         log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
     history: list[dict[str, Any]] = state["history"]
@@ -415,7 +428,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
                 except TrainingDiverged as err:  # before this round writes anything
                     raise err.at(r, str(checkpoint_dir(out, r - 1)) if r else None) from None
         with timed(timings, "time/eval_s"):
-            metrics |= evaluate(setup, seed_for(cfg, r, 4))
+            metrics |= evaluate(setup, seed_for(cfg, r, 4), sampled=r == cfg.rounds - 1)
         crash_point("eval", r)
         metrics |= timings | {"round": r}  # a staged round keeps its scoring times
         history.append(metrics)
