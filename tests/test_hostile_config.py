@@ -82,6 +82,9 @@ BAD_VALUES = [
     ("device garbage", "model:\n  device: garbage\n", "model.device: 'garbage' is not 'cpu', 'cuda', 'cuda:N' or 'auto'"),
     ("device cuda:x", "model:\n  device: cuda:x\n", "model.device: 'cuda:x' is not 'cpu', 'cuda', 'cuda:N' or 'auto'"),
     ("corrupt_frac above 1", "data:\n  corrupt_frac: 1.5\n", "data.corrupt_frac: must be in [0, 1], got 1.5"),
+    ("warm-start seed above 2**32-1", "model:\n  warmstart_seed: 4294967296\n", "model.warmstart_seed: must be in 0 .. 2**32-1 (= 4294967295, what numpy and torch both accept), got 4294967296"),
+    ("flaw share above 1", "model:\n  warmstart_flaw_frac: 1.5\n", "model.warmstart_flaw_frac: must be in [0, 1], got 1.5"),
+    ("eval samples negative", "rollout:\n  eval_samples: -1\n", "rollout.eval_samples: must be >= 0, got -1"),
 ]  # fmt: skip
 
 
@@ -160,6 +163,7 @@ def test_python_values_are_coerced_like_yaml_ones() -> None:
     assert (cfg.rounds, cfg.train.learning_rate, cfg.seed) == (3, 1.0, 2**32 - 1)
     assert type(cfg.rounds) is int and type(cfg.train.learning_rate) is float
     assert Config(data=DataConfig(corrupt_frac=0)).data.corrupt_frac == 0.0
+    assert Config(rollout=RolloutConfig(eval_samples=0)).rollout.eval_samples == 0  # as documented
 
 
 def test_a_config_changed_after_it_was_built_is_checked_when_run(tmp_path: Path) -> None:
