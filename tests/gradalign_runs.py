@@ -16,6 +16,7 @@ from gradalign.rundir import read_json, read_jsonl
 
 SCORED = [
     "model.warmstart_steps=120",  # enough for validation passes: real scores, g_V != 0
+    "model.warmstart_flaw=none",  # targets the reward accepts: a short warm start passes
     "data.families=[addition]",  # the family a short warm start already passes sometimes
     "data.pool_size=48",
     "data.val_size=12",

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 from gradalign.core.diagnostics import cosine, mean_by, selection_auc, split_halves
+from gradalign.core.selection import Candidates, Selection
+from gradalign.data.problems import Problem
+from gradalign.data.tasks import make_regime
+from gradalign.run.artifacts import problem_rows, selection_quality
 
 
 def test_auc_counts_pairs_and_half_ties() -> None:
@@ -47,3 +51,31 @@ def test_split_halves_are_fixed_and_cover_the_set() -> None:
 def test_mean_by_label() -> None:
     got = mean_by(np.array([1.0, 3.0, 2.0, np.nan]), ["b", "b", "a", "a"])
     assert got == {"a": 2.0, "b": 2.0}
+
+
+def test_selection_quality_from_a_labelled_chunk() -> None:
+    chunk = [
+        Problem(0, "a", "1", "addition"),
+        Problem(1, "b", "1", "addition", "coinflip", {"corruption": "coinflip"}),
+        Problem(2, "c", "1", "addition"),
+        Problem(3, "d", "1", "addition", "coinflip", {"corruption": "coinflip"}),
+        Problem(4, "e", "1", "addition", meta={"utility": "garbled"}),
+    ]
+    ids = np.arange(5)
+    zv = np.array([False, False, False, False, True])  # the filler: all rewards 0
+    cand = Candidates(ids, np.full(5, 0.5), zv)
+    sel = Selection(ids[:2], np.array([0.9, 0.1, 0.2, 0.3, 0.0]))
+    # clean 0.9, 0.2 above corrupted 0.1, 0.3: (1 + 1 + 1 + 0) / 4; the filler is not eligible
+    assert selection_quality(chunk, cand, sel) == {"select/auc_clean": 0.75}
+    sampled = Selection(ids[:2], np.full(5, np.nan))  # rand has no scores
+    assert selection_quality(chunk, cand, sampled) == {"select/auc_clean": None}
+    clean = [Problem(i, str(i), "1", "addition") for i in range(5)]  # no labels: nothing to say
+    assert selection_quality(clean, cand, sel) == {"select/auc_clean": None}
+
+
+def test_problem_rows_keep_every_set_and_meta() -> None:
+    sets = make_regime("noisy", ["addition"], 8, 2, 3, seed=0)
+    rows = problem_rows(sets)
+    assert [r["set"] for r in rows] == ["pool"] * 8 + ["validation"] * 2 + ["eval"] * 3
+    assert sum(r["meta"].get("corruption") == "coinflip" for r in rows) == 4
+    assert {r["id"] for r in rows} == {p.id for p in sets.pool + sets.validation + sets.eval}

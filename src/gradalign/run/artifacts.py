@@ -3,6 +3,8 @@ selection, its metrics line, and the run summary. Written by rank 0, atomically.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +13,10 @@ from typing import Any
 import numpy as np
 
 from gradalign.config import Config
+from gradalign.core.diagnostics import selection_auc
 from gradalign.core.selection import Candidates, Selection
 from gradalign.data.problems import Problem
+from gradalign.data.tasks import TaskSets
 from gradalign.engine.rollout import Rollouts
 from gradalign.progress import log
 from gradalign.run.checkpoint import crash_point
@@ -46,6 +50,36 @@ def selection_metrics(chosen: list[Problem], cand: Candidates, sel: Selection) -
     out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in chosen) / n
     out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in chosen) / n
     return out
+
+
+def is_bad(p: Problem) -> bool:
+    """A problem a built-in regime made corrupted or low-utility (recorded in `meta`)."""
+    return bool(p.meta.get("corruption") or p.meta.get("utility"))
+
+
+def selection_quality(chunk: list[Problem], cand: Candidates, sel: Selection) -> dict[str, Any]:
+    """``select/auc_clean``: AUC of the mode's scores for clean above corrupted or filler
+    problems, among the chunk's groups with reward variance; None when the pool carries no
+    such labels, the mode has no scores or a class is missing (`core.diagnostics`)."""
+    bad = np.array([is_bad(p) for p in chunk])
+    if not bad.any() or cand.zero_variance is None:
+        return {"select/auc_clean": None}
+    auc = selection_auc(sel.scores, ~bad, ~cand.zero_variance)
+    return {"select/auc_clean": None if math.isnan(auc) else auc}
+
+
+def problem_rows(sets: TaskSets) -> list[dict[str, Any]]:
+    """problems.jsonl: every pool, validation and eval problem with its `meta`, so that a
+    run's selection quality can be recomputed from its directory alone."""
+    return [
+        {"set": name, **dataclasses.asdict(p)}
+        for name, problems in (
+            ("pool", sets.pool),
+            ("validation", sets.validation),
+            ("eval", sets.eval),
+        )
+        for p in problems
+    ]
 
 
 def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[dict[str, Any]]:
@@ -161,7 +195,9 @@ def round_line(cfg: Config, r: int, m: dict[str, Any]) -> str:
     t = {k.split("/")[1][:-2]: v for k, v in m.items() if k.startswith("time/")}
     times = " ".join(f"{k} {v:.1f}s" for k, v in t.items() if v >= 0.05)
     mix = ", ".join(f"{k} {v}" for k, v in m["select/source_mix"].items())
+    auc = m.get("select/auc_clean")
+    quality = f" | auc clean {auc:.2f}" if auc is not None else ""
     return (
         f"[{cfg.select.mode}] round {r + 1}/{cfg.rounds}: eval {m['eval/accuracy']:.3f} "
-        f"| selected {m['select/n']} ({mix}) | {times}"
+        f"| selected {m['select/n']} ({mix}){quality} | {times}"
     )

@@ -28,9 +28,11 @@ from gradalign.progress import bar, console, log
 from gradalign.run.artifacts import (
     RoundScores,
     discard_run,
+    problem_rows,
     read_stage,
     round_line,
     selection_metrics,
+    selection_quality,
     write_stage,
     write_summary,
 )
@@ -47,7 +49,7 @@ from gradalign.run.checkpoint import (
     restore,
     save_checkpoint,
 )
-from gradalign.rundir import StorageError, write_json, write_yaml
+from gradalign.rundir import StorageError, write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
 
 
@@ -386,6 +388,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
     schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
     if main:
         write_json(out / "chunks" / "manifest.json", schedule.manifest(cfg.rounds))
+        write_jsonl(out / "problems.jsonl", problem_rows(setup.sets))
     trainer = GRPOTraining(
         setup.model,
         setup.tokenizer,
@@ -494,7 +497,7 @@ def score_and_select(
     if cfg.select.mode == "none":  # plain GRPO: the whole pool, every round
         sel = Selection(np.array([p.id for p in pool]), sel.scores)
     chosen = [by_id[int(i)] for i in sel.ids]
-    metrics |= selection_metrics(chosen, cand, sel) | timings
+    metrics |= selection_metrics(chosen, cand, sel) | selection_quality(chunk, cand, sel) | timings
     if dd.is_main():
         write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
     return chosen, metrics
