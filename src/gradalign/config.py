@@ -61,7 +61,7 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "weights dtype")
     device: str = doc("cpu", "'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available)")
-    warmstart_steps: int = doc(500, "supervised warm-start steps for built-in models (0 = none)")
+    warmstart_steps: int = doc(1000, "supervised warm-start steps for built-in models (0 = none)")
     warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
     warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
     warmstart_seed: int = doc(
