@@ -1,5 +1,6 @@
 """Small `gradalign run` settings, and runs launched as a user would (optionally under
-torchrun): shared by the end-to-end, bench, resume and distributed-loop tests."""
+torchrun): shared by the end-to-end, bench, resume, distributed-loop and hostile-run tests,
+with the comparison of two run directories."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+
+from gradalign.run.checkpoint import read_checkpoint
+from gradalign.rundir import read_json, read_jsonl
 
 # The round arithmetic every small test run shares: chunks of 16 with 4 selected, 2 GRPO steps
 # of 2 problems x 4 completions, 4 rollouts of at most 8 tokens per candidate.
@@ -54,3 +60,34 @@ def gradalign_run(
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = command(settings, out, cache, nproc)
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def results(out: Path) -> dict:
+    """Everything a run produces that must not depend on interruptions (times excluded)."""
+    rounds = {}
+    for d in sorted((out / "rounds").iterdir()):
+        metrics = read_json(d / "metrics.json")
+        rounds[d.name] = {
+            "selected": read_jsonl(d / "selected.jsonl"),
+            "scores": read_jsonl(d / "scores.jsonl"),
+            "rollouts": read_jsonl(d / "rollouts.jsonl"),
+            "metrics": {k: v for k, v in metrics.items() if not k.startswith("time/")},
+        }
+    summary = read_json(out / "summary.json")
+    for k in ("wall_s", "time_totals"):
+        summary.pop(k)
+    return {"rounds": rounds, "summary": summary}
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(sorted((out / "checkpoints").glob("round-*"))[-1]).policy
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    got, want = results(out), results(ref)
+    assert got["summary"] == want["summary"]
+    for name, r in want["rounds"].items():
+        for key, value in r.items():
+            assert got["rounds"][name][key] == value, (name, key)
+    a, b = final_weights(out), final_weights(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

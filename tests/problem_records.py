@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradalign.data.problems import Problem, ProblemError, decode_json_line, problem_from_record
+from gradalign.data.problems import (
+    LINE_TOO_LONG,
+    Problem,
+    ProblemError,
+    decode_json_line,
+    jsonl_lines,
+    problem_from_record,
+)
 
 
 def read_problems(path: str | Path) -> list[Problem]:
@@ -15,20 +22,21 @@ def read_problems(path: str | Path) -> list[Problem]:
         raise ProblemError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
     problems: list[Problem] = []
     seen: dict[int, int] = {}
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{path}:{lineno}"
-            decoded = decode_json_line(raw, lineno)
-            if decoded is None:
-                continue
-            rec, error = decoded
-            if error is not None:
-                raise ProblemError(f"{where}: {error}")
-            problem = problem_from_record(rec, where)
-            if problem.id in seen:
-                raise ProblemError(
-                    f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
-                )
-            seen[problem.id] = lineno
-            problems.append(problem)
+    for lineno, raw in jsonl_lines(path):  # bounded memory, as the file loaders read
+        where = f"{path}:{lineno}"
+        if raw is None:
+            raise ProblemError(f"{where}: {LINE_TOO_LONG}")
+        decoded = decode_json_line(raw, lineno)
+        if decoded is None:
+            continue
+        rec, error = decoded
+        if error is not None:
+            raise ProblemError(f"{where}: {error}")
+        problem = problem_from_record(rec, where)
+        if problem.id in seen:
+            raise ProblemError(
+                f"{where}: duplicate id {problem.id} (first seen on line {seen[problem.id]})"
+            )
+        seen[problem.id] = lineno
+        problems.append(problem)
     return problems

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradalign_runs import SCORED, command, gradalign_run
+from gradalign_runs import SCORED, assert_same_run, command, gradalign_run, results
 from typer.testing import CliRunner
 
 from gradalign.cli import app
@@ -27,34 +27,13 @@ from gradalign.run.checkpoint import (
     restore,
     save_checkpoint,
 )
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.rundir import read_json
 
 TINY = ["rounds=3", *SCORED]
 
 
 def run_cli(out: Path, cache: Path, kill_at: str = "") -> subprocess.CompletedProcess:
     return gradalign_run(TINY, out, cache, kill_at=kill_at)
-
-
-def results(out: Path) -> dict:
-    """Everything a run produces that must not depend on interruptions (times excluded)."""
-    rounds = {}
-    for d in sorted((out / "rounds").iterdir()):
-        metrics = read_json(d / "metrics.json")
-        rounds[d.name] = {
-            "selected": read_jsonl(d / "selected.jsonl"),
-            "scores": read_jsonl(d / "scores.jsonl"),
-            "rollouts": read_jsonl(d / "rollouts.jsonl"),
-            "metrics": {k: v for k, v in metrics.items() if not k.startswith("time/")},
-        }
-    summary = read_json(out / "summary.json")
-    for k in ("wall_s", "time_totals"):
-        summary.pop(k)
-    return {"rounds": rounds, "summary": summary}
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(sorted((out / "checkpoints").glob("round-*"))[-1]).policy
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +45,6 @@ def reference(tmp_path_factory):
     metrics = [read_json(out / "rounds" / f"{r:04d}" / "metrics.json") for r in range(3)]
     assert all(m["select/fallback"] is None for m in metrics)  # selections made by score
     return base, out, cache
-
-
-def assert_same_run(out: Path, ref: Path) -> None:
-    got, want = results(out), results(ref)
-    assert got["summary"] == want["summary"]
-    for name, r in want["rounds"].items():
-        for key, value in r.items():
-            assert got["rounds"][name][key] == value, (name, key)
-    a, b = final_weights(out), final_weights(ref)
-    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 @pytest.mark.slow
@@ -185,13 +154,19 @@ def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]
     return model, opt, sched
 
 
+# the state.json fields the resume reads, as the loop writes them
+STATE = {"config": {}, "initial": {"eval/accuracy": 0.25}, "history": [], "wall_s": 1.5}
+
+
 def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path):
     model, opt, sched = _trained(0)
     torch.manual_seed(123)
-    save_checkpoint(tmp_path, 0, model, opt, sched, {"history": [1]})
+    history = [{"eval/accuracy": 0.5}]
+    save_checkpoint(tmp_path, 0, model, opt, sched, STATE | {"history": history})
     expected_draw = torch.rand(3)
     ckpt = read_checkpoint(tmp_path / "checkpoints" / "round-0000")
-    assert set(ckpt.policy) == {"0.weight", "1.weight", "1.bias"} and ckpt.state["history"] == [1]
+    assert set(ckpt.policy) == {"0.weight", "1.weight", "1.bias"}
+    assert ckpt.state["history"] == history
 
     other, opt2, sched2 = _trained(1)
     restore(ckpt, other, opt2, sched2)
@@ -208,7 +183,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_
 def test_damaged_checkpoints_are_skipped_and_only_the_newest_kept(tmp_path):
     model, opt, sched = _trained(0)
     for r in range(4):
-        save_checkpoint(tmp_path, r, model, opt, sched, {"r": r})
+        save_checkpoint(tmp_path, r, model, opt, sched, STATE | {"wall_s": float(r)})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == [f"round-{r:04d}" for r in range(4 - KEEP, 4)]
     newest = tmp_path / "checkpoints" / "round-0003"

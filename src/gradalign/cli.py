@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from gradalign.config import Config, ConfigError, field_docs, load_config
 from gradalign.progress import console
+from gradalign.rundir import StorageError, describe
 from gradalign.scoring.distributed import shutdown
 
 app = typer.Typer(
@@ -52,28 +53,40 @@ RestartOpt = Annotated[
 
 
 def _run_one(cfg: Config, restart: bool) -> dict:
-    """loop.run with its expected failures (locked or mismatched run directory) as messages."""
+    """loop.run with its expected failures as one-line messages: exit 2 for what the user
+    gave (config, data, a locked or foreign run directory), 1 for what failed while running
+    (a file the system cannot write or read, diverged training)."""
     from gradalign.data.problems import ProblemError
     from gradalign.data.rewards import RewardError
+    from gradalign.engine.training import TrainingDiverged
     from gradalign.run.checkpoint import ResumeError, RunLocked
     from gradalign.run.loop import run as run_loop
 
     try:
         return run_loop(cfg, restart=restart)
     except (RunLocked, ResumeError) as err:
-        console.print(f"[red]run directory:[/red] {escape(str(err))}")
-        raise typer.Exit(2) from None
+        _fail("run directory", err, 2)
     except (ConfigError, ProblemError, RewardError) as err:  # found while loading data
-        console.print(f"[red]config error:[/red] {escape(str(err))}")
-        raise typer.Exit(2) from None
+        _fail("config error", err, 2)
+    except StorageError as err:
+        _fail("storage error", err, 1)
+    except TrainingDiverged as err:
+        _fail("training diverged", err, 1)
+    except OSError as err:  # one no writer above named: still the path and the cause
+        where = f"{err.filename}: " if err.filename else ""
+        _fail("storage error", f"{where}{describe(err)}", 1)
+
+
+def _fail(label: str, err: Exception | str, code: int) -> NoReturn:
+    console.print(f"[red]{label}:[/red] {escape(' '.join(str(err).split()))}", soft_wrap=True)
+    raise typer.Exit(code) from None
 
 
 def _load(path: Path | None, overrides: list[str] | None) -> Config:
     try:
         return load_config(path, overrides or [])
     except ConfigError as err:
-        console.print(f"[red]config error:[/red] {escape(str(err))}")
-        raise typer.Exit(2) from None
+        _fail("config error", err, 2)
 
 
 @app.command()

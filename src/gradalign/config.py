@@ -7,19 +7,21 @@ A bad value is rejected at load time with a message naming the field, the value 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import types
+import numbers
 import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
 from gradalign.data.tasks import Flaw
+from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
 
 
 class ConfigError(ValueError):
@@ -32,8 +34,30 @@ def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
     return field(default=default, metadata={"help": help})
 
 
+SEED_MAX = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL, transformers) accepts
+INT_MAX = 2**63 - 1  # every integer field must fit an int64 (torch, numpy)
+
+
+class Section:
+    """A config section whose fields are coerced and type-checked on construction, so a
+    section built in Python is checked as one loaded from YAML (messages name the field)."""
+
+    prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            name, value, typ = f"{self.prefix}{f.name}", getattr(self, f.name), hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                if not isinstance(value, typ):
+                    raise ConfigError(f"{name}: expected a {typ.__name__}, got {show(value)}")
+            else:
+                setattr(self, f.name, _coerce(value, typ, name))
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    prefix: ClassVar[str] = "model."
     name: str = doc(
         "builtin:tiny", "'builtin:tiny' (0.5M), 'builtin:small' (5M) or a local HF model directory"
     )
@@ -43,7 +67,7 @@ class ModelConfig:
     warmstart_lr: float = doc(3e-3, "warm-start peak learning rate (cosine decay)")
     warmstart_batch_size: int = doc(128, "warm-start batch size (sequences)")
     warmstart_seed: int = doc(
-        0, "seed of the built-in model's init and warm start (not of the data)"
+        0, "seed of the built-in model's init and warm start (not of the data); 0 .. 2**32-1"
     )
     warmstart_flaw: Flaw = doc(
         "junk",
@@ -61,12 +85,15 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    prefix: ClassVar[str] = "data."
     families: list[str] = doc(["addition", "countdown"], "built-in task families in every set")
     pool_size: int = doc(1024, "candidate training problems in the pool")
     val_size: int = doc(32, "trusted validation problems (gradient reference, never trained on)")
     eval_size: int = doc(256, "held-out eval problems (accuracy only; disjoint from validation)")
-    seed: int = doc(0, "seed of the task generator and of the regime's corruption")
+    seed: int = doc(
+        0, "seed of the task generator and of the regime's corruption; 0 .. 2**32-1, as `seed`"
+    )
     regime: Literal["clean", "noisy", "imbalance", "lowutility"] = doc(
         "noisy", "built-in data regime: clean | noisy (unreliable rewards) | imbalance | lowutility"
     )
@@ -87,7 +114,8 @@ class DataConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Section):
+    prefix: ClassVar[str] = "rollout."
     k_r: int = doc(8, "rollouts per candidate problem (k_r)")
     k_v: int = doc(8, "rollouts per validation problem (k_v)")
     temperature: float = doc(1.0, "sampling temperature for candidate and validation rollouts")
@@ -106,7 +134,8 @@ class RolloutConfig:
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Section):
+    prefix: ClassVar[str] = "select."
     mode: Mode = doc(
         "sim", "how a chunk is ranked (docs/method.md); 'none' = plain GRPO on the whole pool"
     )
@@ -137,7 +166,8 @@ class SelectConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    prefix: ClassVar[str] = "train."
     steps_per_round: int = doc(8, "GRPO optimizer steps per round")
     batch_size: int = doc(8, "problems per GRPO step (each with num_generations completions)")
     num_generations: int = doc(8, "completions per problem in GRPO training")
@@ -150,15 +180,26 @@ class TrainConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
+    """The whole run configuration. Construction checks every field and the cross-field
+    invariants (`check`): a `Config(...)` built in Python is refused as a bad YAML file is."""
+
     rounds: int = doc(10, "rounds of score → select → train")
-    seed: int = doc(0, "seed of every random choice of the run (rollouts, sampling, training)")
+    seed: int = doc(
+        0,
+        "seed of every random choice of the run (rollouts, sampling, training); "
+        "0 .. 2**32-1, the range numpy and torch both accept",
+    )
     out_dir: str = doc("runs/default", "run directory")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self)  # gradalign.config_rules, imported below
 
     @property
     def n_select(self) -> int:
@@ -172,67 +213,93 @@ class Config:
 # ---------------------------------------------------------------- loading and checking
 
 
-def _coerce(value: Any, typ: Any, name: str) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is Literal:
-        if value not in typing.get_args(typ):
-            choices = ", ".join(map(str, typing.get_args(typ)))
-            raise ConfigError(f"{name}: {value!r} is not one of {choices}")
-        return value
-    if origin in (list, typing.List):  # noqa: UP006
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        (item,) = typing.get_args(typ)
-        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if typ is dict or typing.get_origin(typ) is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return value
-    if typ is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if typ in (int, float):
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass
+def show(value: Any) -> str:
+    """repr of a value for a message, cut at 60 characters (never fails)."""
+    if isinstance(value, int) and value.bit_length() > 192:  # repr fails over 4300 digits
+        return f"<a {value.bit_length()}-bit integer>"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _number(value: Any, typ: type, name: str) -> int | float:
+    if isinstance(value, str):
+        value = _yaml_or_text(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
                 value = float(value) if math.isfinite(float(value)) else value
             except ValueError:
                 pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name}: expected a finite number, got {value!r}")
-        if typ is int and ok and (isinstance(value, int) or value.is_integer()):
-            return int(value)
-        if typ is float and ok:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name}: expected {typ.__name__}, got {show(value)}")
+    if isinstance(value, numbers.Integral):
+        value = int(value)
+        if typ is float:
             try:
                 return float(value)
             except OverflowError:
-                raise ConfigError(
-                    f"{name}: {len(str(value))} digits, too large for a float"
-                ) from None
-        raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}")
+                raise ConfigError(f"{name}: {show(value)} is too large for a float") from None
+        if abs(value) > INT_MAX:
+            raise ConfigError(f"{name}: must be at most 2**63 - 1, got {show(value)}")
+        return value
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    if typ is int:
+        if not value.is_integer() or abs(value) > INT_MAX:
+            raise ConfigError(f"{name}: expected int, got {value!r}")
+        return int(value)
+    return value
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        if not isinstance(value, (str, int, float)) or value not in typing.get_args(typ):
+            choices = ", ".join(map(str, typing.get_args(typ)))
+            raise ConfigError(f"{name}: {show(value)} is not one of {choices}")
+        return value
+    if origin in (list, typing.List):  # noqa: UP006
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {show(value)}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if typ is dict or typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {show(value)}")
+        return value
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {show(value)}")
+        return value
+    if typ in (int, float):
+        return _number(value, typ, name)
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
+            raise ConfigError(f"{name}: expected a string, got {show(value)}")
         return str(value)
     raise ConfigError(f"{name}: unsupported type {typ}")  # pragma: no cover
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
+    """A section (or the Config) from a mapping: unknown fields refused here, every value
+    coerced and checked by the dataclass itself (`Section.__post_init__`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown field (known in {prefix.rstrip('.') or 'config'}: "
@@ -241,13 +308,18 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
-        elif isinstance(typ, types.UnionType):  # pragma: no cover - none at present
-            kwargs[name] = value
-        else:
-            kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
+        kwargs[name] = (
+            _build(typ, value, f"{prefix}{name}.") if dataclasses.is_dataclass(typ) else value
+        )
     return cls(**kwargs)
+
+
+def _yaml_or_text(raw: str) -> Any:
+    """`raw` read as YAML, or `raw` itself when it is not YAML."""
+    try:
+        return read_yaml(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -263,132 +335,46 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
         try:
-            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            node[leaf] = raw
+            node[leaf] = read_yaml(raw) if raw.strip() else ""
+        except DuplicateKeyError as err:
+            inner = err.field if err.field.startswith("[") else f".{err.field}"
+            raise ConfigError(
+                f"{key.strip()}{inner}: given twice in the override {item!r}; keep one"
+            ) from None
+        except (yaml.YAMLError, ValueError, RecursionError):
+            node[leaf] = raw  # not YAML: the text itself
     return data
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    cfg = _build(Config, data, "")
-    check(cfg)
-    return cfg
+    return _build(Config, data, "")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as err:
+        raise ConfigError(f"{path}: {yaml_reason(err)}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read it ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({yaml_reason(err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML (nested too deeply)") from None
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
-        except OSError as err:
-            raise ConfigError(f"config file {path}: cannot read it ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    data = _read_config_file(Path(path)) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
-
-
-def _positive(cfg: Config) -> None:
-    for section, obj in [("", cfg)] + [
-        (f"{f}.", getattr(cfg, f)) for f in ("model", "data", "rollout", "select", "train")
-    ]:
-        _positive_fields(section, obj)
-
-
-def _positive_fields(section: str, obj: Any) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in (
-            "seed",
-            "warmstart_seed",
-            "warmstart_steps",
-            "warmstart_flaw_frac",
-            "beta",
-            "lora_r",
-            "project_dim",
-        ):
-            if isinstance(value, (int, float)) and value < 0:
-                raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-            raise ConfigError(f"{section}{f.name}: must be > 0, got {value}")
-
-
-def _group_size(name: str, value: int) -> None:
-    if value < 2:
-        raise ConfigError(f"{name}: needs >= 2 rollouts per group for an advantage, got {value}")
-
-
-def check_rollout(r: RolloutConfig) -> None:
-    """The `rollout` section's own invariants (the TRL callback checks its RolloutConfig so)."""
-    _positive_fields("rollout.", r)
-    _group_size("rollout.k_r", r.k_r)
-    _group_size("rollout.k_v", r.k_v)
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-
-
-def check_select(s: SelectConfig) -> None:
-    """The `select` section's own invariants (the TRL callback checks its SelectConfig so)."""
-    _positive_fields("select.", s)
-    if s.n_select < 1:
-        raise ConfigError(
-            f"select.k ({s.k}) leaves 0 problems from chunk_size {s.chunk_size}; "
-            "lower k or raise chunk_size"
-        )
-    if not (s.params in ("all", "lora") or s.params.startswith("last:")):
-        raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
-
-
-def check(cfg: Config) -> None:
-    """Cross-field invariants of the round arithmetic, with messages naming field and fix."""
-    _positive(cfg)
-    s, t, d, r = cfg.select, cfg.train, cfg.data, cfg.rollout
-    if s.params == "lora" and cfg.model.lora_r == 0:
-        raise ConfigError("select.params: 'lora' needs LoRA adapters; set model.lora_r > 0")
-    if not d.pool_files and s.chunk_size > d.pool_size:  # file pools are checked once loaded
-        raise ConfigError(
-            f"select.chunk_size ({s.chunk_size}) exceeds data.pool_size ({d.pool_size}); "
-            "lower chunk_size or grow the pool"
-        )
-    check_select(s)
-    trained_on = d.pool_size if s.mode == "none" else cfg.n_select
-    if t.batch_size > trained_on and not (d.pool_files and s.mode == "none"):
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
-            f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
-        )
-    check_rollout(r)
-    _group_size("train.num_generations", t.num_generations)
-    from gradalign.data.tasks import FAMILIES
-
-    for fam in d.families:
-        if fam not in FAMILIES:
-            raise ConfigError(
-                f"data.families: unknown family {fam!r} (known: {', '.join(FAMILIES)})"
-            )
-    for name in ("corrupt_frac", "majority_frac", "lowutility_frac"):
-        if not 0 <= getattr(d, name) <= 1:
-            raise ConfigError(f"data.{name}: must be in [0, 1], got {getattr(d, name)}")
-    if not 0 <= cfg.model.warmstart_flaw_frac <= 1:
-        raise ConfigError(
-            f"model.warmstart_flaw_frac: must be in [0, 1], got {cfg.model.warmstart_flaw_frac}"
-        )
-    if d.regime == "imbalance" and d.minority not in d.families:
-        raise ConfigError(
-            f"data.minority: {d.minority!r} is not in data.families {d.families}; add it or pick one"
-        )
-    if bool(d.pool_files) != bool(d.val_files) or bool(d.pool_files) != bool(d.eval_files):
-        raise ConfigError(
-            "data.pool_files, data.val_files and data.eval_files: give all three or none"
-        )
-    if not d.families:
-        raise ConfigError("data.families: give at least one task family")
 
 
 def field_docs() -> list[tuple[str, str, str]]:
@@ -442,3 +428,10 @@ def differing_fields(
         if any(v != values[0] for v in values[1:]):
             out[name] = values
     return out
+
+
+from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they need ConfigError
+    check,
+    check_rollout,
+    check_select,
+)

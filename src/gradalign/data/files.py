@@ -31,7 +31,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from gradalign.data.problems import Problem, ProblemError, decode_json_line
+from gradalign.data.problems import (
+    LINE_TOO_LONG,
+    Problem,
+    ProblemError,
+    decode_json_line,
+    jsonl_lines,
+)
 from gradalign.data.rewards import RewardError, last_boxed, resolve_reward
 
 AnswerExtractor = Literal["auto", "gsm8k", "boxed", "plain"]
@@ -132,11 +138,13 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, Any, str | None]]:
     if fmt == "parquet":
         yield from _parquet_records(path)
         return
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            decoded = decode_json_line(raw, lineno)
-            if decoded is not None:
-                yield lineno, *decoded
+    for lineno, raw in jsonl_lines(path):  # bounded lines; OSError -> ProblemError
+        if raw is None:
+            yield lineno, None, LINE_TOO_LONG
+            continue
+        decoded = decode_json_line(raw, lineno)
+        if decoded is not None:
+            yield lineno, *decoded
 
 
 def _one_line(err: Exception) -> str:

@@ -8,9 +8,12 @@ the pool (one permutation per pass).
 
 from __future__ import annotations
 
+import errno
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +21,9 @@ import numpy as np
 
 class ProblemError(ValueError):
     """A problem record is malformed; the message names the file, line and field."""
+
+
+MAX_LINE_BYTES = 8 * 2**20  # a JSONL line (one record) longer than 8 MiB is rejected unread
 
 
 class Stream(IntEnum):
@@ -100,6 +106,32 @@ def decode_json_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:
         return None, "invalid JSON (nested too deeply)"
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number from 1, raw bytes) of each line of a JSONL file, in bounded memory: a
+    line over MAX_LINE_BYTES (newline not counted) yields None, its bytes skipped in
+    64 KiB pieces and never held whole. An OSError while opening or reading (EIO,
+    EACCES) raises ProblemError naming the file and the line."""
+    lineno = 0
+    try:
+        with open(path, "rb") as fh:
+            while raw := fh.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+                    yield lineno, raw
+                    continue
+                del raw  # the rest of the over-long line is read in small pieces and dropped
+                while (piece := fh.readline(2**16)) and not piece.endswith(b"\n"):
+                    pass
+                yield lineno, None
+    except OSError as err:
+        where = f"{path}:{lineno + 1}" if lineno else str(path)
+        code = errno.errorcode.get(err.errno or 0, "")
+        raise ProblemError(f"{where}: cannot read ({err.strerror or err} [{code}])") from None
+
+
+LINE_TOO_LONG = f"line longer than {MAX_LINE_BYTES // 2**20} MiB (MAX_LINE_BYTES); not read"
+
+
 def check_disjoint(a: list[Problem], b: list[Problem], names: tuple[str, str]) -> None:
     """Raise if two problem sets share a prompt (e.g. validation and eval sets)."""
     shared = {p.prompt for p in a} & {p.prompt for p in b}
@@ -142,10 +174,16 @@ class ChunkSchedule:
         return perm[j * self.chunk_size : (j + 1) * self.chunk_size]
 
     def manifest(self, rounds: int) -> dict[str, Any]:
+        """The schedule's rule and the chunks of its first pass (at most `rounds` of them):
+        bounded by the pool, however many rounds. Round r is chunk r % chunks_per_pass of
+        pass r // chunks_per_pass, whose order is default_rng(shuffle_seed + pass)."""
+        listed = min(rounds, self.chunks_per_pass)
         return {
             "pool_size": self.pool_size,
             "chunk_size": self.chunk_size,
             "shuffle_seed": self.seed,
             "chunks_per_pass": self.chunks_per_pass,
-            "chunks": [self.chunk(r).tolist() for r in range(rounds)],
+            "rule": "round r: chunk r % chunks_per_pass of pass r // chunks_per_pass, the "
+            "pool positions permuted by numpy default_rng(shuffle_seed + pass)",
+            "chunks": [self.chunk(r).tolist() for r in range(listed)],
         }

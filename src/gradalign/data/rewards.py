@@ -287,21 +287,48 @@ class RewardWarning(UserWarning):
 _WARNED: set[str] = set()  # reward names whose failure `score_completion` has shown
 
 
+def _show(value: Any) -> str:
+    """repr of a user's return value for a message, at most 60 characters (never fails)."""
+    if isinstance(value, int) and value.bit_length() > 192:  # repr fails over 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error_text(err: BaseException) -> str:
+    """'ValueError: why' on one line, at most ~200 characters (never fails)."""
+    if isinstance(err, SystemExit):
+        return f"SystemExit (sys.exit({_show(err.code)}))"
+    try:
+        text = " ".join(str(err).split())
+    except Exception:
+        text = ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def checked_reward(problem: Problem, completion: str, salt: str = "") -> tuple[float, str | None]:
     """(reward, None) of one completion under the problem's reward function, or (0.0, why)
-    when the function raised or returned something other than a finite number: a check that
+    when the function raised (`sys.exit` included: a user's reward never ends the run), or
+    returned something other than a finite number (None, text, 10**400, NaN): a check that
     cannot be made is not a pass (as a math-verify timeout), and NaN never reaches a score.
-    An unknown reward name still raises `RewardError` (a configuration error)."""
+    An unknown reward name still raises `RewardError` (a configuration error); Ctrl-C
+    (KeyboardInterrupt) still stops the run."""
     fn = reward_of(problem)
     where = f"problem {problem.id} (source {problem.source!r}): reward '{problem.reward}'"
     try:
         value = coinflip(problem, completion, salt) if fn is coinflip else fn(problem, completion)
-    except Exception as err:
-        return 0.0, f"{where} raised {type(err).__name__}: {err}"
+    except (Exception, SystemExit) as err:
+        return 0.0, f"{where} raised {_error_text(err)}"
     try:
         reward = float(value)
-    except (TypeError, ValueError):
-        return 0.0, f"{where} returned {value!r:.60}, not a number"
+    except OverflowError:
+        return 0.0, f"{where} returned {_show(value)}, too large for a float"
+    except Exception:  # TypeError, ValueError, or whatever a __float__ raises
+        return 0.0, f"{where} returned {_show(value)}, not a number"
     if not math.isfinite(reward):
         return 0.0, f"{where} returned {reward}, not a finite number"
     return reward, None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
+from gradalign.engine.policy import format_prompt
 
 
 def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
@@ -51,6 +53,54 @@ def per_rank_batch(batch_size: int) -> int:
             f"train.batch_size ({batch_size}) must be a multiple of the {size} processes"
         )
     return batch_size // size
+
+
+class TrainingDiverged(RuntimeError):
+    """GRPO steps left non-finite weights (or logits): the round's update is unusable, and
+    the run stops before anything of the round is saved."""
+
+    def __init__(self, step: int, steps: int, learning_rate: float, reason: str) -> None:
+        super().__init__(
+            f"GRPO training diverged at step {step} of {steps} with "
+            f"train.learning_rate={learning_rate:g}: {reason}"
+        )
+        self.step, self.steps, self.learning_rate, self.reason = step, steps, learning_rate, reason
+
+    def at(self, round_: int, kept: str | None) -> TrainingDiverged:
+        """The same error, its message naming the round (0-based `round_`) and `kept`, the
+        checkpoint that still holds the last finite weights (None: none written yet)."""
+        err = TrainingDiverged(self.step, self.steps, self.learning_rate, self.reason)
+        last = (
+            f"{kept} (after round {round_}) keeps the last finite weights"
+            if kept
+            else "no checkpoint was written yet"
+        )
+        err.args = (
+            f"round {round_ + 1}: {self}; the update is not saved, and {last}; lower "
+            "train.learning_rate (or train.max_grad_norm) and start again with --restart",
+        )
+        return err
+
+
+_NONFINITE_ERROR = re.compile(r"\b(nan|inf|overflow)\b", re.IGNORECASE)  # multinomial, Adam
+
+
+def nonfinite(model: torch.nn.Module, probe: list[int]) -> str | None:
+    """Why `model` can no longer be trained or sampled, or None: a trainable parameter with
+    NaN / Inf, or NaN / Inf logits on the token ids `probe` (weights so large that a forward
+    pass overflows). The forward runs in eval mode and draws no random numbers."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            return f"parameter {name!r} holds NaN or Inf"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            logits = model(input_ids=torch.tensor([probe], device=device)).logits
+    finally:
+        model.train(was_training)
+    return None if bool(torch.isfinite(logits).all()) else "the logits hold NaN or Inf"
 
 
 def _completion_text(completion: Any) -> str:
@@ -83,6 +133,10 @@ class GRPOTraining:
         self._calls = itertools.count()
         self._round_seed = 0
         self.on_step: Callable[[], None] | None = None
+        self.model, self.tokenizer = model, tokenizer
+        self._probe: list[int] = []  # token ids of a prompt of the round, for `nonfinite`
+        self._steps_done = 0
+        self.diverged: tuple[int, str] | None = None  # (step, reason) once weights blow up
         per_device, accum = micro_batching(
             per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
         )
@@ -120,6 +174,12 @@ class GRPOTraining:
 
         class _StepCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
+                outer._steps_done += 1
+                reason = nonfinite(outer.model, outer._probe)
+                if reason is not None:  # stop before sampling with these weights
+                    outer.diverged = (outer._steps_done, reason)
+                    control.should_training_stop = True
+                    return
                 if outer.on_step is not None:
                     outer.on_step()
 
@@ -161,6 +221,8 @@ class GRPOTraining:
         self._calls = itertools.count()  # reward salts depend on the round only (resumable)
         self._round_seed = round_seed
         self.trainer.train_dataset = self._dataset(problems)
+        self._probe = format_prompt(self.tokenizer, problems[0].prompt)
+        self._steps_done, self.diverged = 0, None
         self.trainer.args.max_steps = steps
         self.trainer.args.seed = round_seed  # sampler order of this round
         # TRL samples completions from the global generators: each round starts from its seed,
@@ -168,7 +230,16 @@ class GRPOTraining:
         torch.manual_seed(round_seed)
         random.seed(round_seed)
         np.random.seed(round_seed % 2**32)
-        self.trainer.train()
+        try:
+            self.trainer.train()
+        except RuntimeError as err:  # sampling from NaN weights, if a step got that far
+            if not _NONFINITE_ERROR.search(str(err)):
+                raise
+            reason = nonfinite(self.model, self._probe) or f"{type(err).__name__}: {err}"
+            self.diverged = (self._steps_done + 1, " ".join(reason.split())[:200])
+        if self.diverged is not None:
+            step, reason = self.diverged
+            raise TrainingDiverged(step, steps, self.cfg.learning_rate, reason)
         logs = [h for h in self.trainer.state.log_history if "reward" in h]
         return {
             "train/steps": len(logs),

@@ -86,8 +86,9 @@ def read_stage(
             raise ValueError("its chunk is not this round's chunk")
         chosen = [by_id[int(i)] for i in staged["selected"]]
         return chosen, dict(staged["metrics"])
-    except (ValueError, KeyError, TypeError) as err:
-        log(f"warning: {f} is unusable ({err}); redoing the round's rollouts and scoring")
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        why = err.strerror if isinstance(err, OSError) else err
+        log(f"warning: {f} is unusable ({why}); redoing the round's rollouts and scoring")
         return None
 
 

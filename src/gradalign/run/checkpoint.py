@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from gradalign.config import RESUMABLE_FIELDS, differing_fields
-from gradalign.rundir import write_bytes, write_json
+from gradalign.rundir import StorageError, write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
 KILL_ENV = "GRADALIGN_KILL_AT"
@@ -66,8 +66,22 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        out = self.path.parent
+        if out.exists() and not out.is_dir():
+            raise StorageError(f"out_dir {out} is a file, not a directory; choose another out_dir")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError.of("create the run directory", out, err) from None
+        if self.path.is_dir():
+            raise StorageError(
+                f"the lock file {self.path} is a directory; remove it (a run creates its "
+                ".lock file itself)"
+            )
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StorageError.of("open the lock file", self.path, err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -77,9 +91,18 @@ class RunLock:
                 f"run directory {self.path.parent} is in use by {holder}; wait for that run "
                 "to finish, or give this one another out_dir"
             ) from None
+        except OSError as err:  # e.g. ENOLCK: the file system cannot lock
+            os.close(fd)
+            raise StorageError.of("lock", self.path, err) from None
         started = datetime.datetime.now().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(
+                fd, f"pid {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0
+            )
+        except OSError as err:
+            os.close(fd)  # closing drops the lock
+            raise StorageError.of("write the lock file", self.path, err) from None
         self._fd = fd
         return self
 
@@ -175,28 +198,82 @@ def save_checkpoint(
     return path
 
 
+_FILES = ("policy.pt", "trainer.pt")
+
+
+def _check_state(state: Any, path: Path) -> int:
+    """The round of a decoded state.json, after checking the shape of every field the
+    resume reads; ValueError names the field and what it holds instead."""
+
+    def wrong(name: str, want: str, value: Any) -> ValueError:
+        return ValueError(f"field '{name}' should be {want}, got {repr(value)[:60]}")
+
+    if not isinstance(state, dict):
+        raise wrong("(top level)", "an object", state)
+    missing = [
+        k for k in ("round", "sha256", "config", "initial", "history", "wall_s") if k not in state
+    ]
+    if missing:
+        raise ValueError(f"field '{missing[0]}' is missing")
+    round_, hashes = state["round"], state["sha256"]
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+        raise wrong("round", "a round number >= 0", round_)
+    if path.name != f"round-{round_:04d}":
+        raise ValueError(f"field 'round' is {round_}, but the checkpoint is {path.name}")
+    if not isinstance(hashes, dict) or not all(isinstance(hashes.get(n), str) for n in _FILES):
+        raise wrong("sha256", "an object of the sha256 of policy.pt and trainer.pt", hashes)
+    for name in ("config", "initial"):
+        if not isinstance(state[name], dict):
+            raise wrong(name, "an object", state[name])
+    history = state["history"]
+    if not isinstance(history, list) or not all(isinstance(m, dict) for m in history):
+        raise wrong("history", "a list of metrics objects", history)
+    for i, m in enumerate([state["initial"], *history]):
+        acc = m.get("eval/accuracy")
+        if isinstance(acc, bool) or not isinstance(acc, (int, float)):
+            where = "initial" if i == 0 else f"history[{i - 1}]"
+            raise wrong(f"{where}.eval/accuracy", "a number", acc)
+    if isinstance(state["wall_s"], bool) or not isinstance(state["wall_s"], (int, float)):
+        raise wrong("wall_s", "a number", state["wall_s"])
+    return round_
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
-    """Read and verify one checkpoint; ValueError names the file and what is wrong."""
+    """Read and verify one checkpoint; ValueError names the file and what is wrong (missing,
+    unreadable, a field of the wrong type, a hash that does not match)."""
     state_file = path / "state.json"
     if not state_file.is_file():
         raise ValueError(f"{state_file} is missing (the checkpoint was not finished)")
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
-        hashes = state["sha256"]
-        round_ = int(state["round"])
-    except (ValueError, KeyError, TypeError) as err:
+        round_ = _check_state(state, path)
+    except OSError as err:
+        raise ValueError(f"{state_file} cannot be read ({err.strerror})") from None
+    except (ValueError, RecursionError) as err:
         raise ValueError(f"{state_file} is unreadable ({err})") from None
     loaded = {}
-    for name in ("policy.pt", "trainer.pt"):
+    for name in _FILES:
         f = path / name
         if not f.is_file():
             raise ValueError(f"{f} is missing")
-        data = f.read_bytes()
-        if _sha256(data) != hashes.get(name):
+        try:
+            data = f.read_bytes()
+        except OSError as err:
+            raise ValueError(f"{f} cannot be read ({err.strerror})") from None
+        if _sha256(data) != state["sha256"][name]:
             raise ValueError(f"{f} is truncated or corrupted (sha256 does not match state.json)")
-        # policy.pt holds only tensors; trainer.pt also numpy / python RNG states
-        loaded[name] = torch.load(io.BytesIO(data), weights_only=name == "policy.pt")
-    return Checkpoint(path, round_, state, loaded["policy.pt"], loaded["trainer.pt"])
+        try:  # policy.pt holds only tensors; trainer.pt also numpy / python RNG states
+            loaded[name] = torch.load(io.BytesIO(data), weights_only=name == "policy.pt")
+        except Exception as err:
+            raise ValueError(f"{f} cannot be loaded ({type(err).__name__})") from None
+    policy, trainer = loaded["policy.pt"], loaded["trainer.pt"]
+    if not isinstance(policy, dict) or not all(
+        isinstance(t, torch.Tensor) for t in policy.values()
+    ):
+        raise ValueError(f"{path / 'policy.pt'} does not hold a mapping of tensors")
+    if not isinstance(trainer, dict) or not {"optimizer", "scheduler", "rng"} <= set(trainer):
+        raise ValueError(f"{path / 'trainer.pt'} lacks the optimizer, scheduler or rng state")
+    return Checkpoint(path, round_, state, policy, trainer)
 
 
 def latest_checkpoint(out: Path, warn) -> Checkpoint | None:
@@ -219,6 +296,12 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> N
             f"(missing {missing[:3]}, unexpected {extra[:3]})"
         )
     params = dict(model.named_parameters())
+    for name, value in ckpt.policy.items():
+        if value.shape != params[name].shape:
+            raise ResumeError(
+                f"{ckpt.path / 'policy.pt'} does not fit this model ({name} has shape "
+                f"{tuple(value.shape)} there, {tuple(params[name].shape)} here)"
+            )
     with torch.no_grad():
         for name, value in ckpt.policy.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))

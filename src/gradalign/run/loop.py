@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from gradalign.config import Config
+from gradalign.config import Config, check
 from gradalign.core.selection import SelectionWarning
 from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
 from gradalign.engine.policy import format_prompt, resolve_device
@@ -41,6 +41,7 @@ from gradalign.run.checkpoint import (
     ResumeError,
     RunLock,
     RunLocked,
+    checkpoint_dir,
     config_differences,
     crash_point,
     latest_checkpoint,
@@ -49,7 +50,7 @@ from gradalign.run.checkpoint import (
     save_checkpoint,
 )
 from gradalign.run.setup import Setup, build_setup
-from gradalign.rundir import write_json, write_jsonl, write_yaml
+from gradalign.rundir import StorageError, write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
 
 
@@ -121,6 +122,7 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     same config is resumed from its newest verified checkpoint (`restart` discards it).
     Under torchrun / accelerate launch, rank 0 holds the lock and writes; every rank loads
     the same checkpoint, samples and scores its share and trains through TRL's DDP."""
+    check(cfg)  # again: a Config's fields may have been changed after it was built
     out = Path(cfg.out_dir)
     dd.init_from_env(resolve_device(cfg.model.device))
     with contextlib.ExitStack() as stack:
@@ -142,7 +144,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
     if dd.is_main():
         try:
             ckpt = fn()
-        except (RunLocked, ResumeError) as err:
+        except (RunLocked, ResumeError, StorageError) as err:
             error = err
     path, error = dd.broadcast_object((ckpt.path if ckpt else None, error))
     if error is not None:
@@ -153,7 +155,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
 
 
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
-    from gradalign.engine.training import GRPOTraining
+    from gradalign.engine.training import GRPOTraining, TrainingDiverged
 
     main = dd.is_main()
     done = ckpt.round + 1 if ckpt else 0
@@ -195,9 +197,12 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         with bar("GRPO steps", cfg.train.steps_per_round) as advance:
             trainer.on_step = functools.partial(training_step_done, advance, r)
             with timed(timings, "time/training_s"):
-                metrics |= trainer.train_round(
-                    chosen, cfg.train.steps_per_round, round_seed(cfg.seed, r, Stream.TRAIN)
-                )
+                try:
+                    metrics |= trainer.train_round(
+                        chosen, cfg.train.steps_per_round, round_seed(cfg.seed, r, Stream.TRAIN)
+                    )
+                except TrainingDiverged as err:  # before this round writes anything
+                    raise err.at(r, str(checkpoint_dir(out, r - 1)) if r else None) from None
         with timed(timings, "time/eval_s"):
             eval_seed = round_seed(cfg.seed, r, Stream.EVAL)
             metrics |= evaluate(setup, eval_seed, sampled=r == cfg.rounds - 1)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gradalign.config import Config
+from gradalign.config import Config, ConfigError
 from gradalign.data.problems import check_disjoint
 from gradalign.data.tasks import TaskSets, make_regime
 from gradalign.engine.policy import resolve_device
@@ -32,19 +32,22 @@ def build_sets(cfg: Config) -> TaskSets:
         from gradalign.run.sources import sets_from_files
 
         return sets_from_files(cfg, log)
-    sets = make_regime(
-        d.regime,
-        d.families,
-        d.pool_size,
-        d.val_size,
-        d.eval_size,
-        d.seed,
-        d.corrupt_frac,
-        d.corruption,
-        d.majority_frac,
-        d.minority,
-        d.lowutility_frac,
-    )
+    try:
+        sets = make_regime(
+            d.regime,
+            d.families,
+            d.pool_size,
+            d.val_size,
+            d.eval_size,
+            d.seed,
+            d.corrupt_frac,
+            d.corruption,
+            d.majority_frac,
+            d.minority,
+            d.lowutility_frac,
+        )
+    except ValueError as err:  # a family that cannot supply that many distinct prompts
+        raise ConfigError(f"data.pool_size, val_size and eval_size: {err}") from None
     check_disjoint(sets.validation, sets.eval, ("validation", "eval"))
     return sets
 
@@ -52,11 +55,12 @@ def build_sets(cfg: Config) -> TaskSets:
 def build_setup(cfg: Config) -> Setup:
     """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
     asked) and the rollout engine."""
-    from gradalign.engine.policy import apply_lora
     from gradalign.engine.warmstart import load_or_warmstart
+    from gradalign.run.sources import check_model, check_scored_params, with_lora
+
+    check_model(cfg)  # model.device, a built-in model's size: before loading anything
 
     if cfg.rollout.backend == "vllm":
-        from gradalign.config import ConfigError
         from gradalign.engine.vllm_backend import require
 
         if dd.world()[1] > 1:
@@ -88,11 +92,12 @@ def build_setup(cfg: Config) -> Setup:
             )
         model = model.to(resolve_device(m.device))
         if m.lora_r > 0:
-            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
+            model = with_lora(model, cfg)
     else:
         from gradalign.run.sources import policy_from_config
 
         model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
+    check_scored_params(cfg, model)
     setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
     if cfg.rollout.backend == "vllm":
         from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
@@ -104,7 +109,6 @@ def build_setup(cfg: Config) -> Setup:
 def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> TaskSets:
     """Drop (and report) problems whose prompt plus rollout.max_new_tokens exceeds the model's
     context; a set left empty, or a pool smaller than a chunk, is a config error."""
-    from gradalign.config import ConfigError
     from gradalign.run.sources import check_pool_size, check_prompt_lengths, model_context
 
     context, kept = model_context(model), {}

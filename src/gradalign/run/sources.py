@@ -179,13 +179,74 @@ def check_prompt_lengths(
     return kept, messages
 
 
+def model_device(device: str) -> str:
+    """``model.device`` resolved ('auto': cuda when a GPU is visible) and checked against the
+    GPUs this process sees; ConfigError naming the field otherwise (the name's form is
+    checked with the config)."""
+    import torch
+
+    from gradalign.engine.policy import resolve_device
+
+    resolved = resolve_device(device)
+    if resolved.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"model.device: {device!r} but no CUDA GPU is visible; use cpu or auto"
+            )
+        index = int(resolved.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(
+                f"model.device: {device!r} but this process sees {count} CUDA GPU(s) "
+                f"(cuda:0 .. cuda:{count - 1})"
+            )
+    return resolved
+
+
+def check_model(cfg: Config) -> None:
+    """What can be checked of ``model.*`` before loading anything: the device, and the size
+    of a built-in model (a local directory is checked as it loads, `policy_from_config`)."""
+    from gradalign.engine.policy import BUILTIN_SIZES
+
+    model_device(cfg.model.device)
+    kind, _, size = cfg.model.name.partition(":")
+    if kind == "builtin" and size not in BUILTIN_SIZES:
+        known = ", ".join(f"'builtin:{s}'" for s in BUILTIN_SIZES)
+        raise ConfigError(
+            f"model.name: {cfg.model.name!r} is not a built-in model ({known}); "
+            "or give a local Hugging Face model directory"
+        )
+
+
+def with_lora(model: Any, cfg: Config) -> Any:
+    """`model` wrapped with ``model.lora_r`` LoRA adapters on ``model.lora_targets``; targets
+    that name no linear layer are a ConfigError naming the field and the model's layers."""
+    from gradalign.engine.policy import apply_lora
+
+    m = cfg.model
+    try:
+        return apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_scored_params(cfg: Config, model: Any) -> None:
+    """``select.params`` must pick parameters of this model ('last:N': at most its blocks)."""
+    from gradalign.core.alignment import scored_parameters
+
+    try:
+        scored_parameters(model, cfg.select.params)
+    except ValueError as err:
+        raise ConfigError(
+            f"select.params: {cfg.select.params!r} does not fit this model ({err})"
+        ) from None
+
+
 def policy_from_config(cfg: Config):
     """(model, tokenizer) from the local Hugging Face directory ``model.name``, in
     ``model.dtype`` on ``model.device`` ('auto': cuda when available), wrapped with LoRA
     when ``model.lora_r > 0`` (then only the adapters are trainable)."""
-    import torch
-
-    from gradalign.engine.policy import apply_lora, load_pretrained, resolve_device
+    from gradalign.engine.policy import load_pretrained
 
     m = cfg.model
     path = Path(m.name).expanduser()
@@ -199,16 +260,9 @@ def policy_from_config(cfg: Config):
             f"model.name: {path} has no config.json; point it at a Hugging Face model "
             "directory (the one holding config.json, *.safetensors and the tokenizer files)"
         )
-    device = resolve_device(m.device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {m.device!r} but no CUDA GPU is visible; use cpu or auto")
+    device = model_device(m.device)
     try:
         model, tokenizer = load_pretrained(path, m.dtype, device)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name: cannot load {path}: {err}") from err
-    if m.lora_r > 0:
-        try:
-            model = apply_lora(model, m.lora_r, m.lora_alpha, m.lora_targets, seed=cfg.seed)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    return model, tokenizer
+    return (with_lora(model, cfg) if m.lora_r > 0 else model), tokenizer

@@ -1,0 +1,158 @@
+"""The invariants of a `Config`: each number's range, the one-field rules a later stage
+relies on (device names, ``select.params``, seeds) and the cross-field arithmetic of a round.
+
+`check` runs when a `Config` is constructed (from YAML, overrides or Python) and again when
+the loop starts; every message names the field, the value and a fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING
+
+from gradalign.config import SEED_MAX, ConfigError, show
+
+if TYPE_CHECKING:
+    from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig
+
+# Fields for which 0 is a valid value; every other number must be > 0.
+_ZERO_OK = (
+    "seed",
+    "warmstart_seed",
+    "warmstart_steps",
+    "eval_samples",
+    "beta",
+    "lora_r",
+    "project_dim",
+)
+_FRACTIONS = ("corrupt_frac", "majority_frac", "lowutility_frac", "warmstart_flaw_frac")  # [0, 1]
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
+def _positive(cfg: Config) -> None:
+    for section, obj in [("", cfg)] + [
+        (f"{f}.", getattr(cfg, f)) for f in ("model", "data", "rollout", "select", "train")
+    ]:
+        _positive_fields(section, obj)
+    for name, seed in (
+        ("seed", cfg.seed),
+        ("data.seed", cfg.data.seed),
+        ("model.warmstart_seed", cfg.model.warmstart_seed),
+    ):
+        if seed > SEED_MAX:
+            raise ConfigError(
+                f"{name}: must be in 0 .. 2**32-1 (= {SEED_MAX}, what numpy and torch both "
+                f"accept), got {seed}"
+            )
+
+
+def _positive_fields(section: str, obj: object) -> None:
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if f.name in _FRACTIONS:
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{section}{f.name}: must be in [0, 1], got {value}")
+        elif f.name in _ZERO_OK:
+            if value < 0:
+                raise ConfigError(f"{section}{f.name}: must be >= 0, got {value}")
+        elif value <= 0:
+            raise ConfigError(f"{section}{f.name}: must be > 0, got {value}")
+
+
+def _group_size(name: str, value: int) -> None:
+    if value < 2:
+        raise ConfigError(f"{name}: needs >= 2 rollouts per group for an advantage, got {value}")
+
+
+def check_rollout(r: RolloutConfig) -> None:
+    """The `rollout` section's own invariants (the TRL callback checks its RolloutConfig so)."""
+    _positive_fields("rollout.", r)
+    _group_size("rollout.k_r", r.k_r)
+    _group_size("rollout.k_v", r.k_v)
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+
+
+def check_select(s: SelectConfig) -> None:
+    """The `select` section's own invariants (the TRL callback checks its SelectConfig so)."""
+    _positive_fields("select.", s)
+    if s.n_select < 1:
+        raise ConfigError(
+            f"select.k ({s.k}) leaves 0 problems from chunk_size {s.chunk_size}; "
+            "lower k or raise chunk_size"
+        )
+    if s.params.startswith("last:"):
+        n = s.params.split(":", 1)[1]
+        if not (n.isascii() and n.isdigit() and int(n) >= 1):
+            raise ConfigError(
+                f"select.params: {s.params!r}: N in 'last:N' must be a whole number >= 1 "
+                "(the last N transformer blocks)"
+            )
+    elif s.params not in ("all", "lora"):
+        raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
+
+
+def _check_fields(cfg: Config) -> None:
+    """One-field rules beyond the type: values a later stage could not use."""
+    m, s = cfg.model, cfg.select
+    if not _DEVICE.fullmatch(m.device):
+        raise ConfigError(
+            f"model.device: {show(m.device)} is not 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        )
+    if s.params == "lora" and m.lora_r == 0:
+        raise ConfigError("select.params: 'lora' needs LoRA adapters; set model.lora_r > 0")
+
+
+def _check_data(d: DataConfig) -> None:
+    from gradalign.data.tasks import FAMILIES
+
+    if not d.families:
+        raise ConfigError("data.families: give at least one task family")
+    for i, fam in enumerate(d.families):
+        if fam not in FAMILIES:
+            raise ConfigError(
+                f"data.families: unknown family {fam!r} (known: {', '.join(FAMILIES)})"
+            )
+        if fam in d.families[:i]:
+            raise ConfigError(f"data.families: {fam!r} is listed twice; list each family once")
+    if bool(d.pool_files) != bool(d.val_files) or bool(d.pool_files) != bool(d.eval_files):
+        raise ConfigError(
+            "data.pool_files, data.val_files and data.eval_files: give all three or none"
+        )
+    if d.regime == "imbalance" and not d.pool_files:
+        if d.minority not in d.families:
+            raise ConfigError(
+                f"data.minority: {d.minority!r} is not in data.families {d.families}; "
+                "add it or pick one"
+            )
+        if len(d.families) < 2:
+            raise ConfigError(
+                f"data.families: regime 'imbalance' needs two or more families (the minority "
+                f"{d.minority!r} and a majority), got {d.families}; add one or change data.regime"
+            )
+
+
+def check(cfg: Config) -> None:
+    """Every field's range and the cross-field invariants of the round arithmetic, with
+    messages naming field and fix. Run by `Config(...)` itself; again by the loop."""
+    _positive(cfg)
+    _check_fields(cfg)
+    s, t, d, r = cfg.select, cfg.train, cfg.data, cfg.rollout
+    if not d.pool_files and s.chunk_size > d.pool_size:  # file pools are checked once loaded
+        raise ConfigError(
+            f"select.chunk_size ({s.chunk_size}) exceeds data.pool_size ({d.pool_size}); "
+            "lower chunk_size or grow the pool"
+        )
+    check_select(s)
+    trained_on = d.pool_size if s.mode == "none" else cfg.n_select
+    if t.batch_size > trained_on and not (d.pool_files and s.mode == "none"):
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
+            f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
+        )
+    check_rollout(r)
+    _group_size("train.num_generations", t.num_generations)
+    _check_data(d)
