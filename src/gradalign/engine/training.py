@@ -137,6 +137,7 @@ class GRPOTraining:
         self._probe: list[int] = []  # token ids of a prompt of the round, for `nonfinite`
         self._steps_done = 0
         self.diverged: tuple[int, str] | None = None  # (step, reason) once weights blow up
+        self.learning_rate = cfg.learning_rate  # named when training diverges
         per_device, accum = micro_batching(
             per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
         )
@@ -239,7 +240,7 @@ class GRPOTraining:
             self.diverged = (self._steps_done + 1, " ".join(reason.split())[:200])
         if self.diverged is not None:
             step, reason = self.diverged
-            raise TrainingDiverged(step, steps, self.cfg.learning_rate, reason)
+            raise TrainingDiverged(step, steps, self.learning_rate, reason)
         logs = [h for h in self.trainer.state.log_history if "reward" in h]
         return {
             "train/steps": len(logs),
