@@ -366,7 +366,7 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     summary = loop.run(cfg, loop.Setup(cfg, model, tokenizer, sets))
 
-    out = tmp_path / "run" / "rounds" / "0000"
+    out = tmp_path / "run" / "rounds" / "0001"
     metrics = read_json(out / "metrics.json")
     scores, selected = read_jsonl(out / "scores.jsonl"), read_jsonl(out / "selected.jsonl")
     assert summary["rounds"] == 1 and len(summary["eval_accuracy"]) == 1

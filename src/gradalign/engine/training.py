@@ -24,13 +24,8 @@ import torch
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
-from gradalign.engine.policy import format_prompt
-from gradalign.engine.trl_args import (
-    build_grpo_config,
-    optimizer_settings,
-    quiet_trl,
-    schedule_settings,
-)
+from gradalign.engine.policy import format_prompt, quiet_libraries
+from gradalign.engine.trl_args import build_grpo_config, optimizer_settings, schedule_settings
 
 
 def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
@@ -170,7 +165,7 @@ class GRPOTraining:
         schedule from train.trl_args runs (the default schedule is constant)."""
         from datasets import Dataset
 
-        with quiet_trl():
+        with quiet_libraries():
             from transformers import TrainerCallback, get_scheduler
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
             from trl import GRPOTrainer
@@ -224,7 +219,7 @@ class GRPOTraining:
                 for i, (c, pid) in enumerate(zip(completions, problem_id))
             ]
 
-        with quiet_trl():
+        with quiet_libraries():
             self.trainer = GRPOTrainer(
                 model=model,
                 processing_class=tokenizer,
@@ -262,7 +257,7 @@ class GRPOTraining:
         random.seed(round_seed)
         np.random.seed(round_seed % 2**32)
         try:
-            with quiet_trl():
+            with quiet_libraries():
                 self.trainer.train()
         except RuntimeError as err:  # sampling from NaN weights, if a step got that far
             if not _NONFINITE_ERROR.search(str(err)):

@@ -13,12 +13,10 @@ import difflib
 import tempfile
 import types
 import typing
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from gradalign.config import ConfigError, TrainConfig, show
+from gradalign.engine.policy import quiet_libraries
 
 # The GRPOConfig fields gradalign sets, each with the field (or the reason) that governs it.
 SET_BY_GRADALIGN = {
@@ -49,21 +47,8 @@ SET_BY_GRADALIGN = {
 TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, what gradalign trains with
 
 
-@contextmanager
-def quiet_trl() -> Iterator[None]:
-    """Silence the deprecation and future warnings that TRL and transformers raise about
-    each other's API while TRL is imported, configured or trains (not the user's to act
-    on); warnings from anywhere else in the program are kept."""
-    with warnings.catch_warnings():
-        for module in ("trl", "transformers", "accelerate", "peft", "torch"):
-            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        yield
-
-
 def grpo_fields() -> dict[str, dataclasses.Field]:
-    with quiet_trl():
+    with quiet_libraries():
         from trl import GRPOConfig
     return {f.name: f for f in dataclasses.fields(GRPOConfig)}
 
@@ -115,7 +100,7 @@ def check_trl_args(t: TrainConfig) -> None:
     if not t.trl_args:
         return
     fields = grpo_fields()
-    with quiet_trl():
+    with quiet_libraries():
         from trl import GRPOConfig
 
         try:
@@ -133,7 +118,7 @@ def check_trl_args(t: TrainConfig) -> None:
 def build_grpo_config(t: TrainConfig, own: dict[str, Any]) -> Any:
     """GRPOConfig(**own | t.trl_args): `own` is what gradalign sets (`SET_BY_GRADALIGN`
     among them). A value GRPOConfig refuses is a ConfigError naming train.trl_args."""
-    with quiet_trl():
+    with quiet_libraries():
         from trl import GRPOConfig
 
         fields = grpo_fields()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gradalign.config import Config, ConfigError, load_config
+from gradalign.engine.policy import quiet_libraries
 from gradalign.progress import log
 
 
@@ -39,23 +40,29 @@ def save_policy(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
-        if is_lora(model) and not (merge or builtin):
-            for adapter in model.peft_config.values():  # found wherever final/ is read from
-                adapter.base_model_name_or_path = str(Path(cfg.model.name).expanduser().resolve())
-            model.save_pretrained(tmp)
-            what = "LoRA adapter"
-        elif is_lora(model):
-            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp)
-            what = "merged LoRA weights"
-        else:
-            model.save_pretrained(tmp)
-            what = "full weights"
-        tokenizer.save_pretrained(tmp)
+        with quiet_libraries():
+            what = _save(model, tokenizer, tmp, cfg, merge or builtin)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return what
+
+
+def _save(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool) -> str:
+    if is_lora(model) and not merge:
+        for adapter in model.peft_config.values():  # found wherever final/ is read from
+            adapter.base_model_name_or_path = str(Path(cfg.model.name).expanduser().resolve())
+        model.save_pretrained(dest)
+        what = "LoRA adapter"
+    elif is_lora(model):
+        copy.deepcopy(model).merge_and_unload().save_pretrained(dest)
+        what = "merged LoRA weights"
+    else:
+        model.save_pretrained(dest)
+        what = "full weights"
+    tokenizer.save_pretrained(dest)
     return what
 
 

@@ -12,7 +12,7 @@ from gradalign.data.problems import check_disjoint
 from gradalign.data.tasks import TaskSets, make_regime
 from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts, generate
-from gradalign.progress import bar, console, log
+from gradalign.progress import bar, log
 from gradalign.scoring import distributed as dd
 
 
@@ -141,6 +141,6 @@ def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> Task
 
 
 def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
+    """One warm-start step: its loss goes into the progress lines of a log (`progress.bar`)."""
+    advance.note = f"loss {loss:.3f}"  # type: ignore[attr-defined]
     advance(1)
-    if step % max(total // 5, 1) == 0 and not console.is_terminal:  # a few lines in logs
-        log(f"warm start: step {step}/{total}, loss {loss:.3f}")
