@@ -78,7 +78,7 @@ def test_killed_at_every_phase_then_resumed_matches_uninterrupted_run(reference)
     log = " ".join(proc.stdout.split())
     assert "skipping checkpoint round-0002" in log and "trainer.pt is truncated or corrupted" in log
     assert "resuming" in log and "after round 1/3 (round-0001)" in log
-    assert "0001/selection.json is unusable" in log
+    assert "0002/selection.json is unusable" in log
     assert_same_run(out, ref)
 
 

@@ -208,3 +208,20 @@ def test_export_of_a_directory_that_is_no_run_fails_in_one_line(tmp_path):
     assert " ".join(res.output.split()) == (
         f"export error: {tmp_path / 'nothing'} is not a run directory (it has no config.yaml)"
     )
+
+
+@pytest.mark.slow
+def test_a_run_directory_with_names_from_0_resumes_under_its_own_names(tmp_path):
+    """A run directory written before names counted from 1 (rounds/0000, round-0000)."""
+    settings = TINY + [f"out_dir={tmp_path / 'run'}", f"model.cache_dir={tmp_path / 'cache'}"]
+    run(load_config(None, [*settings, "rounds=1"]))
+    out = tmp_path / "run"
+    (out / "rounds" / "0001").rename(out / "rounds" / "0000")
+    (out / "checkpoints" / "round-0001").rename(out / "checkpoints" / "round-0000")
+    summary = run(load_config(None, [*settings, "rounds=2"]))
+    assert len(summary["eval_accuracy"]) == 2
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["0000", "0001"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0000", "round-0001"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2]
+    assert lines[1] == json.loads((out / "rounds" / "0001" / "metrics.json").read_text())
