@@ -13,7 +13,7 @@ call of TRL, whose step counter starts again at 0.
 
 Writers: tensorboard writes RUN_DIR/tb/ (`torch.utils.tensorboard`); wandb, trackio and
 mlflow run offline into the run directory (RUN_DIR/wandb, trackio's local store,
-RUN_DIR/mlruns) unless their own environment variables (WANDB_MODE, MLFLOW_TRACKING_URI)
+RUN_DIR/mlflow.db or RUN_DIR/mlruns) unless their own environment variables (WANDB_MODE, MLFLOW_TRACKING_URI)
 say otherwise. A tracker whose package is missing is a config error when the run starts.
 """
 
@@ -132,7 +132,7 @@ class _Mlflow:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri((out / "mlruns").resolve().as_uri())
+            mlflow.set_tracking_uri(_mlflow_uri(out))
         mlflow.set_experiment("gradalign")
         mlflow.start_run(run_name=out.name)
         params = {k: str(v)[:250] for k, v in flatten_config(cfg.to_dict()).items()}
@@ -143,6 +143,17 @@ class _Mlflow:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _mlflow_uri(out: Path) -> str:
+    """RUN_DIR/mlflow.db (SQLite, mlflow's default store), or with mlflow-skinny, which has no
+    SQL store, the file store RUN_DIR/mlruns (which mlflow 3 keeps only on request)."""
+    import os
+
+    if importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic"):
+        return "sqlite:///" + str((out / "mlflow.db").resolve())
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return (out / "mlruns").resolve().as_uri()
 
 
 WRITERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "mlflow": _Mlflow}
