@@ -147,6 +147,7 @@ def fake_trainer(rows: int) -> SimpleNamespace:
         callback_handler=SimpleNamespace(callbacks=[]),
         state=SimpleNamespace(global_step=0),
         processing_class=None,
+        _get_train_sampler=lambda dataset=None: None,  # the hook `attach` replaces
     )
 
 

@@ -164,3 +164,31 @@ def test_callback_trl_check_warns_outside_the_tested_range_and_refuses_without_h
         "GradAlignCallback: TRL 2.0.0's GRPOTrainer has no _get_train_sampler(dataset) to "
         f"install the round sampler through; install trl>={TESTED_TRL[0]},<={TESTED_TRL[1]}"
     )
+
+
+def test_warmup_ratio_works_on_either_transformers():
+    t = train(
+        "train.batch_size=2",
+        "train.num_generations=2",
+        "train.learning_rate=1e-3",
+        "train.trl_args.warmup_ratio=0.2",
+    )
+    check_grpo_config(t, 4, 0, "cpu")
+    trainer = _trainer(t, total_steps=10)  # 2 warm-up steps, then constant
+    args = trainer.trainer.args
+    assert getattr(args, "warmup_ratio", None) == 0.2 or args.warmup_steps == 0.2
+    lrs = []
+    for _ in range(4):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 1e-3], rel=1e-12, abs=1e-15)
+    trainer.close()
+    with pytest.raises(ConfigError) as err:
+        check_grpo_config(train("train.trl_args.warmup_ratio=3"), 4, 0, "cpu")
+    from gradalign.engine.trl_args import grpo_fields
+
+    if "warmup_ratio" in grpo_fields():  # transformers 4: GRPOConfig's own check
+        assert str(err.value).startswith("train.trl_args (warmup_ratio=3): GRPOConfig refuses")
+    else:
+        assert str(err.value) == "train.trl_args.warmup_ratio: expected a ratio in [0, 1), got 3"

@@ -13,6 +13,7 @@ import difflib
 import tempfile
 import types
 import typing
+from collections.abc import Collection
 from typing import Any
 
 from gradalign.config import ConfigError, TrainConfig, show
@@ -45,6 +46,20 @@ SET_BY_GRADALIGN = {
 }
 
 TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, what gradalign trains with
+
+
+# transformers 5 folded warmup_ratio into warmup_steps (a float in [0, 1) is a ratio): a
+# config written for transformers 4 keeps working with either.
+RENAMED = {"warmup_ratio": "warmup_steps"}
+
+
+def trl_kwargs(given: dict[str, Any], fields: Collection[str]) -> dict[str, Any]:
+    """`given` (train.trl_args) in the installed GRPOConfig's names (`RENAMED`)."""
+    out = {}
+    for name, value in given.items():
+        new = RENAMED.get(name)
+        out[new if name not in fields and new in fields else name] = value
+    return out
 
 
 def grpo_fields() -> dict[str, dataclasses.Field]:
@@ -108,6 +123,14 @@ def check_trl_args(t: TrainConfig) -> None:
         except Exception:  # a forward reference this Python cannot resolve: GRPOConfig checks
             hints = {}
     for name, value in t.trl_args.items():
+        if name in RENAMED and name not in fields and RENAMED[name] in fields:
+            if RENAMED[name] in t.trl_args:
+                raise ConfigError(f"train.trl_args.{name}: give it or {RENAMED[name]}, not both")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(
+                    f"train.trl_args.{name}: expected a ratio in [0, 1), got {show(value)}"
+                )
+            continue
         if name not in fields or name in SET_BY_GRADALIGN:
             raise _name_error(name, fields)
         err = _type_error(name, value, hints.get(name, Any))
@@ -124,7 +147,7 @@ def build_grpo_config(t: TrainConfig, own: dict[str, Any]) -> Any:
         fields = grpo_fields()
         kwargs = {k: v for k, v in own.items() if k in fields}  # older TRL lacks a few
         try:  # trl_args may override the defaults gradalign does not own (checkpointing)
-            return GRPOConfig(**(kwargs | t.trl_args))
+            return GRPOConfig(**(kwargs | trl_kwargs(t.trl_args, fields)))
         except (ValueError, TypeError, KeyError) as err:
             given = ", ".join(f"{k}={v!r}" for k, v in t.trl_args.items()) or "none"
             reason = " ".join(str(err).split())[:300]

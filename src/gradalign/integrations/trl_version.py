@@ -34,7 +34,7 @@ def check_trl(trainer: Any, version: str | None = None) -> None:
         import trl
 
         version = trl.__version__
-    hook = getattr(type(trainer), "_get_train_sampler", None)
+    hook = getattr(trainer, "_get_train_sampler", None)
     if hook is None or "dataset" not in inspect.signature(hook).parameters:
         raise ValueError(
             f"GradAlignCallback: TRL {version}'s GRPOTrainer has no "
