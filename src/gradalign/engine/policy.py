@@ -9,6 +9,7 @@ with LoRA adapters (`apply_lora`), after which only the adapters are trained and
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Iterator
@@ -171,6 +172,10 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
     with quiet_libraries():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     _set_generation_ids(model, tokenizer)
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        # a causal LM takes none, and transformers 4's generate refuses them (through TRL)
+        names = tokenizer.model_input_names
+        tokenizer.model_input_names = [n for n in names if n != "token_type_ids"]
     for name, value in _NEUTRAL_SAMPLING.items():
         setattr(model.generation_config, name, value)
     return model, tokenizer
