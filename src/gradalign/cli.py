@@ -1,10 +1,13 @@
-"""Command line: `gradalign demo`, `run CONFIG.yaml`, `fields`, `bench regimes`, `report DIR`."""
+"""Command line: `gradalign demo`, `run CONFIG.yaml`, `diagnose CONFIG.yaml`, `fields`,
+`bench regimes`, `report DIR`."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -14,6 +17,8 @@ from gradalign.config import Config, ConfigError, field_docs, load_config
 from gradalign.progress import console
 from gradalign.rundir import StorageError, describe
 from gradalign.scoring.distributed import shutdown
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -56,14 +61,21 @@ def _run_one(cfg: Config, restart: bool) -> dict:
     """loop.run with its expected failures as one-line messages: exit 2 for what the user
     gave (config, data, a locked or foreign run directory), 1 for what failed while running
     (a file the system cannot write or read, diverged training)."""
+    from gradalign.run.loop import run as run_loop
+
+    return _guarded(run_loop, cfg, restart=restart)
+
+
+def _guarded(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)` with the expected failures of loading and running as one-line
+    messages (see `_run_one`)."""
     from gradalign.data.problems import ProblemError
     from gradalign.data.rewards import RewardError
     from gradalign.engine.training import TrainingDiverged
     from gradalign.run.checkpoint import ResumeError, RunLocked
-    from gradalign.run.loop import run as run_loop
 
     try:
-        return run_loop(cfg, restart=restart)
+        return call(*args, **kwargs)
     except (RunLocked, ResumeError) as err:
         _fail("run directory", err, 2)
     except (ConfigError, ProblemError, RewardError) as err:  # found while loading data
@@ -149,6 +161,79 @@ def demo(
         f"demo wall time {wall:.0f} s · {base.rounds} rounds × {base.train.steps_per_round} GRPO "
         f"steps per mode · run directories under {out}/"
     )
+
+
+@app.command()
+def diagnose(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config (defaults when omitted)")
+    ] = None,
+    set_: SetOpt = None,
+    chunks: Annotated[
+        int, typer.Option(min=1, help="pool chunks to score (select.chunk_size candidates each)")
+    ] = 4,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the measures to this JSON file")
+    ] = None,
+) -> None:
+    """Can gradient alignment select well here? Scores the first chunks of the pool on the
+    starting policy (no training) and prints the split-half validation cosine, the transfer
+    cosine between problems, the distribution of candidate cosines, the zero-variance share,
+    the mean cosine per source and (built-in regimes) the AUC, with a one-line verdict."""
+    from gradalign.analysis.diagnose import diagnose as run_diagnose
+
+    cfg = _load(config, set_)
+    result = _guarded(run_diagnose, cfg, chunks)
+    shutdown()
+    console.print(diagnosis_table(result))
+    console.print(f"verdict: {result['verdict']}", markup=False)
+    if json_out is not None:
+        from gradalign.rundir import write_json
+
+        try:
+            write_json(json_out, result)
+        except StorageError as err:
+            _fail("storage error", err, 1)
+        console.print(f"measures: {json_out}")
+
+
+def diagnosis_table(d: dict) -> Table:
+    """The measures of `gradalign diagnose`, one per row."""
+
+    def num(x: float | None, signed: bool = True) -> str:
+        if x is None or not math.isfinite(x):
+            return "n/a"
+        return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+    def series(xs: list) -> str:
+        finite = [x for x in xs if x is not None and math.isfinite(x)]
+        mean = f"mean {sum(finite) / len(finite):+.3f}" if finite else "n/a"
+        return f"{mean}  (per chunk: {', '.join(num(x) for x in xs)})"
+
+    table = Table(
+        title=f"diagnosis of {d['model']} on {d['data']}: {d['candidates']} candidates in "
+        f"{d['chunks']} chunks, k_r={d['k_r']}, k_v={d['k_v']}, starting policy",
+        box=None,
+    )
+    table.add_column("measure")
+    table.add_column("value")
+    table.add_row("split-half validation cosine", series(d["split_half_cos"]))
+    table.add_row("transfer cosine (chunk halves)", series(d["transfer_cos"]))
+    table.add_row("zero-variance share", f"{d['zero_variance_share']:.0%}")
+    q = d["cos_quantiles"]
+    if q:
+        table.add_row(
+            "candidate cos(g_p, g^_V)",
+            "  ".join(f"{k} {num(v)}" for k, v in q.items())
+            + f"   ({d['cos_positive_share']:.0%} > 0)",
+        )
+    for name, key in (("source", "cos_by_source"), ("label", "cos_by_label")):
+        for k, v in d[key].items():
+            table.add_row(f"mean cosine, {name} {k}", num(v))
+    if d["auc_clean"] is not None:
+        per = ", ".join(num(x, signed=False) for x in d["auc_clean_per_chunk"])
+        table.add_row("AUC clean above corrupted", f"{d['auc_clean']:.3f}  (per chunk: {per})")
+    return table
 
 
 @app.command()
