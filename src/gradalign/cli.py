@@ -16,7 +16,7 @@ from rich.table import Table
 from gradalign.config import Config, ConfigError, field_docs, load_config
 from gradalign.progress import console
 from gradalign.rundir import StorageError, describe
-from gradalign.scoring.distributed import shutdown
+from gradalign.scoring.distributed import is_main, shutdown
 
 T = TypeVar("T")
 
@@ -184,10 +184,9 @@ def diagnose(
 
     cfg = _load(config, set_)
     result = _guarded(run_diagnose, cfg, chunks)
-    shutdown()
     console.print(diagnosis_table(result))
     console.print(f"verdict: {result['verdict']}", markup=False)
-    if json_out is not None:
+    if json_out is not None and is_main():  # under torchrun every rank holds the same result
         from gradalign.rundir import write_json
 
         try:
@@ -195,6 +194,7 @@ def diagnose(
         except StorageError as err:
             _fail("storage error", err, 1)
         console.print(f"measures: {json_out}")
+    shutdown()
 
 
 def diagnosis_table(d: dict) -> Table:
