@@ -3,7 +3,10 @@ writes a checkpoint's policy that transformers loads back as the run's policy.""
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -101,8 +104,32 @@ def tracked_run(tmp_path_factory) -> Path:
             f"model.cache_dir={base / 'cache'}",
         ],
     )
-    run(cfg)
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(io.StringIO()) as out:
+        warnings.simplefilter("always")
+        run(cfg)
+    RUN_OUTPUT["warnings"], RUN_OUTPUT["stdout"] = caught, out.getvalue()
     return base / "run"
+
+
+RUN_OUTPUT: dict = {}  # what the tracked run warned and printed
+
+
+@pytest.mark.slow
+def test_the_run_prints_round_numbers_of_its_directories_and_no_library_warnings(tracked_run):
+    libraries = ("transformers", "trl", "peft", "accelerate")
+    noise = [
+        f"{w.filename}: {w.message}"
+        for w in RUN_OUTPUT["warnings"]
+        if issubclass(w.category, (FutureWarning, DeprecationWarning))
+        and any(f"/{lib}/" in w.filename for lib in libraries)
+    ]
+    assert noise == []
+    lines = RUN_OUTPUT["stdout"].splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("[sim] round ")] == [
+        "[sim] round 1/2",
+        "[sim] round 2/2",
+    ]
+    assert sorted(p.name for p in (tracked_run / "rounds").iterdir()) == ["0001", "0002"]
 
 
 @pytest.mark.slow

@@ -192,3 +192,21 @@ def test_warmup_ratio_works_on_either_transformers():
         assert str(err.value).startswith("train.trl_args (warmup_ratio=3): GRPOConfig refuses")
     else:
         assert str(err.value) == "train.trl_args.warmup_ratio: expected a ratio in [0, 1), got 3"
+
+
+def test_lora_and_a_trainer_raise_no_library_warnings():
+    """peft's and TRL's calls into deprecated transformers API are silenced where they are
+    made (`policy.quiet_libraries`), without a global filter: a user's warning still shows."""
+    from gradalign.engine.policy import apply_lora, build_model, build_tokenizer, quiet_libraries
+
+    tok = build_tokenizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_lora(build_model(tok, "tiny"), 4, 8, ["q_proj", "v_proj"])
+        _trainer(train("train.batch_size=2", "train.num_generations=2")).close()
+        with quiet_libraries():
+            warnings.warn("the user's own", FutureWarning, stacklevel=1)
+    assert model.peft_config["default"].r == 4
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == [
+        "the user's own"
+    ]
