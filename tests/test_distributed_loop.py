@@ -47,7 +47,8 @@ def test_two_processes_sample_score_and_select_as_one(tmp_path):
     assert mb["train/steps"] == 2  # TRL trained both rounds under DDP
     assert len(read_json(tmp_path / "two" / "summary.json")["eval_accuracy"]) == 2
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        ".lock", "checkpoints", "chunks", "config.yaml", "problems.jsonl", "rounds", "summary.json",
+        ".lock", "checkpoints", "chunks", "config.yaml", "final", "metrics.jsonl", "problems.jsonl",
+        "rounds", "summary.json",
     ]  # fmt: skip
 
 
