@@ -366,7 +366,7 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     summary = loop.run(cfg, loop.Setup(cfg, model, tokenizer, sets))
 
-    out = tmp_path / "run" / "rounds" / "0000"
+    out = tmp_path / "run" / "rounds" / "0001"
     metrics = read_json(out / "metrics.json")
     scores, selected = read_jsonl(out / "scores.jsonl"), read_jsonl(out / "selected.jsonl")
     assert summary["rounds"] == 1 and len(summary["eval_accuracy"]) == 1
@@ -383,6 +383,36 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
         assert changed and all("lora_" in n for n in changed)
     else:
         assert any("embed_tokens" in n for n in changed)
+    _final_loads_as_the_policy(tmp_path / "run", model, tokenizer, lora_r)
+
+
+def _final_loads_as_the_policy(run_dir: Path, model, tokenizer, lora_r: int) -> None:
+    """final/ (the adapter for LoRA) and `gradalign export --merge` load with transformers'
+    Auto classes and give the trained policy's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from gradalign.cli import app
+
+    final = run_dir / "final"
+    assert (final / "adapter_config.json").is_file() == bool(lora_r)
+    assert (final / "model.safetensors").is_file() == (not lora_r)
+    ids = torch.tensor([format_prompt(tokenizer, "What is 2 + 3?")])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(final)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)
+        assert (
+            AutoTokenizer.from_pretrained(final)("2 + 3")["input_ids"]
+            == tokenizer("2 + 3")["input_ids"]
+        )
+        res = CliRunner().invoke(app, ["export", str(run_dir), "--merge"])
+        assert res.exit_code == 0, res.output
+        what = "merged LoRA weights" if lora_r else "full weights"
+        assert res.output.splitlines()[-1] == f"{what}: {final}"
+        merged = AutoModelForCausalLM.from_pretrained(final)
+        assert not (final / "adapter_config.json").exists()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- vLLM backend (error path)

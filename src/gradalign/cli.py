@@ -1,5 +1,5 @@
-"""Command line: `gradalign demo`, `run CONFIG.yaml`, `diagnose CONFIG.yaml`, `fields`,
-`bench regimes`, `report DIR`."""
+"""Command line: `gradalign demo`, `run CONFIG.yaml`, `diagnose CONFIG.yaml`, `export DIR`,
+`fields`, `bench regimes`, `report DIR`."""
 
 from __future__ import annotations
 
@@ -161,6 +161,36 @@ def demo(
         f"demo wall time {wall:.0f} s · {base.rounds} rounds × {base.train.steps_per_round} GRPO "
         f"steps per mode · run directories under {out}/"
     )
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="run directory")],
+    round_: Annotated[
+        int | None,
+        typer.Option("--round", help="the round whose checkpoint to export (default: the last)"),
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option(help="LoRA: write merged full weights instead of the adapter")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="destination (default RUN_DIR/final, RUN_DIR/final-round-NNNN)"),
+    ] = None,
+) -> None:
+    """Save a run's trained policy with save_pretrained (model + tokenizer, or LoRA adapter)."""
+    from gradalign.data.problems import ProblemError
+    from gradalign.run.checkpoint import ResumeError
+    from gradalign.run.export import ExportError, export_run
+
+    try:
+        dest, what = export_run(run_dir, round_, merge, out)
+    except (ExportError, ConfigError, ProblemError, ResumeError) as err:
+        _fail("export error", err, 2)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        _fail("storage error", f"{where}{describe(err)}", 1)
+    console.print(f"{what}: {dest}")
 
 
 @app.command()

@@ -29,8 +29,8 @@ class ConfigError(ValueError):
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -177,6 +177,24 @@ class TrainConfig(Section):
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = doc("dapo", "TRL GRPO loss type")
     scale_rewards: Literal["group", "batch", "none"] = doc("group", "TRL advantage scaling")
     max_grad_norm: float = doc(1.0, "gradient clipping")
+    temperature: float = doc(
+        1.0,
+        "sampling temperature of the GRPO training completions (TRL's temperature); the "
+        "scoring rollouts sample at rollout.temperature: keep the two equal so that a problem "
+        "is scored under the distribution it is trained on",
+    )
+    report_to: list[str] = doc(
+        ["none"],
+        "experiment trackers for TRL's step metrics and the round metrics, as transformers "
+        "names them: none | tensorboard (RUN_DIR/tb) | wandb | trackio | mlflow (offline "
+        "unless their own environment variables say otherwise); a comma-separated list",
+    )
+    trl_args: dict = doc(
+        {},
+        "further GRPOConfig fields of the installed TRL, e.g. {num_iterations: 2, epsilon: 0.3, "
+        "warmup_steps: 0.1, lr_scheduler_type: cosine} or --set train.trl_args.epsilon=0.3; "
+        "the fields gradalign sets itself are refused, naming the field to use",
+    )
 
 
 @dataclass
@@ -397,8 +415,9 @@ def field_docs() -> list[tuple[str, str, str]]:
 
 # Where a run lives, not what it computes: a bench reuses a finished run across these.
 LOCATION_FIELDS = ("out_dir", "model.cache_dir")
-# What may change when a run is resumed: where it lives, and how many rounds it runs.
-RESUMABLE_FIELDS = (*LOCATION_FIELDS, "rounds")
+# What may change when a run is resumed: where it lives, how many rounds it runs, where it
+# reports.
+RESUMABLE_FIELDS = (*LOCATION_FIELDS, "rounds", "train.report_to")
 # What a bench sets per run (with its out_dir): `--set` may not, and a report lists the fields
 # beyond these and LOCATION_FIELDS that differ between the runs it compares.
 BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from gradalign.config import SEED_MAX, ConfigError, show
 
 if TYPE_CHECKING:
-    from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig
+    from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig, TrainConfig
 
 # Fields for which 0 is a valid value; every other number must be > 0.
 _ZERO_OK = (
@@ -135,6 +135,24 @@ def _check_data(d: DataConfig) -> None:
             )
 
 
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")  # transformers' names
+
+
+def _check_train(t: TrainConfig) -> None:
+    """train.report_to names and train.trl_args keys (the names are checked against the
+    installed TRL's GRPOConfig when a run starts: `engine.trl_args.check_trl_args`)."""
+    for name in t.report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to: {show(name)} is not one of {', '.join(TRACKERS)}")
+    if "none" in t.report_to and len(t.report_to) > 1:
+        raise ConfigError(
+            f"train.report_to: 'none' cannot be combined with a tracker, got {t.report_to}"
+        )
+    for key in t.trl_args:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"train.trl_args: {show(key)} is not a GRPOConfig field name")
+
+
 def check(cfg: Config) -> None:
     """Every field's range and the cross-field invariants of the round arithmetic, with
     messages naming field and fix. Run by `Config(...)` itself; again by the loop."""
@@ -155,4 +173,5 @@ def check(cfg: Config) -> None:
         )
     check_rollout(r)
     _group_size("train.num_generations", t.num_generations)
+    _check_train(t)
     _check_data(d)

@@ -136,7 +136,7 @@ def write_stage(
     if scored.features is not None:  # rows in chunk order, as scores.jsonl
         write_npy(path / "features.npy", scored.features)
     (path / "metrics.json").unlink(missing_ok=True)  # a stale one from an abandoned attempt
-    stage = {"round": r, "chunk": [p.id for p in chunk], "selected": [int(i) for i in sel.ids]}
+    stage = {"round": r + 1, "chunk": [p.id for p in chunk], "selected": [int(i) for i in sel.ids]}
     write_json(path / "selection.json", stage | {"metrics": metrics})
 
 
