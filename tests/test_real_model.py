@@ -157,7 +157,7 @@ def files(tmp_path_factory) -> dict[str, list[dict]]:
             {"path": verl, "reward": "coinflip"},
             {"path": plain, "reward": "exact", "source": "gsm8k-like"},
         ],
-        "val_files": [{"path": val, "reward": "coinflip", "source": "val"}],
+        "validation_files": [{"path": val, "reward": "coinflip", "source": "val"}],
         "eval_files": [{"path": evl, "reward": "math"}],
     }
 
@@ -265,8 +265,8 @@ def test_bad_pool_files_entry_names_the_field(qwen_dir, files, tmp_path, entry, 
 
 
 def test_shared_validation_and_eval_prompt_and_small_pool_are_errors(qwen_dir, files, tmp_path):
-    both = {**files, "eval_files": files["eval_files"] + files["val_files"]}
-    with pytest.raises(ConfigError, match="data.val_files and data.eval_files: .*share 4"):
+    both = {**files, "eval_files": files["eval_files"] + files["validation_files"]}
+    with pytest.raises(ConfigError, match="data.validation_files and data.eval_files: .*share 4"):
         sets_from_files(_cfg(qwen_dir, both, tmp_path), log=lambda _: None)
     cfg = _cfg(qwen_dir, files, tmp_path, select={"chunk_size": 32})
     with pytest.raises(ConfigError, match=r"select.chunk_size \(32\) exceeds the 16 pool"):

@@ -11,6 +11,7 @@ import functools
 import math
 import numbers
 import typing
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
+from gradalign.data.rewards_style import RewardStyle
 from gradalign.data.tasks import Flaw
 from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
 
@@ -106,11 +108,39 @@ class DataConfig(Section):
     lowutility_frac: float = doc(0.8, "lowutility: fraction of the pool that is garbled filler")
     pool_files: list[dict] = doc(
         [],
-        "problem files for the pool (replaces the built-in task); "
-        "each {path, count, prompt_field, answer_field, answer_extractor, source, reward, template}",
+        "problem files for the pool (replaces the built-in task); each {path, count, "
+        "prompt_field, answer_field, answer_extractor, source, reward, template, offset, "
+        "limit, fraction, seed, take} (README: problem files)",
     )
-    val_files: list[dict] = doc([], "problem files for the validation set (with pool_files)")
+    validation_files: list[dict] = doc(
+        [],
+        "problem files for the trusted validation set, the gradient reference (never trained "
+        "on; not verl's val_files, a test set: that is eval_files); with pool_files",
+    )
     eval_files: list[dict] = doc([], "problem files for the eval set (with pool_files)")
+    reward_style: RewardStyle = doc(
+        "auto",
+        "how a 'module:function' reward is called: auto (by its parameter names), gradalign "
+        "(problem, completion), verl (data_source, solution_str, ground_truth, extra_info) or "
+        "trl (completions, **kwargs); README: rewards",
+    )
+    val_files: list[dict] = doc([], "deprecated name of validation_files (warns)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_files:
+            if self.validation_files:
+                raise ConfigError(
+                    "data.val_files and data.validation_files: both given; keep "
+                    "validation_files (val_files is its deprecated name)"
+                )
+            warnings.warn(
+                "data.val_files is deprecated: it is the trusted validation set, now "
+                "data.validation_files (verl's val_files, a test set, is our eval_files)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.validation_files, self.val_files = self.val_files, []
 
 
 @dataclass

@@ -118,9 +118,9 @@ def _check_data(d: DataConfig) -> None:
             )
         if fam in d.families[:i]:
             raise ConfigError(f"data.families: {fam!r} is listed twice; list each family once")
-    if bool(d.pool_files) != bool(d.val_files) or bool(d.pool_files) != bool(d.eval_files):
+    if bool(d.pool_files) != bool(d.validation_files) or bool(d.pool_files) != bool(d.eval_files):
         raise ConfigError(
-            "data.pool_files, data.val_files and data.eval_files: give all three or none"
+            "data.pool_files, data.validation_files and data.eval_files: give all three or none"
         )
     if d.regime == "imbalance" and not d.pool_files:
         if d.minority not in d.families:

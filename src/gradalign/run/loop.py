@@ -84,7 +84,7 @@ def sample(
                 salt=salt,
                 progress=advance,
             )
-        prompt_ids = [format_prompt(setup.tokenizer, p.prompt) for p in problems]
+        prompt_ids = [format_prompt(setup.tokenizer, p.chat) for p in problems]
         mine = dd.shard(num_batches(len(problems), sampling), rank, size)
         part = sample_completions(
             setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
