@@ -14,7 +14,7 @@ import torch
 
 from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core import alignment
-from gradalign.data.problems import Problem
+from gradalign.data.problems import PROVENANCE, Problem, provenance
 from gradalign.engine import vllm_backend
 from gradalign.engine.policy import apply_lora, build_model, build_tokenizer, format_prompt
 from gradalign.engine.rollout import SamplingConfig, generate
@@ -374,6 +374,10 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
     assert {s["id"] for s in scores} <= {p.id for p in sets.pool} and len(scores) == 8
     best = sorted(scores, key=lambda s: (-s["score"], s["id"]))[:4]
     assert [s["id"] for s in selected] == [s["id"] for s in best]
+    by_id = {p.id: p for p in sets.pool}  # every row joins back on its file and line
+    for row in scores + selected:
+        assert {k: row[k] for k in PROVENANCE} == provenance(by_id[row["id"]])
+        assert row["file"] == by_id[row["id"]].meta["file"] and row["line"] >= 1
     rows = read_jsonl(out / "rollouts.jsonl")
     assert sum(r["role"] == "candidate" for r in rows) == 8 * 2
     assert sum(r["role"] == "validation" for r in rows) == 4 * 2

@@ -302,5 +302,5 @@ def score_and_select(
     metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
     metrics |= selection_quality(chunk, scored.candidates, sel) | timings
     if dd.is_main():
-        write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
+        write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics, by_id)
     return chosen, metrics
