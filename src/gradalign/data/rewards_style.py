@@ -56,6 +56,18 @@ def _binds(sig: inspect.Signature | None, *args: Any, **kwargs: Any) -> bool:
 
 
 _VERL = {"data_source": 0, "solution_str": 0, "ground_truth": 0}
+TRL_COLUMNS = ("prompts", "completions", "answer", "ground_truth", "data_source", "source")
+
+
+def _fits_trl(sig: inspect.Signature | None) -> bool:
+    """Callable as ``fn(completions=..., **columns)``: it takes ``completions`` and needs no
+    argument beyond `TRL_COLUMNS`."""
+    if sig is None:
+        return True
+    params = list(sig.parameters.values())
+    if not any(p.name == "completions" or p.kind is p.VAR_KEYWORD for p in params):
+        return False
+    return _binds(sig, **{p.name: [] for p in params if p.name in TRL_COLUMNS})
 
 
 def detect(fn: Callable[..., Any], style: RewardStyle = "auto") -> str:
@@ -65,7 +77,7 @@ def detect(fn: Callable[..., Any], style: RewardStyle = "auto") -> str:
     names = set(sig.parameters) if sig is not None else set()
     fits = {
         "verl": _binds(sig, **_VERL),
-        "trl": _binds(sig, completions=[]),
+        "trl": _fits_trl(sig),
         "gradalign": _binds(sig, None, ""),
     }
     if style == "auto":
