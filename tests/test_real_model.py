@@ -195,13 +195,29 @@ def test_local_qwen_dir_loads_with_its_chat_template(qwen_dir, files, tmp_path):
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
+def test_verl_system_message_reaches_the_prompt(qwen_dir, files, tmp_path):
+    cfg = _cfg(qwen_dir, files, tmp_path)
+    _, tokenizer = policy_from_config(cfg)
+    sets = sets_from_files(cfg, log=lambda _: None)
+    verl = next(p for p in sets.pool if p.source == "dapo")
+    assert verl.chat[0] == {"role": "system", "content": "Be brief."}
+    assert tokenizer.decode(format_prompt(tokenizer, verl.chat), skip_special_tokens=False) == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{verl.prompt}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    plain = qwen_tokenizer()
+    plain.chat_template = None  # a base model's tokenizer: the documented plain rendering
+    assert format_prompt(plain, verl.chat) == plain(f"Be brief.\n\n{verl.prompt}")["input_ids"]
+    assert format_prompt(plain, "What is 1 + 1?") == plain("What is 1 + 1?")["input_ids"]
+
+
 def test_rollouts_on_local_qwen_keep_sampled_ids(qwen_dir, files, tmp_path):
     cfg = _cfg(qwen_dir, files, tmp_path)
     model, tokenizer = policy_from_config(cfg)
     sets = sets_from_files(cfg, log=lambda _: None)
     problems = sets.pool[:3]
     ro = generate(model, tokenizer, problems, 2, SamplingConfig(max_new_tokens=8), seed=0)
-    assert ro.prompt_ids == [format_prompt(tokenizer, p.prompt) for p in problems]
+    assert ro.prompt_ids == [format_prompt(tokenizer, p.chat) for p in problems]
     assert ro.group.tolist() == [0, 0, 1, 1, 2, 2]
     eos = tokenizer.eos_token_id
     for ids, text in zip(ro.completion_ids, ro.texts):
