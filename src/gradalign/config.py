@@ -11,7 +11,6 @@ import functools
 import math
 import numbers
 import typing
-import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,19 +127,7 @@ class DataConfig(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.val_files:
-            if self.validation_files:
-                raise ConfigError(
-                    "data.val_files and data.validation_files: both given; keep "
-                    "validation_files (val_files is its deprecated name)"
-                )
-            warnings.warn(
-                "data.val_files is deprecated: it is the trusted validation set, now "
-                "data.validation_files (verl's val_files, a test set, is our eval_files)",
-                FutureWarning,
-                stacklevel=2,
-            )
-            self.validation_files, self.val_files = self.val_files, []
+        data_aliases(self)  # gradalign.config_rules: val_files -> validation_files, warned
 
 
 @dataclass
@@ -464,4 +451,5 @@ from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they nee
     check,
     check_rollout,
     check_select,
+    data_aliases,
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import TYPE_CHECKING
 
 from gradalign.config import SEED_MAX, ConfigError, show
@@ -156,3 +157,23 @@ def check(cfg: Config) -> None:
     check_rollout(r)
     _group_size("train.num_generations", t.num_generations)
     _check_data(d)
+
+
+def data_aliases(d: DataConfig) -> None:
+    """``data.val_files``, the deprecated name of ``data.validation_files``: moved there with
+    a FutureWarning (verl's ``val_files`` is a test set, our ``eval_files``); both given is
+    an error."""
+    if not d.val_files:
+        return
+    if d.validation_files:
+        raise ConfigError(
+            "data.val_files and data.validation_files: both given; keep validation_files "
+            "(val_files is its deprecated name)"
+        )
+    warnings.warn(
+        "data.val_files is deprecated: it is the trusted validation set, now "
+        "data.validation_files (verl's val_files, a test set, is our eval_files)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    d.validation_files, d.val_files = d.val_files, []
