@@ -160,8 +160,16 @@ def test_interrupted_score_resumes_from_finished_chunks(data, parquet_setup, tmp
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
 
-def test_another_config_in_the_same_directory_is_refused(data, parquet_setup, tmp_path):
+def test_another_config_in_the_same_directory_is_refused(
+    data, parquet_setup, tmp_path, monkeypatch
+):
     gradalign.score(parquet_setup.cfg, tmp_path, setup=parquet_setup)
+    trained = _cfg(data, data["parquet"])
+    trained.train.learning_rate = 1e-3  # training fields do not change scores: resumed
+    calls = []
+    monkeypatch.setattr(score_module, "score_chunk", lambda *a, **k: calls.append(a))
+    gradalign.score(trained, tmp_path, setup=parquet_setup)
+    assert calls == []
     other = _cfg(data, data["parquet"], mode="dot")
     with pytest.raises(
         ResumeError,

@@ -28,7 +28,7 @@ import contextlib
 import functools
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +42,10 @@ from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
 from gradalign.engine.round_scoring import score_chunk
 from gradalign.progress import bar, log
-from gradalign.run.checkpoint import ResumeError, RunLock
+from gradalign.run.checkpoint import ResumeError, RunLock, RunLocked
 from gradalign.run.original_rows import write_selected
 from gradalign.run.setup import Setup, build_setup
-from gradalign.rundir import read_json, read_jsonl, write_json, write_jsonl
+from gradalign.rundir import StorageError, read_json, read_jsonl, write_json, write_jsonl
 from gradalign.scoring import distributed as dd
 
 STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
@@ -86,12 +86,15 @@ def score(
     out = Path(out_dir)
     dd.init_from_env(resolve_device(cfg.model.device))
     with contextlib.ExitStack() as stack:
-        if dd.is_main():
-            stack.enter_context(RunLock(out))  # no other scorer or run in this directory
         setup = setup or build_setup(cfg)
         pool, size = setup.sets.pool, cfg.select.chunk_size
         chunks = [pool[i : i + size] for i in range(0, len(pool), size)]
-        done = dd.broadcast_object(_finished(cfg, out, chunks) if dd.is_main() else None)
+
+        def prepare() -> dict[int, dict]:
+            stack.enter_context(RunLock(out))  # no other scorer or run in this directory
+            return _finished(cfg, out, chunks)
+
+        done = _on_main(prepare)
         stats = _score_chunks(setup, out, chunks, done)
         n = len(pool) if fraction is None else round(fraction * len(pool))
         n = max(1, min(top if top is not None else n, len(pool)))
@@ -112,6 +115,20 @@ def score(
     return ScoreResult(out, out / "scores.jsonl", selected, len(pool), len(chosen))
 
 
+def _on_main(fn: Callable[[], dict[int, dict]]) -> dict[int, dict]:
+    """`fn()` on rank 0, its result (or refusal, raised on every rank) broadcast to all."""
+    done, error = None, None
+    if dd.is_main():
+        try:
+            done = fn()
+        except (RunLocked, ResumeError, StorageError) as err:
+            error = err
+    done, error = dd.broadcast_object((done, error))
+    if error is not None:
+        raise error
+    return done
+
+
 def _manifest(cfg: Config, chunks: list[list[Problem]]) -> dict[str, Any]:
     return {"config": cfg.to_dict(), "chunks": [[p.id for p in c] for c in chunks]}
 
@@ -128,6 +145,7 @@ def _finished(cfg: Config, out: Path, chunks: list[list[Problem]]) -> dict[int, 
             saved = None
         if isinstance(saved, dict):
             diffs = differing_fields([saved.get("config", {}), current["config"]], RESUMABLE_FIELDS)
+            diffs = {k: v for k, v in diffs.items() if not k.startswith("train.")}  # not scored
             if diffs or saved.get("chunks") != current["chunks"]:
                 why = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diffs.items())
                 raise ResumeError(
