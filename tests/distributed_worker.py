@@ -87,6 +87,12 @@ def run_cases() -> dict[str, Any]:
     # every rank draws with its own seed here, and still gets rank 0's draw
     drawn = select("rand", Candidates(np.arange(50)), 5, np.random.default_rng(dd.world()[0]))
     out["rand"] = dd.broadcast_object(drawn).ids.tolist()
+    val, params = make_batch(VAL_REWARDS, seed=2), scored_parameters(model)
+    for aggregate in ("sum", "mean_of_unit"):  # halves across the shards (3 + 2): 0-1 | 2-4
+        halves = dd.distributed_validation_halves(
+            model, params, val, [range(2), range(2, 5)], aggregate, groups_per_micro=2
+        )
+        out[f"halves_{aggregate}"] = [[t.clone() for t in h] for h in halves]
     out["world"] = dd.world()
     return out
 

@@ -10,7 +10,7 @@ from gradalign.cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["fields"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["diagnose"], ["fields"]])
 def test_help_on_every_command(command):
     result = runner.invoke(app, command + ["--help"])
     assert result.exit_code == 0

@@ -112,6 +112,28 @@ def test_two_processes_score_and_select_as_one(
     assert np.isnan(chunk).all() if case == "sum_no_chunk" else not np.isnan(chunk).any()
 
 
+@pytest.mark.parametrize("aggregate", ["sum", "mean_of_unit"])
+def test_validation_halves_add_up_on_every_rank(
+    one_process: dict[str, Any], two_processes: list[dict[str, Any]], aggregate: str
+) -> None:
+    """Each half summed over both ranks' shards is the one-process half, and the two halves add
+    up to the one-process g_V (`batched_validation_sum` of the whole set)."""
+    model = worker.build_model(worker.build_tokenizer(), "tiny", seed=3).eval()
+    params = scored_parameters(model)
+    val = worker.make_batch(worker.VAL_REWARDS, seed=2)
+    whole = fastscore.batched_validation_sum(model, params, val, aggregate, 2)  # type: ignore[arg-type]
+    want = one_process[f"halves_{aggregate}"]
+    for w, a, b in zip(whole, *want):
+        torch.testing.assert_close(a + b, w, rtol=1e-5, atol=1e-7)
+    first = fastscore.batched_validation_sum(model, params, val.take_groups(range(2)), aggregate, 2)  # type: ignore[arg-type]
+    for w, a in zip(first, want[0]):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
+    for ranked in two_processes:
+        for h in range(2):
+            for w, g in zip(want[h], ranked[f"halves_{aggregate}"][h]):
+                torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
 def test_two_processes_projection_and_broadcast(
     one_process: dict[str, Any], two_processes: list[dict[str, Any]]
 ) -> None:

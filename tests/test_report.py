@@ -29,9 +29,15 @@ FINAL = {
     "accgreedy": [0.3, 0.5],
 }
 SIM_CORRUPTED = [[0.25, 0.5], [0.0, 0.25], [0.5, 0.75]]
+SIM_AUC = [[0.8, 0.6], [0.9, None], [0.7, 0.7]]  # per-run means 0.7, 0.9, 0.7
+SIM_SPLIT = [[0.5, -0.1], [0.3, 0.2], [float("nan"), 0.4]]  # 4 of 5 finite ones > 0
+MEAN_AT_K = {"sim": [0.3, 0.4, 0.5], "rand": [0.2, 0.3, 0.3], "accgreedy": [0.25, 0.35]}
 
 
-def write_run(path, regime, mode, seed, finals, shares, mixes=None, extra=(), finished=True):
+def write_run(
+    path, regime, mode, seed, finals, shares, mixes=None, extra=(), finished=True,
+    auc=None, split=None, mean_at_k=None,
+):  # fmt: skip
     """A run directory as `gradalign run` leaves it: config.yaml, rounds/*, summary.json."""
     cfg = load_config(
         None,
@@ -57,6 +63,10 @@ def write_run(path, regime, mode, seed, finals, shares, mixes=None, extra=(), fi
             "select/source_mix": mix,
             "select/corrupted_share": share,
         }
+        if auc is not None:
+            metrics["select/auc_clean"] = auc[r]
+        if split is not None:
+            metrics["val/split_half_cos"] = split[r]
         write_json(path / "rounds" / f"{r:04d}" / "metrics.json", metrics)
     if finished:
         summary = {
@@ -66,6 +76,8 @@ def write_run(path, regime, mode, seed, finals, shares, mixes=None, extra=(), fi
             "eval_accuracy": finals,
             "wall_s": 12.5,
         }
+        if mean_at_k is not None:
+            summary |= {"initial_eval_mean_at_k": 0.1, "final_eval_mean_at_k": mean_at_k}
         write_json(path / "summary.json", summary)
 
 
@@ -74,10 +86,13 @@ def bench_dir(tmp_path):
     root = tmp_path / "bench"
     for mode, finals in FINAL.items():
         for seed, final in enumerate(finals):
-            shares = SIM_CORRUPTED[seed] if mode == "sim" else [0.5, 0.5]
+            sim = mode == "sim"
             write_run(
-                root / "noisy" / mode / f"seed{seed}", "noisy", mode, seed, [0.0, final], shares
-            )
+                root / "noisy" / mode / f"seed{seed}", "noisy", mode, seed, [0.0, final],
+                SIM_CORRUPTED[seed] if sim else [0.5, 0.5],
+                auc=SIM_AUC[seed] if sim else None, split=SIM_SPLIT[seed] if sim else None,
+                mean_at_k=MEAN_AT_K[mode][seed],
+            )  # fmt: skip
     failed = root / "noisy" / "accgreedy" / "seed2"
     record = {"regime": "noisy", "mode": "accgreedy", "seed": 2, "status": "failed",
               "returncode": 1, "wall_s": 3.0, "stderr_tail": "Traceback\nRuntimeError: boom"}  # fmt: skip
@@ -159,6 +174,24 @@ def test_report_numbers(bench_dir):
     assert corrupted["rand"]["mean_per_round"] == pytest.approx([0.5, 0.5])
     assert res["shares"]["minority"]["sim"]["mean_per_round"] == pytest.approx([0.75, 0.0])
     assert res["shares"]["minority"]["sim"]["n"] == 1
+    # over all rounds: sim's per-seed means 0.375, 0.125, 0.625 -> 0.375 ± t(2) * 0.25 / sqrt 3
+    everything = corrupted["sim"]["all_rounds"]
+    assert everything["mean"] == pytest.approx(0.375) and everything["n"] == 3
+    assert everything["ci95"] == pytest.approx(4.302653 * 0.25 / math.sqrt(3), abs=1e-6)
+    auc = res["auc_clean"]["noisy"]
+    assert set(auc) == {"sim"}  # only sim recorded one
+    assert auc["sim"]["mean_per_round"] == pytest.approx([0.8, 0.65])
+    assert auc["sim"]["all_rounds"]["mean"] == pytest.approx(2.3 / 3)
+    assert auc["sim"]["all_rounds"]["ci95"] == pytest.approx(
+        4.302653 * 0.11547005 / math.sqrt(3), abs=1e-6
+    )
+    split = res["split_half_cos"]["noisy"]["sim"]
+    assert split["positive_share"] == pytest.approx(0.8)
+    assert split["mean_per_round"] == pytest.approx([0.4, 0.5 / 3])
+    assert res["final_mean_at_k"]["noisy"]["sim"]["mean"] == pytest.approx(0.4)
+    assert res["final_mean_at_k"]["noisy"]["accgreedy"]["n"] == 2
+    paired = res["mean_at_k_vs_rand"]["noisy"]["sim"]
+    assert paired["mean"] == pytest.approx(0.4 / 3) and paired["n"] == 3
     assert read_json(bench_dir / "report" / "results.json") == res
 
 
@@ -170,12 +203,15 @@ def test_report_markdown_and_plots(bench_dir):
     assert "+0.067 ± 0.143 (n=3)" in md
     assert "0.400 ± n/a (n=1)" in md
     assert "18%" in md and "80%" in md  # the paper's reference line
-    assert "| sim | 3 | 25% | 50% |" in md
-    assert "| (pool) |  | 50% | 50% |" in md
-    assert "| sim | 1 | 75% | 0% |" in md  # minority share, imbalance
+    assert "| sim | 3 | 38% ± 62% | 25% | 50% |" in md
+    assert "| (pool) |  | 50% | 50% | 50% |" in md
+    assert "| sim | 1 | 38% ± n/a | 75% | 0% |" in md  # minority share, imbalance
+    assert "| sim | 3 | 0.77 ± 0.29 | 100% | 0.80 | 0.65 |" in md  # AUC per round
+    assert "| sim | 3 | +0.28 ± 0.26 | 80% | +0.40 | +0.17 |" in md  # split-half
+    assert "| sim | 0.400 ± 0.248 (n=3) | +0.133 ± 0.143 (n=3) |" in md  # mean@k
     assert "RuntimeError: boom" in md and "exit 1" in md
     assert "the same for every run" in md
-    for name in ("accuracy.png", "shares.png"):
+    for name in ("accuracy.png", "shares.png", "auc.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 

@@ -1,11 +1,13 @@
-"""Command line: `gradalign demo`, `run CONFIG.yaml`, `score CONFIG.yaml`, `fields`, `bench regimes`,
-`report DIR`."""
+"""Command line: `gradalign demo`, `run CONFIG.yaml`, `score CONFIG.yaml`, `diagnose CONFIG.yaml`,
+`fields`, `bench regimes`, `report DIR`."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -14,7 +16,9 @@ from rich.table import Table
 from gradalign.config import Config, ConfigError, field_docs, load_config
 from gradalign.progress import console
 from gradalign.rundir import StorageError, describe
-from gradalign.scoring.distributed import shutdown
+from gradalign.scoring.distributed import is_main, shutdown
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -57,14 +61,21 @@ def _run_one(cfg: Config, restart: bool) -> dict:
     """loop.run with its expected failures as one-line messages: exit 2 for what the user
     gave (config, data, a locked or foreign run directory), 1 for what failed while running
     (a file the system cannot write or read, diverged training)."""
+    from gradalign.run.loop import run as run_loop
+
+    return _guarded(run_loop, cfg, restart=restart)
+
+
+def _guarded(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)` with the expected failures of loading and running as one-line
+    messages (see `_run_one`)."""
     from gradalign.data.problems import ProblemError
     from gradalign.data.rewards import RewardError
     from gradalign.engine.training import TrainingDiverged
     from gradalign.run.checkpoint import ResumeError, RunLocked
-    from gradalign.run.loop import run as run_loop
 
     try:
-        return run_loop(cfg, restart=restart)
+        return call(*args, **kwargs)
     except (RunLocked, ResumeError) as err:
         _fail("run directory", err, 2)
     except (ConfigError, ProblemError, RewardError) as err:  # found while loading data
@@ -189,6 +200,79 @@ def demo(
 
 
 @app.command()
+def diagnose(
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML config (defaults when omitted)")
+    ] = None,
+    set_: SetOpt = None,
+    chunks: Annotated[
+        int, typer.Option(min=1, help="pool chunks to score (select.chunk_size candidates each)")
+    ] = 4,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the measures to this JSON file")
+    ] = None,
+) -> None:
+    """Can gradient alignment select well here? Scores the first chunks of the pool on the
+    starting policy (no training) and prints the split-half validation cosine, the transfer
+    cosine between problems, the distribution of candidate cosines, the zero-variance share,
+    the mean cosine per source and (built-in regimes) the AUC, with a one-line verdict."""
+    from gradalign.analysis.diagnose import diagnose as run_diagnose
+
+    cfg = _load(config, set_)
+    result = _guarded(run_diagnose, cfg, chunks)
+    console.print(diagnosis_table(result))
+    console.print(f"verdict: {result['verdict']}", markup=False)
+    if json_out is not None and is_main():  # under torchrun every rank holds the same result
+        from gradalign.rundir import write_json
+
+        try:
+            write_json(json_out, result)
+        except StorageError as err:
+            _fail("storage error", err, 1)
+        console.print(f"measures: {json_out}")
+    shutdown()
+
+
+def diagnosis_table(d: dict) -> Table:
+    """The measures of `gradalign diagnose`, one per row."""
+
+    def num(x: float | None, signed: bool = True) -> str:
+        if x is None or not math.isfinite(x):
+            return "n/a"
+        return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+    def series(xs: list) -> str:
+        finite = [x for x in xs if x is not None and math.isfinite(x)]
+        mean = f"mean {sum(finite) / len(finite):+.3f}" if finite else "n/a"
+        return f"{mean}  (per chunk: {', '.join(num(x) for x in xs)})"
+
+    table = Table(
+        title=f"diagnosis of {d['model']} on {d['data']}: {d['candidates']} candidates in "
+        f"{d['chunks']} chunks, k_r={d['k_r']}, k_v={d['k_v']}, starting policy",
+        box=None,
+    )
+    table.add_column("measure")
+    table.add_column("value")
+    table.add_row("split-half validation cosine", series(d["split_half_cos"]))
+    table.add_row("transfer cosine (chunk halves)", series(d["transfer_cos"]))
+    table.add_row("zero-variance share", f"{d['zero_variance_share']:.0%}")
+    q = d["cos_quantiles"]
+    if q:
+        table.add_row(
+            "candidate cos(g_p, g^_V)",
+            "  ".join(f"{k} {num(v)}" for k, v in q.items())
+            + f"   ({d['cos_positive_share']:.0%} > 0)",
+        )
+    for name, key in (("source", "cos_by_source"), ("label", "cos_by_label")):
+        for k, v in d[key].items():
+            table.add_row(f"mean cosine, {name} {k}", num(v))
+    if d["auc_clean"] is not None:
+        per = ", ".join(num(x, signed=False) for x in d["auc_clean_per_chunk"])
+        table.add_row("AUC clean above corrupted", f"{d['auc_clean']:.3f}  (per chunk: {per})")
+    return table
+
+
+@app.command()
 def fields() -> None:
     """List every configuration field with its default and meaning."""
     table = Table("field", "default", "meaning", box=None)
@@ -262,12 +346,12 @@ def _names(value: str, known: tuple[str, ...], what: str) -> list[str]:
 def bench_regimes(
     regimes: Annotated[str, typer.Option(help="comma-separated data regimes")] = ",".join(bench.BENCH_REGIMES),
     modes: Annotated[str, typer.Option(help="comma-separated selection modes")] = ",".join(bench.BENCH_MODES),
-    seeds: Annotated[int | None, typer.Option(min=1, help=f"seeds 0..N-1 per cell (default 3; {bench.QUICK_SEEDS} with --quick)")] = None,
+    seeds: Annotated[int | None, typer.Option(min=1, help=f"seeds 0..N-1 per cell (default {bench.SEEDS}; {bench.QUICK_SEEDS} with --quick)")] = None,
     out: Annotated[Path | None, typer.Option(help="bench directory (default runs/bench; runs/bench-quick with --quick)")] = None,
     quick: Annotated[bool, typer.Option(help=f"smoke-size runs: --set {' '.join(bench.QUICK)}")] = False,
     jobs: Annotated[int, typer.Option(min=1, help="runs in parallel (each its own process, CPU threads shared out)")] = 2,
-    data_seed: Annotated[int, typer.Option(help="data.seed of every run: one pool and one warm start per regime")] = 0,
-    vary_data: Annotated[bool, typer.Option(help="data.seed = seed instead: a new pool (and warm start) per seed")] = False,
+    vary_data: Annotated[bool, typer.Option("--vary-data/--fixed-data", help="data.seed = seed: each seed draws its own pool, corruption, validation and eval sets (the warm start is shared); --fixed-data pins data.seed to --data-seed")] = True,
+    data_seed: Annotated[int, typer.Option(help="data.seed of every run with --fixed-data")] = 0,
     config: Annotated[Path | None, typer.Option(help="YAML config every run starts from")] = None,
     set_: SetOpt = None,
 ) -> None:  # fmt: skip
@@ -285,7 +369,7 @@ def bench_regimes(
             out,
             _names(regimes, get_args(get_type_hints(DataConfig)["regime"]), "--regimes"),
             _names(modes, MODES, "--modes"),
-            seeds if seeds is not None else (bench.QUICK_SEEDS if quick else 3),
+            seeds if seeds is not None else (bench.QUICK_SEEDS if quick else bench.SEEDS),
             [*(bench.QUICK if quick else ()), *(set_ or [])],
             None if vary_data else data_seed,
             config,

@@ -3,13 +3,16 @@
 Reads ``config.yaml``, ``summary.json``, ``rounds/*/metrics.json`` and ``bench-run.json`` of
 every run below the directory (nothing is re-run) and writes ``report/`` in it:
 
-- ``report.md``: final eval accuracy per regime and mode, mean ± 95% CI over seeds; the
-  paired difference to ``rand`` (same seed) with its CI; per round, the share of corrupted
-  (noisy), minority-family (imbalance) and low-utility (lowutility) problems among those
-  selected, averaged over seeds; per-seed numbers; failed runs with their stderr tail;
+- ``report.md``: final greedy eval accuracy and final sampled mean@k per regime and mode,
+  mean ± 95% CI over seeds, each with the paired difference to ``rand`` (same seed); the
+  share of corrupted (noisy), minority-family (imbalance) and low-utility (lowutility)
+  problems among those selected, per round and over all rounds; per round, the AUC of the
+  mode's score for clean above corrupted or filler (``select/auc_clean``) and the split-half
+  validation cosine; per-seed numbers; failed runs with their stderr tail;
 - ``results.json``: the same numbers, per seed;
 - ``accuracy.png`` (eval accuracy against cumulative GRPO steps, one panel per regime, mean
-  over seeds with a CI band) and ``shares.png`` (selected shares against round).
+  over seeds with a CI band), ``shares.png`` (selected shares against round) and ``auc.png``
+  (AUC against round), drawn by `gradalign.analysis.plots`.
 
 CI: mean ± t_{0.975, n-1} · s / √n with s the sample standard deviation (n-1 in the
 denominator); undefined ("n/a") for n = 1. Only finished runs (``summary.json``) count.
@@ -90,6 +93,10 @@ class Run:
     steps: list[int] = field(default_factory=list)  # cumulative GRPO steps after each round
     accuracy: list[float] = field(default_factory=list)  # eval accuracy after each round
     shares: dict[str, list[float]] = field(default_factory=dict)  # per round, see SHARES
+    auc: list[float | None] = field(default_factory=list)  # select/auc_clean per round
+    split_half: list[float | None] = field(default_factory=list)  # val/split_half_cos per round
+    initial_mean_at_k: float | None = None  # sampled eval mean@k before and after training
+    final_mean_at_k: float | None = None
     pool_shares: dict[str, float] = field(default_factory=dict)  # the same in the pool
     train_rollouts: int | None = None  # GRPO steps × batch_size × num_generations
     wall_s: float | None = None
@@ -142,16 +149,24 @@ def load_run(path: Path) -> Run:
         for k in SHARES
         if all(k in r for r in per_round) and not files  # shares of labels files do not carry
     }
+    run.auc = [_finite(m.get("select/auc_clean")) for m in metrics]
+    run.split_half = [_finite(m.get("val/split_half_cos")) for m in metrics]
     if (path / "summary.json").is_file():
         summary = read_json(path / "summary.json")
         run.status, run.wall_s = "done", summary["wall_s"]
         run.initial, run.final = summary["initial_eval_accuracy"], summary["final_eval_accuracy"]
+        run.initial_mean_at_k = summary.get("initial_eval_mean_at_k")
+        run.final_mean_at_k = summary.get("final_eval_mean_at_k")
         train = cfg.get("train", {})
         if run.steps and train:
             run.train_rollouts = run.steps[-1] * train["batch_size"] * train["num_generations"]
     elif record.get("status") == "failed":
         run.status = "failed"
     return run
+
+
+def _finite(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
 
 
 def config_differences(runs: list[Run]) -> dict[str, list[str]]:
@@ -191,38 +206,95 @@ def _stat(values: dict[int, float]) -> dict[str, Any]:
     return {"mean": mean, "ci95": half, "n": n, "seeds": {str(k): v for k, v in values.items()}}
 
 
-def summarize(runs: list[Run]) -> dict[str, Any]:
-    """Per-seed numbers and their means ± CIs (the content of results.json)."""
-    done = [r for r in runs if r.status == "done" and r.final is not None]
-    final: dict[str, dict[str, dict[int, float]]] = {}
+def _cells(done: list[Run], value) -> dict[str, dict[str, dict[int, float]]]:
+    """{regime: {mode: {seed: value(run)}}} over the runs where `value` is not None."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
     for r in done:
-        final.setdefault(r.regime, {}).setdefault(r.mode, {})[r.seed] = r.final
-    vs_rand = {}
-    for regime, by_mode in final.items():
+        v = value(r)
+        if v is not None:
+            out.setdefault(r.regime, {}).setdefault(r.mode, {})[r.seed] = float(v)
+    return out
+
+
+def _paired_to_rand(cells: dict[str, dict[str, dict[int, float]]]) -> dict[str, Any]:
+    """Per regime and mode, the difference to `rand` of the same seed, mean ± CI."""
+    out = {}
+    for regime, by_mode in cells.items():
         rand = by_mode.get("rand", {})
-        vs_rand[regime] = {
+        out[regime] = {
             mode: _stat({s: v - rand[s] for s, v in seeds.items() if s in rand})
             for mode, seeds in by_mode.items()
             if mode != "rand" and rand
         }
+    return out
+
+
+def _stats(cells: dict[str, dict[str, dict[int, float]]]) -> dict[str, Any]:
+    return {g: {m: _stat(s) for m, s in ms.items()} for g, ms in cells.items()}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
+
+
+def _per_round_mean(rows: list[list[float | None]]) -> list[float | None]:
+    """Mean over runs (seeds) per round of the finite values, up to the shortest run."""
+    length = min(map(len, rows))
+    return [_mean([row[i] for row in rows]) for i in range(length)]
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    """Per-seed numbers and their means ± CIs (the content of results.json): final greedy
+    accuracy and sampled mean@k with the paired difference to `rand`; per share (SHARES) its
+    mean per round and its mean over all rounds ± CI over seeds; the per-round AUC of the
+    mode's score and the split-half validation cosine, likewise."""
+    done = [r for r in runs if r.status == "done" and r.final is not None]
+    final = _cells(done, lambda r: r.final)
+    mean_at_k = _cells(done, lambda r: r.final_mean_at_k)
     shares: dict[str, Any] = {}
     for name, (regime, _, _) in SHARES.items():
         for mode in dict.fromkeys(r.mode for r in done if r.regime == regime):
-            rows = [r.shares.get(name) for r in done if r.regime == regime and r.mode == mode]
-            rows = [x for x in rows if x]
-            if rows:
-                length = min(map(len, rows))
+            sel = [r for r in done if r.regime == regime and r.mode == mode and r.shares.get(name)]
+            if sel:
                 shares.setdefault(name, {})[mode] = {
-                    "mean_per_round": np.mean([x[:length] for x in rows], axis=0).tolist(),
-                    "n": len(rows),
+                    "mean_per_round": _per_round_mean([r.shares[name] for r in sel]),
+                    "n": len(sel),
+                    "all_rounds": _stat({r.seed: _mean(r.shares[name]) for r in sel}),
                 }
+    per_round: dict[str, Any] = {}
+    for key in ("auc", "split_half"):
+        cells: dict[str, Any] = {}
+        for r in done:
+            if any(v is not None for v in getattr(r, key)):
+                cells.setdefault(r.regime, {}).setdefault(r.mode, []).append(r)
+        per_round[key] = {
+            g: {
+                m: {
+                    "mean_per_round": _per_round_mean([getattr(r, key) for r in rs]),
+                    "all_rounds": _stat({r.seed: _mean(getattr(r, key)) for r in rs}),
+                    "positive_share": _positive_share([getattr(r, key) for r in rs]),
+                }
+                for m, rs in ms.items()
+            }
+            for g, ms in cells.items()
+        }
     return {
-        "final_accuracy": {g: {m: _stat(s) for m, s in ms.items()} for g, ms in final.items()},
-        "vs_rand": vs_rand,
+        "final_accuracy": _stats(final),
+        "vs_rand": _paired_to_rand(final),
+        "final_mean_at_k": _stats(mean_at_k),
+        "mean_at_k_vs_rand": _paired_to_rand(mean_at_k),
         "shares": shares,
+        "auc_clean": per_round["auc"],
+        "split_half_cos": per_round["split_half"],
         "config_differences": config_differences(runs),
         "runs": [{k: v for k, v in asdict(r).items() if k != "config"} for r in runs],
     }
+
+
+def _positive_share(rows: list[list[float | None]]) -> float | None:
+    values = [v for row in rows for v in row if v is not None]
+    return sum(v > 0 for v in values) / len(values) if values else None
 
 
 def fmt_ci(stat: dict[str, Any] | None, signed: bool = False) -> str:
@@ -280,7 +352,22 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
         if m != "rand"
     ]
     out += _md_table(["mode", *regimes], rows)
+    out += _mean_at_k_section(res, modes)
     out += _share_sections(runs, res["shares"])
+    out += _per_round_section(
+        res["auc_clean"],
+        "AUC of the mode's score, clean above corrupted or filler, per round",
+        "Among the chunk's groups with reward variance; 0.5 is chance. `all` = mean over seeds "
+        "of each run's mean over rounds ± CI.",
+        "{:.2f}",
+    )
+    out += _per_round_section(
+        res["split_half_cos"],
+        "Split-half validation cosine, per round",
+        "cos(g_V(first half), g_V(second half)); <= 0 means g^_V is no direction that round. "
+        "`> 0` = share of all rounds with a positive cosine.",
+        "{:+.2f}",
+    )
     out += ["", "## Per run", ""]
     out += _md_table(
         ["regime", "mode", "seed", "data seed", "status", "initial", "final", "GRPO steps", "wall s"],
@@ -300,7 +387,51 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
     out += ["", "## Plots", "", "![eval accuracy](accuracy.png)", ""]
     if res["shares"]:
         out += ["![selected shares](shares.png)", ""]
+    if res["auc_clean"]:
+        out += ["![AUC per round](auc.png)", ""]
     return "\n".join(out) + "\n"
+
+
+def _mean_at_k_section(res: dict[str, Any], modes: list[str]) -> list[str]:
+    acc, vs = res["final_mean_at_k"], res["mean_at_k_vs_rand"]
+    if not acc:
+        return []
+    regimes = list(acc)
+    out = ["", "## Final sampled eval mean@k (temperature-1 samples, verl's mean@k)", ""]
+    out += _md_table(
+        ["mode", *regimes, *[f"Δ vs rand ({g})" for g in regimes]],
+        [
+            [m]
+            + [fmt_ci(acc[g].get(m)) for g in regimes]
+            + [fmt_ci(vs.get(g, {}).get(m), signed=True) for g in regimes]
+            for m in modes
+        ],
+    )
+    return out
+
+
+def _per_round_section(data: dict[str, Any], title: str, note: str, form: str) -> list[str]:
+    out: list[str] = []
+    for regime, per_mode in data.items():
+        rounds = max(len(v["mean_per_round"]) for v in per_mode.values())
+        cols = _round_columns(rounds)
+        out += ["", f"## {title} ({regime})", "", note, ""]
+        rows = [
+            [m, str(v["all_rounds"]["n"]), _ci(v["all_rounds"], form),
+             _num(v["positive_share"], "{:.0%}")]
+            + [_num(v["mean_per_round"][i], form) if i < len(v["mean_per_round"]) else "–"
+               for i in cols]
+            for m, v in per_mode.items()
+        ]  # fmt: skip
+        out += _md_table(["mode", "seeds", "all", "> 0", *[f"r{i + 1}" for i in cols]], rows)
+    return out
+
+
+def _ci(stat: dict[str, Any], form: str) -> str:
+    if stat["mean"] is None:
+        return "–"
+    half = "n/a" if stat["ci95"] is None else form.format(stat["ci95"]).lstrip("+")
+    return f"{form.format(stat['mean'])} ± {half}"
 
 
 def _share_sections(runs: list[Run], shares: dict[str, Any]) -> list[str]:
@@ -318,15 +449,20 @@ def _share_sections(runs: list[Run], shares: dict[str, Any]) -> list[str]:
             "",
         ]
         rows = [
-            [m, str(v["n"])]
+            [m, str(v["n"]), _ci(_percent(v["all_rounds"]), "{:.0f}%")]
             + [f"{v['mean_per_round'][i]:.0%}" for i in cols if i < len(v["mean_per_round"])]
             for m, v in per_mode.items()
         ]
         pool = [r.pool_shares[name] for r in runs if r.regime == regime and r.pool_shares]
         if pool:  # what `rand` picks on average
-            rows.append(["(pool)", "", *[f"{pool[0]:.0%}"] * len(cols)])
-        out += _md_table(["mode", "seeds", *[f"r{i + 1}" for i in cols]], rows)
+            rows.append(["(pool)", "", f"{pool[0]:.0%}", *[f"{pool[0]:.0%}"] * len(cols)])
+        out += _md_table(["mode", "seeds", "all rounds", *[f"r{i + 1}" for i in cols]], rows)
     return out
+
+
+def _percent(stat: dict[str, Any]) -> dict[str, Any]:
+    scale = {k: None if stat[k] is None else 100 * stat[k] for k in ("mean", "ci95")}
+    return stat | scale
 
 
 def _num(x: float | None, form: str = "{:.3f}") -> str:
@@ -340,76 +476,6 @@ def _round_columns(rounds: int, most: int = 12) -> list[int]:
     return sorted({round(i * (rounds - 1) / (most - 1)) for i in range(most)})
 
 
-def _band(ax, x: list[int], rows: list[list[float]], label: str) -> None:
-    """Mean over rows (seeds) with a 95% CI band where n >= 2."""
-    length = min(len(x), *map(len, rows))
-    y = np.array([row[:length] for row in rows])  # (seeds, points)
-    stats = [mean_ci(y[:, j]) for j in range(length)]
-    mean = np.array([s[0] for s in stats])
-    (line,) = ax.plot(x[:length], mean, marker=".", label=label)
-    if len(rows) > 1:
-        half = np.array([s[1] for s in stats])
-        low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)  # shares in [0, 1]
-        ax.fill_between(x[:length], low, high, color=line.get_color(), alpha=0.15)
-
-
-def plot(runs: list[Run], out: Path) -> list[Path]:
-    """accuracy.png and (when any share was measured) shares.png; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in runs if r.status == "done"]
-    regimes = sorted({r.regime for r in done}, key=lambda g: _order(g, REGIME_ORDER))
-    paths = []
-    panels = regimes or ["no finished runs"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, regime in zip(axes[0], panels):
-        for mode in _modes(r.mode for r in done if r.regime == regime):
-            sel = [r for r in done if r.regime == regime and r.mode == mode]
-            _band(ax, [0, *sel[0].steps], [[r.initial, *r.accuracy] for r in sel], mode)
-        ax.set(title=regime, xlabel="cumulative GRPO steps", ylabel="eval accuracy")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    paths.append(_save(fig, out / "accuracy.png"))
-    share_panels = [
-        (n, g, t)
-        for n, (g, t, _) in SHARES.items()
-        if any(r.shares.get(n) for r in done if r.regime == g)
-    ]
-    if share_panels:
-        fig, axes = plt.subplots(
-            1, len(share_panels), figsize=(4.5 * len(share_panels), 3.6), squeeze=False
-        )
-        for ax, (name, regime, title) in zip(axes[0], share_panels):
-            sel = [r for r in done if r.regime == regime and r.shares.get(name)]
-            for mode in _modes(r.mode for r in sel):
-                rows = [r.shares[name] for r in sel if r.mode == mode]
-                _band(ax, list(range(1, len(rows[0]) + 1)), rows, mode)
-            if sel[0].pool_shares:
-                ax.axhline(sel[0].pool_shares[name], color="grey", ls="--", lw=1, label="pool")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.set(
-                title=f"{regime}: {title}", xlabel="round", ylabel="share of selected", ylim=(0, 1)
-            )
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        paths.append(_save(fig, out / "shares.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def build_report(root: Path, out: Path | None = None) -> dict[str, Any]:
     """Write report.md, results.json and the plots to `out` (default ROOT/report)."""
     root = Path(root)
@@ -419,6 +485,8 @@ def build_report(root: Path, out: Path | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"{root}: no run directories (config.yaml or bench-run.json)")
     res = summarize(runs)
     write_json(out / "results.json", res)
+    from gradalign.analysis.plots import plot  # matplotlib, and it reads this module's records
+
     plot(runs, out)
     write_text(out / "report.md", markdown(root, runs, res))
     return res

@@ -139,11 +139,21 @@ def validation_direction(
     aggregate: ValAggregate = "sum",
 ) -> Tensor:
     """g^_V = g_V / (||g_V|| + 1e-5), g_V = sum_v g_v (or sum_v unit(g_v)). # [D]"""
+    return unit(validation_sum(model, params, batch, aggregate))
+
+
+def validation_sum(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    batch: SequenceBatch,
+    aggregate: ValAggregate = "sum",
+) -> Tensor:
+    """g_V before normalising: sum_v g_v (or sum_v unit(g_v)), a sum over groups, so sums
+    over disjoint sets of validation groups add up to it. # [D]"""
     check_val_aggregate(aggregate)
     if aggregate == "sum":
-        return unit(summed_gradient(model, params, batch))
-    total = sum(unit(g) for g in iter_group_gradients(model, params, batch))
-    return unit(total)  # type: ignore[arg-type]
+        return summed_gradient(model, params, batch)
+    return sum(unit(g) for g in iter_group_gradients(model, params, batch))  # type: ignore[return-value]
 
 
 def exact_alignment(

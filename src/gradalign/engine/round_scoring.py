@@ -12,7 +12,8 @@ what is its own (run directory, checkpoints, TRL's sampler).
 
 Metrics (stable names, shared by the run directory and the callback's ``gradalign/*`` logs):
 ``select/chunk_pass_rate``, ``select/chunk_zero_variance_frac``, ``rollouts/bad_rewards``,
-``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``score/cos_mean``,
+``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``val/split_half_cos``
+(a `SelectionWarning` when <= 0), ``score/cos_mean``,
 ``score/val_norm``, then from `selection_metrics` ``select/n``, ``select/excluded``,
 ``select/skipped_nonfinite``, ``select/fallback``, ``select/pass_rate`` (and, for problems
 with provenance, ``select/source_mix``, ``select/corrupted_share``,
@@ -21,7 +22,9 @@ with provenance, ``select/source_mix``, ``select/corrupted_share``,
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -32,14 +35,15 @@ import torch
 
 from gradalign.config import RolloutConfig, SelectConfig
 from gradalign.core import alignment
-from gradalign.core.alignment import GroupAlignment, Progress
+from gradalign.core.alignment import GroupAlignment, Progress, direction_norm
+from gradalign.core.diagnostics import cosine, split_halves
 from gradalign.core.grpo import SequenceBatch
-from gradalign.core.selection import Candidates, Selection, needs, select
+from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
 from gradalign.data.problems import Problem, Stream, round_seed
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import precondition
-from gradalign.scoring.pieces import Direction
+from gradalign.scoring.pieces import Direction, unit_pieces
 
 Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TRL row (callback)
 # (items, rollouts per item, seed, what: "candidate rollouts" | "validation rollouts") -> rollouts
@@ -122,8 +126,17 @@ def score_chunk(
     metrics["val/bad_rewards"] = val.bad_rewards
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
     with timed(timings, "time/scoring_s"):
-        al, features = _gradient_scores(model, tokenizer, cand, val, s, seed, optimizer, bar)
+        al, split, features = _gradient_scores(model, tokenizer, cand, val, s, seed, optimizer, bar)
     done("scoring")
+    metrics["val/split_half_cos"] = split
+    if split <= 0:  # NaN (a half without gradient) compares False: nothing to say
+        warnings.warn(
+            f"split-half validation cosine {split:+.3f}: the two halves of the validation set "
+            "pull in opposite directions, so this round's g^_V is no direction to select by "
+            "(a larger validation set, or `gradalign diagnose` on this model and data)",
+            SelectionWarning,
+            stacklevel=2,
+        )
     metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
     metrics["score/val_norm"] = al.val_norm
     cands = Candidates(
@@ -141,9 +154,10 @@ def _gradient_scores(
     seed: int,
     optimizer: torch.optim.Optimizer | None,
     bar: Bar,
-) -> tuple[GroupAlignment, np.ndarray | None]:
+) -> tuple[GroupAlignment, float, np.ndarray | None]:
     """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
-    the batched scorer or the exact reference; optional projection features [P, project_dim]."""
+    the batched scorer or the exact reference; the split-half validation cosine; optional
+    projection features [P, project_dim]."""
     params = alignment.scored_parameters(model, s.params)
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
@@ -153,26 +167,46 @@ def _gradient_scores(
         exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
     model.eval()
     with bar("scoring", cand.num_groups) as advance:
-        direction = validation_direction(model, params, val_batch, s)
+        direction, split = validation_direction(model, params, val_batch, s)
         al = group_alignment(model, params, cand_batch, direction, s, exp_avg_sq, advance)
     features = None
     if s.project_dim:
         features = dd.distributed_projected_gradients(
             model, params, cand_batch, s.project_dim, seed, s.groups_per_micro, exp_avg_sq
         )
-    return al, features
+    return al, split, features
 
 
 def validation_direction(
     model: torch.nn.Module, params: list, val_batch: SequenceBatch, s: SelectConfig
-) -> Direction:
-    """The round's g^_V = unit(g_V) (``s.val_aggregate``): flat [D] with the exact scorer,
-    pieces (summed over ranks' shards of the validation groups) with the batched one."""
+) -> tuple[Direction, float]:
+    """The round's g^_V = unit(g_V) (``s.val_aggregate``) and the split-half cosine
+    cos(g_V(first half), g_V(second half)) (`diagnostics.split_halves`; NaN when a half has
+    no gradient). g_V is computed as the sum of its two halves, so the cosine costs no
+    extra backward: flat [D] with the exact scorer, pieces (summed over ranks' shards) with
+    the batched one."""
+    halves = split_halves(val_batch.num_groups)
     if s.scorer == "exact":
-        return alignment.validation_direction(model, params, val_batch, s.val_aggregate)
-    return dd.distributed_validation_direction(
-        model, params, val_batch, s.val_aggregate, s.groups_per_micro
-    )
+        a, b = (
+            alignment.validation_sum(model, params, val_batch.take_groups(h), s.val_aggregate)
+            if len(h)
+            else torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+            for h in halves
+        )
+        direction: Direction = alignment.unit(a + b)
+    else:
+        a, b = dd.distributed_validation_halves(
+            model, params, val_batch, halves, s.val_aggregate, s.groups_per_micro
+        )
+        direction = unit_pieces([x + y for x, y in zip(a, b)])
+    return direction, split_half_cosine(a, b)
+
+
+def split_half_cosine(a: Direction, b: Direction) -> float:
+    """cos(a, b) of the two halves' gradients; NaN when either is zero (a half whose every
+    group had equal rewards, or an empty half: one validation problem)."""
+    cos = cosine(a, b)
+    return cos if cos != 0.0 or direction_norm(a) * direction_norm(b) > 0 else math.nan
 
 
 def group_alignment(

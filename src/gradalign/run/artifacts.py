@@ -180,6 +180,8 @@ def round_line(cfg: Config, r: int, m: dict[str, Any]) -> str:
     mix = ", ".join(f"{k} {v}" for k, v in m["select/source_mix"].items())
     auc = m.get("select/auc_clean")
     quality = f" | auc clean {auc:.2f}" if auc is not None else ""
+    split = m.get("val/split_half_cos")
+    quality += f" | val split {split:+.2f}" if split is not None and split == split else ""
     return (
         f"[{cfg.select.mode}] round {r + 1}/{cfg.rounds}: eval {m['eval/accuracy']:.3f} "
         f"| selected {m['select/n']} ({mix}){quality} | {times}"

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from gradalign.config import Config, check
-from gradalign.core.selection import SelectionWarning
+from gradalign.core.selection import Selection, SelectionWarning
 from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
 from gradalign.engine.policy import format_prompt, resolve_device
 from gradalign.engine.rollout import Rollouts
 from gradalign.engine.round_scoring import (
+    RoundScores,
     sampling_config,
     score_chunk,
     select_chunk,
@@ -273,6 +274,23 @@ def score_and_select(
 ) -> tuple[list[Problem], dict[str, Any]]:
     """Rollouts, scores and the selection of round r (`round_scoring`), staged in
     rounds/NNNN/ (selection.json last) so that a crash during training does not redo them."""
+    with warnings.catch_warnings(record=True) as caught:  # split-half, fallback, skipped ones
+        warnings.simplefilter("always", SelectionWarning)
+        scored, sel = _score_and_select(setup, chunk, r, timings, trainer)
+    for w in caught:
+        log(f"warning: round {r + 1}: {w.message}")
+    sel = dd.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
+    chosen = [by_id[int(i)] for i in sel.ids]
+    metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
+    metrics |= selection_quality(chunk, scored.candidates, sel) | timings
+    if dd.is_main():
+        write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics, by_id)
+    return chosen, metrics
+
+
+def _score_and_select(
+    setup: Setup, chunk: list[Problem], r: int, timings: dict, trainer: Any
+) -> tuple[RoundScores, Selection]:
     cfg = setup.cfg
     scored = score_chunk(
         setup.model,
@@ -292,15 +310,4 @@ def score_and_select(
     )
     with timed(timings, "time/selection_s"):
         pool_ids = np.array([p.id for p in setup.sets.pool])
-        with warnings.catch_warnings(record=True) as caught:  # fallback, skipped candidates
-            warnings.simplefilter("always", SelectionWarning)
-            sel = select_chunk(scored, cfg.select, cfg.seed, r, pool_ids)
-        for w in caught:
-            log(f"warning: round {r + 1}: {w.message}")
-        sel = dd.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
-    chosen = [by_id[int(i)] for i in sel.ids]
-    metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
-    metrics |= selection_quality(chunk, scored.candidates, sel) | timings
-    if dd.is_main():
-        write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics, by_id)
-    return chosen, metrics
+        return scored, select_chunk(scored, cfg.select, cfg.seed, r, pool_ids)

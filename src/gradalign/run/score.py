@@ -192,10 +192,17 @@ def _score_chunks(
     cfg = setup.cfg
     draw = functools.partial(_validation_once(functools.partial(sample, setup)), config=cfg)
     parts = []
+    shown: set[str] = set()  # one g^_V for every chunk: its warnings are shown once
     with bar("chunks", len(chunks)) as advance:
         for c, chunk in enumerate(chunks):
             if c not in done:
-                done[c] = _score_one(setup, out, c, chunk, draw)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", SelectionWarning)
+                    done[c] = _score_one(setup, out, c, chunk, draw)
+                for text in dict.fromkeys(str(w.message) for w in caught):
+                    if text not in shown:
+                        shown.add(text)
+                        log(f"warning: {text}")
                 log(
                     f"[{cfg.select.mode}] chunk {c + 1}/{len(chunks)}: {len(chunk)} problems scored"
                 )

@@ -153,6 +153,33 @@ def distributed_validation_direction(
     return unit_pieces(all_reduce_sum(g_v))
 
 
+def distributed_validation_halves(
+    model: nn.Module,
+    params: Sequence[Tensor],
+    val_batch: SequenceBatch,
+    halves: Sequence[range],
+    aggregate: ValAggregate = "sum",
+    groups_per_micro: int = 16,
+) -> list[Pieces]:
+    """g_V summed over each of `halves` (disjoint validation group ranges covering the set),
+    each rank summing over its shard's groups in each half and one all_reduce per half adding
+    the parts: the halves add up to `distributed_validation_direction`'s g_V."""
+    rank, size = world()
+    mine = set(shard(val_batch.num_groups, rank, size))
+    out = []
+    for half in halves:
+        groups = [g for g in half if g in mine]
+        part = (
+            fastscore.batched_validation_sum(
+                model, params, val_batch.take_groups(groups), aggregate, groups_per_micro
+            )
+            if groups
+            else zero_pieces(params)
+        )
+        out.append(all_reduce_sum(part))
+    return out
+
+
 def distributed_group_alignment(
     model: nn.Module,
     params: Sequence[Tensor],
