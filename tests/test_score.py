@@ -132,6 +132,11 @@ def test_every_chunk_is_scored_against_one_validation_direction(data, parquet_se
         for c in range(3)
     ]
     assert len(norms[0]) == 1 and norms[0] == norms[1] == norms[2]
+    metrics = [read_json(tmp_path / "chunks" / f"{c:04d}.metrics.json") for c in range(3)]
+    val = [{k: v for k, v in m.items() if k.startswith("val/")} for m in metrics]
+    assert val[0] == val[1] == val[2] and "val/split_half_cos" in val[0]  # one g^_V
+    assert metrics[0]["score/val_norm"] == pytest.approx(1.0, abs=1e-4)
+    assert all(0.0 <= m["select/chunk_pass_rate"] <= 1.0 for m in metrics)
 
 
 def test_interrupted_score_resumes_from_finished_chunks(data, parquet_setup, tmp_path, monkeypatch):
@@ -151,7 +156,7 @@ def test_interrupted_score_resumes_from_finished_chunks(data, parquet_setup, tmp
         gradalign.score(cfg, tmp_path / "cut", top=4, setup=parquet_setup)
     assert calls == [0, 1]
     assert sorted(p.name for p in (tmp_path / "cut" / "chunks").iterdir()) == [
-        "0000.jsonl", "manifest.json"
+        "0000.jsonl", "0000.metrics.json", "manifest.json"
     ]  # fmt: skip
     calls.clear()
     gradalign.score(cfg, tmp_path / "cut", top=4, setup=parquet_setup)

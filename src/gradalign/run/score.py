@@ -12,6 +12,7 @@ The output directory::
 
     OUT/chunks/manifest.json   the config and the chunks' problem ids
     OUT/chunks/NNNN.jsonl      one finished chunk's statistics (kept: a rerun resumes)
+    OUT/chunks/NNNN.metrics.json  its metrics, named as a run's (`round_scoring`)
     OUT/scores.jsonl           one row per pool problem, in pool order
     OUT/selected.parquet       with --top / --fraction: the chosen Parquet rows (`export`)
     OUT/selected.jsonl         ... or the chosen JSONL lines, byte for byte
@@ -227,7 +228,8 @@ def _score_one(setup: Setup, out: Path, c: int, chunk: list[Problem], draw: Any)
         for name in STATS
     }
     stats["val_norm"] = [cand.val_norm] * len(chunk)
-    if dd.is_main():
+    if dd.is_main():  # the metrics first: the rows mark the chunk finished
+        write_json(out / "chunks" / f"{c:04d}.metrics.json", scored.metrics)
         rows = [{"id": p.id, **{k: v[j] for k, v in stats.items()}} for j, p in enumerate(chunk)]
         write_jsonl(out / "chunks" / f"{c:04d}.jsonl", rows)
     return stats
