@@ -292,8 +292,8 @@ def file_config(tmp_path: Path, pool: bytes, val: bytes, chunk_size: int = 2) ->
     return config_from_dict(
         {
             "data": {
-                f"{name}_files": [{"path": str(tmp_path / f"{name}.jsonl")}]
-                for name in ("pool", "val", "eval")
+                f"{key}_files": [{"path": str(tmp_path / f"{name}.jsonl")}]
+                for name, key in (("pool", "pool"), ("val", "validation"), ("eval", "eval"))
             },
             "select": {"chunk_size": chunk_size, "k": 2},
             "train": {"batch_size": 1},
