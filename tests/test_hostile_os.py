@@ -229,8 +229,12 @@ def data_config(tmp_path: Path) -> tuple[Path, Path]:
     config.write_text(
         "data:\n"
         + "".join(
-            f"  {n}_files: [{{path: {tmp_path / f'{n}.jsonl'}, reward: exact}}]\n"
-            for n in ("pool", "val", "eval")
+            f"  {key}: [{{path: {tmp_path / f'{n}.jsonl'}, reward: exact}}]\n"
+            for n, key in (
+                ("pool", "pool_files"),
+                ("val", "validation_files"),
+                ("eval", "eval_files"),
+            )
         )
     )
     return config, tmp_path / "pool.jsonl"

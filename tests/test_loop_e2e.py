@@ -48,6 +48,9 @@ def test_two_round_run_writes_run_directory(tmp_path, mode, capsys):
         selected = read_jsonl(d / "selected.jsonl")
         scores = read_jsonl(d / "scores.jsonl")
         assert [s["id"] for s in scores] == manifest["chunks"][r] or mode == "none"
+        for row in scores + selected:  # built-in problems: no file, a builtin data_source
+            assert (row["file"], row["line"], row["row"], row["index"]) == (None,) * 4
+            assert row["data_source"] in ("builtin:addition", "builtin:countdown")
         expected_n = 48 if mode == "none" else 16 // 4
         assert len(selected) == expected_n == metrics["select/n"]
         assert metrics["train/steps"] == 2

@@ -17,6 +17,7 @@ from gradalign_runs import SCORED, assert_same_run, command, gradalign_run, resu
 from typer.testing import CliRunner
 
 from gradalign.cli import app
+from gradalign.config import load_config
 from gradalign.run.checkpoint import (
     KEEP,
     RunLock,
@@ -206,6 +207,23 @@ def test_config_differences_ignore_out_dir_and_rounds():
     now = {"rounds": 5, "out_dir": "b", "select": {"mode": "dot", "k": 4}, "seed": 0}
     assert config_differences(saved, now) == ["select.mode: 'sim' in the run directory, 'dot' now"]
     assert config_differences(saved, saved | {"rounds": 9}) == []
+
+
+def test_a_run_saved_before_the_validation_files_rename_still_resumes():
+    files = {
+        "pool_files": [{"path": "pool.jsonl"}],
+        "eval_files": [{"path": "eval.jsonl"}],
+    }
+    spec = [{"path": "val.jsonl", "reward": "exact"}]
+    now = load_config(None, []).to_dict()
+    now["data"] |= files | {"validation_files": spec, "val_files": []}
+    saved = {**now, "data": {k: v for k, v in now["data"].items() if k != "validation_files"}}
+    saved["data"]["val_files"] = spec  # what an older version wrote
+    assert config_differences(saved, now) == []
+    other = {**saved, "data": {**saved["data"], "val_files": [{"path": "other.jsonl"}]}}
+    assert config_differences(other, now) == [
+        f"data.validation_files: {[{'path': 'other.jsonl'}]!r} in the run directory, {spec!r} now"
+    ]
 
 
 def test_damaged_warm_start_cache_is_retrained(tmp_path):

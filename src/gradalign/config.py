@@ -20,6 +20,7 @@ import yaml
 
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
+from gradalign.data.rewards_style import RewardStyle
 from gradalign.data.tasks import Flaw
 from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
 
@@ -106,11 +107,27 @@ class DataConfig(Section):
     lowutility_frac: float = doc(0.8, "lowutility: fraction of the pool that is garbled filler")
     pool_files: list[dict] = doc(
         [],
-        "problem files for the pool (replaces the built-in task); "
-        "each {path, count, prompt_field, answer_field, answer_extractor, source, reward, template}",
+        "problem files for the pool (replaces the built-in task); each {path, count, "
+        "prompt_field, answer_field, answer_extractor, source, reward, template, offset, "
+        "limit, fraction, seed, take} (README: problem files)",
     )
-    val_files: list[dict] = doc([], "problem files for the validation set (with pool_files)")
+    validation_files: list[dict] = doc(
+        [],
+        "problem files for the trusted validation set, the gradient reference (never trained "
+        "on; not verl's val_files, a test set: that is eval_files); with pool_files",
+    )
     eval_files: list[dict] = doc([], "problem files for the eval set (with pool_files)")
+    reward_style: RewardStyle = doc(
+        "auto",
+        "how a 'module:function' reward is called: auto (by its parameter names), gradalign "
+        "(problem, completion), verl (data_source, solution_str, ground_truth, extra_info) or "
+        "trl (completions, **kwargs); README: rewards",
+    )
+    val_files: list[dict] = doc([], "deprecated name of validation_files (warns)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        data_aliases(self)  # gradalign.config_rules: val_files -> validation_files, warned
 
 
 @dataclass
@@ -434,6 +451,17 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def upgrade_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by an older version, in today's names: ``data.val_files`` (before its
+    rename) becomes ``data.validation_files``, so such a run directory still resumes."""
+    out = dict(saved)
+    data = dict(out.get("data") or {})
+    if data.get("val_files") and not data.get("validation_files"):
+        data["validation_files"], data["val_files"] = data["val_files"], []
+        out["data"] = data
+    return out
+
+
 def differing_fields(
     configs: Sequence[Mapping[str, Any]], ignore: Collection[str] = (), absent: Any = None
 ) -> dict[str, list[Any]]:
@@ -453,4 +481,5 @@ from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they nee
     check,
     check_rollout,
     check_select,
+    data_aliases,
 )

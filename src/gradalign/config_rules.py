@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import TYPE_CHECKING
 
 from gradalign.config import SEED_MAX, ConfigError, show
@@ -118,9 +119,9 @@ def _check_data(d: DataConfig) -> None:
             )
         if fam in d.families[:i]:
             raise ConfigError(f"data.families: {fam!r} is listed twice; list each family once")
-    if bool(d.pool_files) != bool(d.val_files) or bool(d.pool_files) != bool(d.eval_files):
+    if bool(d.pool_files) != bool(d.validation_files) or bool(d.pool_files) != bool(d.eval_files):
         raise ConfigError(
-            "data.pool_files, data.val_files and data.eval_files: give all three or none"
+            "data.pool_files, data.validation_files and data.eval_files: give all three or none"
         )
     if d.regime == "imbalance" and not d.pool_files:
         if d.minority not in d.families:
@@ -175,3 +176,23 @@ def check(cfg: Config) -> None:
     _group_size("train.num_generations", t.num_generations)
     _check_train(t)
     _check_data(d)
+
+
+def data_aliases(d: DataConfig) -> None:
+    """``data.val_files``, the deprecated name of ``data.validation_files``: moved there with
+    a FutureWarning (verl's ``val_files`` is a test set, our ``eval_files``); both given is
+    an error."""
+    if not d.val_files:
+        return
+    if d.validation_files:
+        raise ConfigError(
+            "data.val_files and data.validation_files: both given; keep validation_files "
+            "(val_files is its deprecated name)"
+        )
+    warnings.warn(
+        "data.val_files is deprecated: it is the trusted validation set, now "
+        "data.validation_files (verl's val_files, a test set, is our eval_files)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    d.validation_files, d.val_files = d.val_files, []

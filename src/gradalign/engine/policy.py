@@ -167,8 +167,6 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer in {path} has no chat template")
     with quiet_libraries():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     _set_generation_ids(model, tokenizer)
@@ -211,10 +209,20 @@ def apply_lora(model, r: int, alpha: int, targets: list[str], seed: int = 0):
             return get_peft_model(model, config)
 
 
-def format_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant turn opener."""
-    enc = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
+def plain_prompt(chat: list[dict[str, str]]) -> str:
+    """The plain rendering of a chat for a tokenizer without a chat template: the messages'
+    contents joined by a blank line."""
+    return "\n\n".join(m["content"] for m in chat)
+
+
+def format_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-formatted prompt (one user message, or a whole chat such as
+    `Problem.chat`), ending with the assistant turn opener. A tokenizer without a chat
+    template gets the plain rendering: the messages' contents joined by a blank line,
+    tokenised with the tokenizer's own special tokens (e.g. BOS)."""
+    chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer(plain_prompt(chat))["input_ids"])
+    enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     ids = enc["input_ids"] if not isinstance(enc, list) else enc
     return list(ids)

@@ -24,7 +24,7 @@ import torch
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
-from gradalign.engine.policy import format_prompt, quiet_libraries
+from gradalign.engine.policy import format_prompt, plain_prompt, quiet_libraries
 from gradalign.engine.trl_args import build_grpo_config, optimizer_settings, schedule_settings
 
 
@@ -233,8 +233,9 @@ class GRPOTraining:
         self.trainer.remove_callback(ProgressCallback)
 
     def _dataset(self, problems: list[Problem]):
+        plain = getattr(self.tokenizer, "chat_template", None) is None  # `format_prompt`
         rows = [
-            {"prompt": [{"role": "user", "content": p.prompt}], "problem_id": p.id}
+            {"prompt": plain_prompt(p.chat) if plain else p.chat, "problem_id": p.id}
             for p in problems
         ] or [{"prompt": [{"role": "user", "content": "x"}], "problem_id": -1}]
         return self._dataset_cls.from_list(rows)
@@ -247,7 +248,7 @@ class GRPOTraining:
         self._calls = itertools.count()  # reward salts depend on the round only (resumable)
         self._round_seed = round_seed
         self.trainer.train_dataset = self._dataset(problems)
-        self._probe = format_prompt(self.tokenizer, problems[0].prompt)
+        self._probe = format_prompt(self.tokenizer, problems[0].chat)
         self._steps_done, self.diverged = 0, None
         self.trainer.args.max_steps = steps
         self.trainer.args.seed = round_seed  # sampler order of this round

@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradalign.config import RESUMABLE_FIELDS, Config, differing_fields, flatten_config
+from gradalign.config import (
+    RESUMABLE_FIELDS,
+    Config,
+    differing_fields,
+    flatten_config,
+    upgrade_saved,
+)
 from gradalign.rundir import StorageError, write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
@@ -334,7 +340,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     A field the saved config lacks (a run directory older than the field) counts as equal
     when the current value is the field's default, which is what that run used."""
     absent = object()
-    diffs = differing_fields([saved, current], RESUMABLE_FIELDS, absent=absent)
+    diffs = differing_fields([upgrade_saved(saved), current], RESUMABLE_FIELDS, absent=absent)
     defaults = flatten_config(json.loads(json.dumps(Config().to_dict())))
     return [
         f"{name}: {a!r} in the run directory, {b!r} now"

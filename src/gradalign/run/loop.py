@@ -89,7 +89,7 @@ def sample(
                 salt=salt,
                 progress=advance,
             )
-        prompt_ids = [format_prompt(setup.tokenizer, p.prompt) for p in problems]
+        prompt_ids = [format_prompt(setup.tokenizer, p.chat) for p in problems]
         mine = dd.shard(num_batches(len(problems), sampling), rank, size)
         part = sample_completions(
             setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
@@ -302,7 +302,7 @@ def score_and_select(
     metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
     metrics |= selection_quality(chunk, scored.candidates, sel) | timings
     if dd.is_main():
-        write_stage(round_dir(out, r), r, chunk, scored, sel, metrics)
+        write_stage(round_dir(out, r), r, chunk, scored, sel, metrics, by_id)
     return chosen, metrics
 
 
