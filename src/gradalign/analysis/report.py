@@ -355,8 +355,14 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
         if m != "rand"
     ]
     out += _md_table(["mode", *regimes], rows)
-    out += _mean_at_k_section(res, modes)
-    out += _curve_section(res, modes)
+    out += _paired_section(
+        "Final sampled eval mean@k (temperature-1 samples, verl's mean@k)",
+        res["final_mean_at_k"], res["mean_at_k_vs_rand"], modes,
+    )  # fmt: skip
+    out += _paired_section(
+        "Greedy eval accuracy averaged over the rounds (how early a mode learns)",
+        res["curve_accuracy"], res["curve_vs_rand"], modes,
+    )  # fmt: skip
     out += _share_sections(runs, res["shares"])
     out += _per_round_section(
         res["auc_clean"],
@@ -396,28 +402,14 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _mean_at_k_section(res: dict[str, Any], modes: list[str]) -> list[str]:
-    acc, vs = res["final_mean_at_k"], res["mean_at_k_vs_rand"]
+def _paired_section(
+    title: str, acc: dict[str, Any], vs: dict[str, Any], modes: list[str]
+) -> list[str]:
+    """A measure per regime and mode (mean ± CI) and its paired difference to `rand`."""
     if not acc:
         return []
     regimes = list(acc)
-    out = ["", "## Final sampled eval mean@k (temperature-1 samples, verl's mean@k)", ""]
-    out += _md_table(
-        ["mode", *regimes, *[f"Δ vs rand ({g})" for g in regimes]],
-        [
-            [m]
-            + [fmt_ci(acc[g].get(m)) for g in regimes]
-            + [fmt_ci(vs.get(g, {}).get(m), signed=True) for g in regimes]
-            for m in modes
-        ],
-    )
-    return out
-
-
-def _curve_section(res: dict[str, Any], modes: list[str]) -> list[str]:
-    acc, vs = res["curve_accuracy"], res["curve_vs_rand"]
-    regimes = list(acc)
-    out = ["", "## Greedy eval accuracy averaged over the rounds (how early a mode learns)", ""]
+    out = ["", f"## {title}", ""]
     out += _md_table(
         ["mode", *regimes, *[f"Δ vs rand ({g})" for g in regimes]],
         [
