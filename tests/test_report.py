@@ -190,6 +190,9 @@ def test_report_numbers(bench_dir):
     assert split["mean_per_round"] == pytest.approx([0.4, 0.5 / 3])
     assert res["final_mean_at_k"]["noisy"]["sim"]["mean"] == pytest.approx(0.4)
     assert res["final_mean_at_k"]["noisy"]["accgreedy"]["n"] == 2
+    # accuracy over the rounds [0.0, final]: sim 0.05, 0.1, 0.15; rand 0.05, 0.05, 0.1
+    assert res["curve_accuracy"]["noisy"]["sim"]["mean"] == pytest.approx(0.1)
+    assert res["curve_vs_rand"]["noisy"]["sim"]["mean"] == pytest.approx(0.1 / 3)
     paired = res["mean_at_k_vs_rand"]["noisy"]["sim"]
     assert paired["mean"] == pytest.approx(0.4 / 3) and paired["n"] == 3
     assert read_json(bench_dir / "report" / "results.json") == res

@@ -376,12 +376,19 @@ def results_table(res: dict) -> Table:
         return fmt_ci(stat, signed).split(" (n=")[0]
 
     table = Table(title="final eval accuracy, mean ± 95% CI over seeds", box=None)
-    for col in ("regime", "mode", "seeds", "accuracy", "Δ vs rand (paired)"):
+    cols = ("regime", "mode", "seeds", "greedy", "Δ vs rand (paired)", "mean@k", "Δ@k vs rand")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("regime", "mode") else "right")
+    sampled = res.get("final_mean_at_k", {})
     for regime, by_mode in res["final_accuracy"].items():
         for mode, stat in by_mode.items():
             diff = res["vs_rand"].get(regime, {}).get(mode)
-            table.add_row(regime, mode, str(stat["n"]), cell(stat), cell(diff, signed=True))
+            at_k = sampled.get(regime, {}).get(mode)
+            diff_k = res.get("mean_at_k_vs_rand", {}).get(regime, {}).get(mode)
+            table.add_row(
+                regime, mode, str(stat["n"]), cell(stat), cell(diff, signed=True),
+                cell(at_k), cell(diff_k, signed=True),
+            )  # fmt: skip
     return table
 
 

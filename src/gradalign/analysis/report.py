@@ -247,6 +247,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     done = [r for r in runs if r.status == "done" and r.final is not None]
     final = _cells(done, lambda r: r.final)
     mean_at_k = _cells(done, lambda r: r.final_mean_at_k)
+    curve = _cells(done, lambda r: _mean(r.accuracy))  # area under the learning curve
     shares: dict[str, Any] = {}
     for name, (regime, _, _) in SHARES.items():
         for mode in dict.fromkeys(r.mode for r in done if r.regime == regime):
@@ -279,6 +280,8 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "vs_rand": _paired_to_rand(final),
         "final_mean_at_k": _stats(mean_at_k),
         "mean_at_k_vs_rand": _paired_to_rand(mean_at_k),
+        "curve_accuracy": _stats(curve),
+        "curve_vs_rand": _paired_to_rand(curve),
         "shares": shares,
         "auc_clean": per_round["auc"],
         "split_half_cos": per_round["split_half"],
@@ -348,6 +351,7 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
     ]
     out += _md_table(["mode", *regimes], rows)
     out += _mean_at_k_section(res, modes)
+    out += _curve_section(res, modes)
     out += _share_sections(runs, res["shares"])
     out += _per_round_section(
         res["auc_clean"],
@@ -393,6 +397,22 @@ def _mean_at_k_section(res: dict[str, Any], modes: list[str]) -> list[str]:
         return []
     regimes = list(acc)
     out = ["", "## Final sampled eval mean@k (temperature-1 samples, verl's mean@k)", ""]
+    out += _md_table(
+        ["mode", *regimes, *[f"Δ vs rand ({g})" for g in regimes]],
+        [
+            [m]
+            + [fmt_ci(acc[g].get(m)) for g in regimes]
+            + [fmt_ci(vs.get(g, {}).get(m), signed=True) for g in regimes]
+            for m in modes
+        ],
+    )
+    return out
+
+
+def _curve_section(res: dict[str, Any], modes: list[str]) -> list[str]:
+    acc, vs = res["curve_accuracy"], res["curve_vs_rand"]
+    regimes = list(acc)
+    out = ["", "## Greedy eval accuracy averaged over the rounds (how early a mode learns)", ""]
     out += _md_table(
         ["mode", *regimes, *[f"Δ vs rand ({g})" for g in regimes]],
         [
