@@ -25,7 +25,7 @@ Every figure is a mean over seeds (chunks pooled) with its 95% CI; each strategy
 `full` is printed beside it. On a CPU shared with other jobs, times are noisy; rollout counts,
 AUC, overlap and accuracy are exact functions of the seeds.
 
-    .venv/bin/python benchmarks/selection_budget.py --seeds 3 --chunks 4 --rounds 10
+    .venv/bin/python benchmarks/selection_budget.py --seeds 3 --chunks 4 --rounds 5
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ from gradalign.run.artifacts import is_bad, selection_quality
 STRATEGIES: dict[str, list[str]] = {
     "full": [],
     "halving k_r0=2": ["select.budget=halving", "select.k_r0=2"],
-    "halving k_r0=4": ["select.budget=halving", "select.k_r0=4"],
     "k_r=3": ["rollout.k_r=3"],
     "k_v=4": ["rollout.k_v=4"],
-    "halving 2 + k_v=4": ["select.budget=halving", "select.k_r0=2", "rollout.k_v=4"],
+    "k_r=2 + k_v=4": ["rollout.k_r=2", "rollout.k_v=4"],
 }
 RESAMPLED = "full (resampled)"
 SELECT_TIMES = (
@@ -158,7 +157,7 @@ def cell(values: list[float], form: str = "{:.3f}") -> str:
     mean, half, _ = mean_ci(xs)
     if mean is None:
         return "-"
-    return form.format(mean) + ("" if half is None else " ± " + form.format(half))
+    return form.format(mean) + ("" if half is None else " ± " + form.replace("+", "").format(half))
 
 
 def ratio(values: list[float], full: list[float]) -> str:
@@ -166,26 +165,36 @@ def ratio(values: list[float], full: list[float]) -> str:
     return f"{a / b:.2f}" if b and not math.isnan(a) and not math.isnan(b) else "-"
 
 
-def table(rows: dict[str, list[dict]], columns: list[tuple[str, str]], title: str) -> None:
-    print(f"\n== {title}")
-    head = (
-        f"{'strategy':20s}" + "".join(f"{c:>22s}" for c, _ in columns) + f"{'rollouts ×full':>16s}"
-    )
-    print(head)
+def table(
+    rows: dict[str, list[dict]], columns: list[tuple[str, str]], paired: list[str], title: str
+) -> None:
+    """Mean ± 95% CI of each column; for the `paired` keys, the difference to `full` on the
+    same seed (and chunk) with its CI; the rollouts' ratio to `full`."""
+    print(f"\n== {title} (mean ± 95% CI; Δ: paired difference to full)")
+    names = [c for c, _ in columns] + [f"Δ{k}" for k in paired]
+    print(f"{'strategy':20s}" + "".join(f"{c:>18s}" for c in names) + f"{'rollouts ×full':>16s}")
+    forms = dict(columns)
+    full = rows["full"]
     for name, ms in rows.items():
         line = f"{name:20s}"
         for key, form in columns:
-            line += f"{cell([m[key] for m in ms], form):>22s}"
-        full = [m["rollouts"] for m in rows["full"]]
-        line += f"{ratio([m['rollouts'] for m in ms], full):>16s}"
+            line += f"{cell([m[key] for m in ms], form):>18s}"
+        for key in paired:
+            diffs = [_diff(m[key], f[key]) for m, f in zip(ms, full)]
+            line += f"{cell(diffs, forms[key].replace('{:.', '{:+.')):>18s}"
+        line += f"{ratio([m['rollouts'] for m in ms], [m['rollouts'] for m in full]):>16s}"
         print(line)
+
+
+def _diff(a: float | None, b: float | None) -> float:
+    return math.nan if a is None or b is None else a - b
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3, help="seeds (run seed = data seed): 0..N-1")
     ap.add_argument("--chunks", type=int, default=4, help="chunks scored on the starting policy")
-    ap.add_argument("--rounds", type=int, default=10, help="training rounds per run (0: none)")
+    ap.add_argument("--rounds", type=int, default=5, help="training rounds per run (0: none)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     ap.add_argument("--out", type=Path, default=Path("runs/selection_budget"))
     ap.add_argument("--set", action="append", default=[], help="config override for all runs")
@@ -200,12 +209,14 @@ def main() -> None:
     rows = starting_policy(base, seeds, args.chunks)
     columns = [("rollouts", "{:.0f}"), ("auc", "{:.3f}"), ("auc_eligible", "{:.3f}")]
     columns += [("corrupt", "{:.3f}"), ("overlap", "{:.3f}")]
-    table(rows, columns, f"starting policy: {args.chunks} chunks x {len(seeds)} seeds")
+    title = f"starting policy: {args.chunks} chunks x {len(seeds)} seeds"
+    table(rows, columns, ["auc", "corrupt"], title)
     if args.rounds:
         trained = training(base, seeds, args.rounds, args.out)
         columns = [("rollouts", "{:.0f}"), ("d_mean_at_k", "{:+.3f}"), ("overhead", "{:.2f}")]
         columns += [("auc_eligible", "{:.3f}"), ("corrupt", "{:.3f}")]
-        table(trained, columns, f"training: {args.rounds} rounds x {len(seeds)} seeds")
+        title = f"training: {args.rounds} rounds x {len(seeds)} seeds"
+        table(trained, columns, ["d_mean_at_k", "overhead"], title)
     print(f"\nbenchmark wall time {time.perf_counter() - t0:.0f} s")
 
 
