@@ -127,13 +127,17 @@ def test_sets_come_from_their_partitions(regime, seed):
 def test_warmstart_examples_never_meet_a_regime_and_serve_every_data_seed():
     examples = warmstart_examples(FAMS, 3000, seed=17, exclude=set())
     assert {partition_of(p) for p, _ in examples} == {"warmstart"}
-    sets = make_regime("imbalance", FAMS, 300, 16, 64, seed=2)
-    exclude = _prompts(sets.pool + sets.validation + sets.eval)
-    assert warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, exclude, "junk", 0.6) == warmstart_key(
-        "tiny", FAMS, 500, 3e-3, 128, 0, set(), "junk", 0.6
-    )
-    a_warmstart_prompt = examples[0][0]  # a user file holding one: that changes the examples
-    assert warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, {a_warmstart_prompt}) != warmstart_key(
+    for regime in ("imbalance", "lowutility"):  # garbled filler lands in any partition
+        sets = make_regime(regime, FAMS, 300, 16, 64, seed=2)
+        exclude = _prompts(sets.pool + sets.validation + sets.eval)
+        assert any(partition_of(p) == "warmstart" for p in exclude) == (regime == "lowutility")
+        met: set[str] = set()
+        assert warmstart_examples(FAMS, 3000, 17, exclude, met) == examples and met == set()
+    a_warmstart_prompt = examples[5][0]  # a user file holding one: that changes the examples
+    met = set()
+    changed = warmstart_examples(FAMS, 3000, 17, {a_warmstart_prompt, "never drawn"}, met)
+    assert met == {a_warmstart_prompt} and a_warmstart_prompt not in {p for p, _ in changed}
+    assert warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, met) != warmstart_key(
         "tiny", FAMS, 500, 3e-3, 128, 0, set()
     )
 

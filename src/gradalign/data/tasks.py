@@ -89,10 +89,11 @@ def draw_problems(
     exclude: set[str],
     at_most: bool = False,
     partition: Partition | None = None,
+    met: set[str] | None = None,
 ) -> tuple[list[Problem], list[str]]:
     """Draw n problems with prompts not in `exclude` (updated in place) and, if given, in
     `partition`; also return their reference solutions. With `at_most`, stop early when new
-    prompts run out."""
+    prompts run out. `met` collects the drawn prompts skipped for being in `exclude`."""
     draw = FAMILIES[family]
     problems, solutions = [], []
     misses = 0
@@ -103,8 +104,13 @@ def draw_problems(
             where = f" in the {partition} partition" if partition else ""
             raise ValueError(f"task family '{family}' cannot supply {n} distinct problems{where}")
         prompt, answer, solution, reward = draw(rng)
-        if prompt in exclude or (partition is not None and partition_of(prompt) != partition):
+        if partition is not None and partition_of(prompt) != partition:
             misses += 1  # consecutive draws of known or other-partition prompts
+            continue
+        if prompt in exclude:
+            misses += 1
+            if met is not None:
+                met.add(prompt)
             continue
         misses = 0
         exclude.add(prompt)
@@ -151,20 +157,23 @@ def make_task(
 
 
 def warmstart_examples(
-    families: list[str], n: int, seed: int, exclude: set[str]
+    families: list[str], n: int, seed: int, exclude: set[str], met: set[str] | None = None
 ) -> list[tuple[str, str]]:
     """Up to n (prompt, solution) pairs for the supervised warm start, from the
     ``warmstart`` partition and disjoint from `exclude` (fewer when a family runs out of
-    distinct prompts)."""
+    distinct prompts). `met` collects the prompts of `exclude` the draw came across: only
+    they made the examples differ from those of an empty `exclude`."""
     rng = np.random.default_rng(seed)
     out: list[tuple[str, str]] = []
-    seen = set(exclude)
+    seen, skipped = set(exclude), set()
     for i, family in enumerate(families):
         share = n // len(families) + (1 if i < n % len(families) else 0)
         problems, solutions = draw_problems(
-            family, share, rng, 0, seen, at_most=True, partition="warmstart"
+            family, share, rng, 0, seen, at_most=True, partition="warmstart", met=skipped
         )
         out.extend((p.prompt, s) for p, s in zip(problems, solutions))
+    if met is not None:
+        met |= skipped & exclude  # not the draw's own repeats
     order = np.random.default_rng(seed + 1).permutation(len(out))
     return [out[i] for i in order]
 

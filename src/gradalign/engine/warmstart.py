@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gradalign.core.grpo import pack_sequences
-from gradalign.data.tasks import Flaw, flaw_examples, partition_of, warmstart_examples
+from gradalign.data.tasks import Flaw, flaw_examples, warmstart_examples
 from gradalign.engine.policy import (
     build_model,
     build_tokenizer,
@@ -47,14 +47,15 @@ def warmstart_key(
     lr: float,
     batch: int,
     seed: int,
-    exclude: set[str],
+    met: set[str],
     flaw: Flaw = "none",
     flaw_frac: float = 0.0,
 ) -> str:
-    """The cache key of a warm start: its whole recipe. Only excluded prompts of the
-    ``warmstart`` partition can change its examples, so only they enter the key: built-in
-    sets never do, and one warm start serves every regime and data seed."""
-    exclude = {p for p in exclude if partition_of(p) == "warmstart"}
+    """The cache key of a warm start: its whole recipe. Of the prompts it must not train on,
+    only those its draw came across (`met`, from `warmstart_examples`) changed its examples,
+    so only they enter the key: built-in sets, drawn from other partitions, never do (nor
+    garbled filler, which no task family generates), and one warm start serves every regime
+    and data seed."""
     spec = {
         "v": WARMSTART_VERSION,
         "size": size,
@@ -63,7 +64,7 @@ def warmstart_key(
         "lr": lr,
         "batch": batch,
         "seed": seed,
-        "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest(),
+        "exclude": hashlib.sha256("\n".join(sorted(met)).encode()).hexdigest(),
         "flaw": flaw if flaw_frac > 0 else "none",
         "flaw_frac": flaw_frac if flaw != "none" else 0.0,
     }
@@ -146,7 +147,9 @@ def load_or_warmstart(
     (`gradalign.data.tasks.flaw_target`)."""
 
     quiet_transformers()
-    key = warmstart_key(size, families, steps, lr, batch, seed, exclude, flaw, flaw_frac)
+    met: set[str] = set()  # drawing the examples is cheap next to loading or training
+    examples = warmstart_examples(families, min(20_000, steps * batch), seed + 17, exclude, met)
+    key = warmstart_key(size, families, steps, lr, batch, seed, met, flaw, flaw_frac)
     path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
     if (path / "warmstart.json").is_file():
         try:
@@ -163,7 +166,6 @@ def load_or_warmstart(
     model = build_model(tokenizer, size, seed=seed)
     if steps == 0:
         return model, tokenizer
-    examples = warmstart_examples(families, min(20_000, steps * batch), seed + 17, exclude)
     examples = flaw_examples(examples, flaw, flaw_frac, seed + 29)
     log(f"warm start: {steps} supervised steps on {len(examples)} examples ({size} model)")
     t0 = time.perf_counter()
