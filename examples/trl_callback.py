@@ -30,6 +30,13 @@ from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.engine.warmstart import load_or_warmstart
 from gradalign.integrations.trl_callback import GradAlignCallback
 
+# transformers 5 calls it activation_checkpointing, transformers 4 gradient_checkpointing
+NO_CHECKPOINTING = (
+    "activation_checkpointing"
+    if hasattr(GRPOConfig, "activation_checkpointing")
+    else "gradient_checkpointing"
+)
+
 
 def rows(problems: list[Problem]) -> list[dict]:
     """TRL rows: a conversational prompt plus the columns the reward function reads."""
@@ -88,7 +95,7 @@ def main() -> None:
             output_dir=out,
             use_cpu=not torch.cuda.is_available(),
             bf16=False,
-            activation_checkpointing=False,
+            **{NO_CHECKPOINTING: False},  # off: slower on CPU
             report_to="none",
             save_strategy="no",
             per_device_train_batch_size=64,  # 8 problems x 8 completions per step

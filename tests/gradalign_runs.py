@@ -76,7 +76,12 @@ def results(out: Path) -> dict:
     summary = read_json(out / "summary.json")
     for k in ("wall_s", "time_totals"):
         summary.pop(k)
-    return {"rounds": rounds, "summary": summary}
+    lines = [  # metrics.jsonl: one line per round, however often the run was resumed
+        {k: v for k, v in m.items() if not k.startswith("time/")}
+        for m in read_jsonl(out / "metrics.jsonl")
+    ]
+    assert lines == [r["metrics"] for r in rounds.values()]
+    return {"rounds": rounds, "summary": summary, "metrics_lines": lines}
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -121,7 +121,7 @@ def test_tiny_bench_end_to_end(tmp_path):
     for mode in ("sim", "rand"):
         run_dir = out / "noisy" / mode / "seed0"
         assert (run_dir / "summary.json").is_file() and (
-            run_dir / "rounds/0000/metrics.json"
+            run_dir / "rounds/0001/metrics.json"
         ).is_file()
         assert read_json(run_dir / "bench-run.json")["status"] == "done"
     res = read_json(out / "report" / "results.json")

@@ -20,7 +20,7 @@ from gradalign.data.files import (
     load_files,
     summarise,
 )
-from gradalign.data.problems import Problem, ProblemError
+from gradalign.data.problems import Problem, ProblemError, provenance
 from gradalign.data.rewards import math_reward
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -149,16 +149,34 @@ VERL_REJECTIONS = [
 
 def test_verl_jsonl() -> None:
     result = load_file(FileSpec(VERL))
+    system = {"role": "system", "content": "Be brief."}
     assert result.problems == [
-        Problem(0, "What is 30 + 4?", "34", "dapo", "math"),
-        Problem(1, "Halve 1.", "\\frac{1}{2}", "dapo", "math"),
-        Problem(2, "Seven as a float.", "7", "amc", "math"),
-    ]
+        Problem(0, "What is 30 + 4?", "34", "dapo", "math", messages=(
+            system, {"role": "user", "content": "What is 30 + 4?"}
+        )),
+        Problem(1, "Halve 1.", "\\frac{1}{2}", "dapo", "math", messages=(
+            {"role": "user", "content": "Halve 1."},
+        )),
+        Problem(2, "Seven as a float.", "7", "amc", "math", messages=(
+            {"role": "user", "content": "Seven as a float."},
+        )),
+    ]  # fmt: skip
+    assert result.problems[0].chat == [system, {"role": "user", "content": "What is 30 + 4?"}]
     assert [p.meta for p in result.problems] == [
-        {"file": str(VERL), "line": 1, "index": "a1"},
-        {"file": str(VERL), "line": 2, "index": "a2"},
-        {"file": str(VERL), "line": 12, "index": 12},
-    ]
+        {"file": str(VERL), "line": 1, "index": "a1", "data_source": "dapo",
+         "extra_info": {"index": "a1"}},
+        {"file": str(VERL), "line": 2, "index": "a2", "data_source": "dapo",
+         "extra_info": {"index": "a2"}},
+        {"file": str(VERL), "line": 12, "index": 12, "data_source": "amc",
+         "extra_info": {"index": 12}},
+    ]  # fmt: skip
+    assert [provenance(p) for p in result.problems][2] == {
+        "file": str(VERL),
+        "line": 12,
+        "row": None,
+        "index": 12,
+        "data_source": "amc",
+    }
     assert result.duplicates_dropped == 2  # lines 3 and 13 repeat the prompts of lines 1 and 2
     assert result.rejected == [Rejection(str(VERL), n, None, why) for n, why in VERL_REJECTIONS]
     assert str(result.rejected[0]) == f"{VERL}:4: invalid JSON (Expecting ',' delimiter)"

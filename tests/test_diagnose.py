@@ -127,7 +127,7 @@ def test_diagnose_agrees_with_the_first_round_of_a_run(tmp_path) -> None:
         terminal_width=200,
     )  # fmt: skip
     assert ran.exit_code == 0, ran.output
-    m = read_json(tmp_path / "run" / "rounds" / "0000" / "metrics.json")
+    m = read_json(tmp_path / "run" / "rounds" / "0001" / "metrics.json")
     assert d["split_half_cos"][0] == pytest.approx(m["val/split_half_cos"], abs=1e-9)
     assert d["auc_clean_per_chunk"][0] == pytest.approx(m["select/auc_clean"], abs=1e-9)
     assert d["split_half_cos"][0] < 0 and 0 < d["auc_clean_per_chunk"][0] < 1

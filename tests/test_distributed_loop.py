@@ -30,7 +30,7 @@ def test_two_processes_sample_score_and_select_as_one(tmp_path):
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout.count("round 1/2:") == 1  # rank 0 alone logs
 
-    a, b = tmp_path / "one" / "rounds" / "0000", tmp_path / "two" / "rounds" / "0000"
+    a, b = tmp_path / "one" / "rounds" / "0001", tmp_path / "two" / "rounds" / "0001"
     assert read_jsonl(a / "rollouts.jsonl") == read_jsonl(b / "rollouts.jsonl")
     assert read_jsonl(a / "selected.jsonl") == read_jsonl(b / "selected.jsonl")
     sa, sb = read_jsonl(a / "scores.jsonl"), read_jsonl(b / "scores.jsonl")
@@ -47,7 +47,8 @@ def test_two_processes_sample_score_and_select_as_one(tmp_path):
     assert mb["train/steps"] == 2  # TRL trained both rounds under DDP
     assert len(read_json(tmp_path / "two" / "summary.json")["eval_accuracy"]) == 2
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        ".lock", "checkpoints", "chunks", "config.yaml", "problems.jsonl", "rounds", "summary.json",
+        ".lock", "checkpoints", "chunks", "config.yaml", "final", "metrics.jsonl", "problems.jsonl",
+        "rounds", "summary.json",
     ]  # fmt: skip
 
 
@@ -59,11 +60,11 @@ def test_two_process_run_killed_and_resumed_matches_uninterrupted(tmp_path):
     out = tmp_path / "killed"
     killed = launch(out, cache, 2, kill_at="training:1")  # every rank dies in round 2
     assert killed.returncode != 0 and not (out / "summary.json").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0000"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0001"]
     resumed = launch(out, cache, 2)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "after round 1/2 (round-0000)" in " ".join(resumed.stdout.split())
-    for r in ("0000", "0001"):
+    assert "after round 1/2 (round-0001)" in " ".join(resumed.stdout.split())
+    for r in ("0001", "0002"):
         a, b = tmp_path / "ref" / "rounds" / r, out / "rounds" / r
         for name in ("selected.jsonl", "scores.jsonl", "rollouts.jsonl"):
             assert read_jsonl(a / name) == read_jsonl(b / name), (r, name)

@@ -253,9 +253,9 @@ def test_empty_missing_and_directory_files(tmp_path: Path) -> None:
     with pytest.raises(ProblemError, match=f"^{missing}: no such file$"):
         load_file(FileSpec(missing))
     with pytest.raises(
-        ConfigError, match=r"^data\.val_files\[0\]\.path: .*missing\.jsonl is not a file"
+        ConfigError, match=r"^data\.validation_files\[0\]\.path: .*missing\.jsonl is not a file"
     ):
-        file_specs([{"path": str(missing)}], "data.val_files")
+        file_specs([{"path": str(missing)}], "data.validation_files")
     folder = tmp_path / "folder.jsonl"
     folder.mkdir()
     with pytest.raises(ProblemError, match="folder.jsonl: not a file$"):
@@ -292,8 +292,8 @@ def file_config(tmp_path: Path, pool: bytes, val: bytes, chunk_size: int = 2) ->
     return config_from_dict(
         {
             "data": {
-                f"{name}_files": [{"path": str(tmp_path / f"{name}.jsonl")}]
-                for name in ("pool", "val", "eval")
+                f"{key}_files": [{"path": str(tmp_path / f"{name}.jsonl")}]
+                for name, key in (("pool", "pool"), ("val", "validation"), ("eval", "eval"))
             },
             "select": {"chunk_size": chunk_size, "k": 2},
             "train": {"batch_size": 1},
@@ -312,7 +312,9 @@ def test_an_empty_pool_names_the_field_and_the_rejections(tmp_path: Path) -> Non
 
 def test_an_empty_validation_set_names_the_field(tmp_path: Path) -> None:
     cfg = file_config(tmp_path, good(0) + b"\n" + good(1), b"\n\n")
-    with pytest.raises(ConfigError, match=r"^data\.val_files: no usable problems \(Loaded 0"):
+    with pytest.raises(
+        ConfigError, match=r"^data\.validation_files: no usable problems \(Loaded 0"
+    ):
         sets_from_files(cfg, log=lambda _: None)
 
 
@@ -441,7 +443,7 @@ def test_cli_unusable_data_file_exits_2_naming_the_file(tmp_path: Path) -> None:
     good.write_text('{"question": "1+1=", "answer": "2"}\n{"question": "2+2=", "answer": "4"}\n')
     path = tmp_path / "config.yaml"
     path.write_text(
-        f"data:\n  pool_files: [{{path: {bad}}}]\n  val_files: [{{path: {good}}}]\n"
+        f"data:\n  pool_files: [{{path: {bad}}}]\n  validation_files: [{{path: {good}}}]\n"
         f"  eval_files: [{{path: {good}}}]\n"
         f"out_dir: {tmp_path / 'run'}\n"
     )

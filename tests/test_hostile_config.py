@@ -328,7 +328,7 @@ SHAPES: list[tuple[str, Callable[[dict], Any], str]] = [
     ("a hash is a number", lambda s: s | {"sha256": {"policy.pt": 1, "trainer.pt": "x"}}, "field 'sha256' should be an object of the sha256 of policy.pt and trainer.pt, got {'policy.pt': 1, 'trainer.pt': 'x'}"),
     ("round is a string", lambda s: s | {"round": "1"}, "field 'round' should be a round number >= 0, got '1'"),
     ("round is a bool", lambda s: s | {"round": True}, "field 'round' should be a round number >= 0, got True"),
-    ("round of another checkpoint", lambda s: s | {"round": 7}, "field 'round' is 7, but the checkpoint is round-0001"),
+    ("round of another checkpoint", lambda s: s | {"round": 7}, "field 'round' is 7, but the checkpoint is round-0002"),
     ("history is an object", lambda s: s | {"history": {"0": 1}}, "field 'history' should be a list of metrics objects, got {'0': 1}"),
     ("an accuracy is text", lambda s: s | {"history": [{"eval/accuracy": "high"}]}, "field 'history[0].eval/accuracy' should be a number, got 'high'"),
     ("initial is a list", lambda s: s | {"initial": [0.5]}, "field 'initial' should be an object, got [0.5]"),
@@ -348,14 +348,14 @@ def test_a_checkpoint_of_the_wrong_shape_is_reported_and_skipped(
     state = {"config": {}, "initial": {"eval/accuracy": 0.5}, "history": [], "wall_s": 1.0}
     for r in range(2):
         save_checkpoint(tmp_path, r, model, opt, sched, state)
-    newest = tmp_path / "checkpoints" / "round-0001" / "state.json"
+    newest = tmp_path / "checkpoints" / "round-0002" / "state.json"
     newest.write_text(json.dumps(damage(json.loads(newest.read_text()))))
     warnings: list[str] = []
     ckpt = latest_checkpoint(tmp_path, warnings.append)
     assert ckpt is not None and ckpt.round == 0  # the older, valid checkpoint
     assert torch.equal(ckpt.policy["weight"], model.weight.detach())
     assert len(warnings) == 1 and warnings[0].startswith(
-        f"skipping checkpoint round-0001: {newest} is unreadable ({reason}"
+        f"skipping checkpoint round-0002: {newest} is unreadable ({reason}"
     )
     assert warnings[0].endswith("; its round will be redone")
 
@@ -371,7 +371,7 @@ def test_a_checkpoint_file_that_fails_to_read_is_skipped(
     state = {"config": {}, "initial": {"eval/accuracy": 0.5}, "history": [], "wall_s": 1.0}
     for r in range(2):
         save_checkpoint(tmp_path, r, model, opt, sched, state)
-    bad = tmp_path / "checkpoints" / "round-0001" / "policy.pt"
+    bad = tmp_path / "checkpoints" / "round-0002" / "policy.pt"
     real = Path.read_bytes
 
     def read_bytes(self: Path) -> bytes:
@@ -383,7 +383,7 @@ def test_a_checkpoint_file_that_fails_to_read_is_skipped(
     warnings: list[str] = []
     assert latest_checkpoint(tmp_path, warnings.append).round == 0
     assert warnings == [
-        f"skipping checkpoint round-0001: {bad} cannot be read (Input/output error); "
+        f"skipping checkpoint round-0002: {bad} cannot be read (Input/output error); "
         "its round will be redone"
     ]
 

@@ -229,8 +229,12 @@ def data_config(tmp_path: Path) -> tuple[Path, Path]:
     config.write_text(
         "data:\n"
         + "".join(
-            f"  {n}_files: [{{path: {tmp_path / f'{n}.jsonl'}, reward: exact}}]\n"
-            for n in ("pool", "val", "eval")
+            f"  {key}: [{{path: {tmp_path / f'{n}.jsonl'}, reward: exact}}]\n"
+            for n, key in (
+                ("pool", "pool_files"),
+                ("val", "validation_files"),
+                ("eval", "eval_files"),
+            )
         )
     )
     return config, tmp_path / "pool.jsonl"
@@ -320,10 +324,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("target", "resumed"),
     [
         (
-            "checkpoints/round-0001/trainer.pt",
-            "skipping checkpoint round-0001: {out}/checkpoints/round-0001/state.json is missing",
+            "checkpoints/round-0002/trainer.pt",
+            "skipping checkpoint round-0002: {out}/checkpoints/round-0002/state.json is missing",
         ),
-        ("rounds/0001/scores.jsonl", "resuming {out} after round 1/2 (round-0000)"),
+        ("rounds/0002/scores.jsonl", "resuming {out} after round 1/2 (round-0001)"),
         ("summary.json", "all 2 rounds already done"),
     ],
     ids=["checkpoint", "round artifacts", "summary"],
@@ -337,10 +341,10 @@ def test_a_full_disk_stops_the_run_and_the_same_command_resumes(
         code, errors, _ = gradalign(out)
     assert (code, errors) == (1, [f"storage error: cannot write {out / target}: {FULL}"])
     assert not list((out / target).parent.glob(f".{(out / target).name}.*"))  # no debris
-    assert read_checkpoint(out / "checkpoints" / "round-0000").round == 0  # what was done stays
+    assert read_checkpoint(out / "checkpoints" / "round-0001").round == 0  # what was done stays
     for name in ("rollouts.jsonl", "scores.jsonl", "selected.jsonl"):
-        done = out / "rounds" / "0000" / name
-        assert done.read_bytes() == (reference / "rounds" / "0000" / name).read_bytes()
+        done = out / "rounds" / "0001" / name
+        assert done.read_bytes() == (reference / "rounds" / "0001" / name).read_bytes()
     code, errors, log = gradalign(out)  # space freed: the same command
     assert (code, errors) == (0, []) and resumed.format(out=out) in log
     assert_same_run(out, reference)
@@ -351,13 +355,13 @@ def test_a_huge_rounds_count_writes_a_bounded_manifest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """rounds=10**12 starts at once (no list of 10**12 chunks); the disk fills in round 1."""
-    target = tmp_path / "rounds" / "0000" / "scores.jsonl"
+    target = tmp_path / "rounds" / "0001" / "scores.jsonl"
     write_fails(monkeypatch, target)
     code, errors, _ = gradalign(tmp_path, "rounds=1000000000000")
     assert (code, errors) == (1, [f"storage error: cannot write {target}: {FULL}"])
     manifest = read_json(tmp_path / "chunks" / "manifest.json")
     assert manifest["chunks_per_pass"] == 3 and len(manifest["chunks"]) == 3
-    assert (tmp_path / "rounds" / "0000" / "rollouts.jsonl").is_file()
+    assert (tmp_path / "rounds" / "0001" / "rollouts.jsonl").is_file()
 
 
 # --- diverged training ---------------------------------------------------------------------
@@ -372,7 +376,7 @@ def test_a_huge_rounds_count_writes_a_bounded_manifest(
             1,
             "round 2: GRPO training diverged at step 1 of 1 with train.learning_rate=1e+30: "
             "parameter 'model.embed_tokens.weight' holds NaN or Inf; the update is not "
-            "saved, and {out}/checkpoints/round-0000 (after round 1) keeps the last finite "
+            "saved, and {out}/checkpoints/round-0001 (after round 1) keeps the last finite "
             "weights; lower train.learning_rate (or train.max_grad_norm) and start again "
             "with --restart",
         ),
@@ -394,11 +398,11 @@ def test_diverged_training_stops_naming_round_and_learning_rate(
     code, errors, _ = gradalign(tmp_path, *settings)
     assert (code, errors) == (1, [f"training diverged: {message.format(out=tmp_path)}"])
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("round-*"))
-    assert kept == (["round-0000"] if lr == "1e30" else [])
+    assert kept == (["round-0001"] if lr == "1e30" else [])
     for name in kept:  # the last good checkpoint verifies and holds finite weights
         ckpt = read_checkpoint(tmp_path / "checkpoints" / name)
         assert all(bool(torch.isfinite(t).all()) for t in ckpt.policy.values())
-    assert not (tmp_path / "rounds" / f"{len(kept):04d}" / "metrics.json").exists()
+    assert not (tmp_path / "rounds" / f"{len(kept) + 1:04d}" / "metrics.json").exists()
 
 
 # --- a user reward that calls sys.exit does not end the run --------------------------------
@@ -444,7 +448,7 @@ def test_a_reward_that_calls_sys_exit_scores_zero_and_the_run_goes_on(
         "4 of 8 rewards (eval:53917133) could not be computed and scored 0; first: problem "
         "2000000 (source 'eval'): reward 'ga_exiting_reward:exits' raised SystemExit (sys.exit(3))"
     )
-    metrics = read_json(tmp_path / "run" / "rounds" / "0000" / "metrics.json")
+    metrics = read_json(tmp_path / "run" / "rounds" / "0001" / "metrics.json")
     # every other call exits: 8 candidates x 2 rollouts and 8 validation problems x 2, half
     # of each bad; the eval's 8 calls, after training's, alternate too
     assert (metrics["rollouts/bad_rewards"], metrics["val/bad_rewards"]) == (8, 8)

@@ -43,11 +43,14 @@ def test_two_round_run_writes_run_directory(tmp_path, mode, capsys):
     manifest = read_json(out / "chunks" / "manifest.json")
     assert manifest["chunk_size"] == 16 and len(manifest["chunks"]) == 2
     for r in range(2):
-        d = out / "rounds" / f"{r:04d}"
+        d = out / "rounds" / f"{r + 1:04d}"
         metrics = read_json(d / "metrics.json")
         selected = read_jsonl(d / "selected.jsonl")
         scores = read_jsonl(d / "scores.jsonl")
         assert [s["id"] for s in scores] == manifest["chunks"][r] or mode == "none"
+        for row in scores + selected:  # built-in problems: no file, a builtin data_source
+            assert (row["file"], row["line"], row["row"], row["index"]) == (None,) * 4
+            assert row["data_source"] in ("builtin:addition", "builtin:countdown")
         expected_n = 48 if mode == "none" else 16 // 4
         assert len(selected) == expected_n == metrics["select/n"]
         assert metrics["train/steps"] == 2
@@ -86,7 +89,7 @@ def test_same_seed_same_selection(tmp_path):
             + ["rounds=1", f"out_dir={tmp_path / name}", f"model.cache_dir={tmp_path / 'cache'}"],
         )
         run(cfg, build_setup(cfg))
-        d = tmp_path / name / "rounds" / "0000"
+        d = tmp_path / name / "rounds" / "0001"
         results.append(
             (
                 read_jsonl(d / "selected.jsonl"),
@@ -126,7 +129,7 @@ def test_batched_scorer_matches_exact_in_the_loop(tmp_path):
             ],
         )
         run(cfg)
-        d = tmp_path / scorer / "rounds" / "0000"
+        d = tmp_path / scorer / "rounds" / "0001"
         rows[scorer] = (read_jsonl(d / "scores.jsonl"), read_jsonl(d / "selected.jsonl"))
     (fast, fast_sel), (ref, ref_sel) = rows["batched"], rows["exact"]
     assert [r["id"] for r in fast] == [r["id"] for r in ref]
@@ -150,7 +153,7 @@ def test_projection_features_and_adam_preconditioning(tmp_path):
     )
     run(cfg)
     for r in range(2):
-        d = tmp_path / "run" / "rounds" / f"{r:04d}"
+        d = tmp_path / "run" / "rounds" / f"{r + 1:04d}"
         features = np.load(d / "features.npy")
         assert features.shape == (16, 8)
         zero = [s["zero_variance"] for s in read_jsonl(d / "scores.jsonl")]

@@ -11,7 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradalign.data.files import FileSpec, _read_record, extract_reference, load_file
+from gradalign.data.files import FileSpec, extract_reference, load_file
+from gradalign.data.records import read_record
 from gradalign.data.rewards import extract_answer, last_boxed
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,7 +43,8 @@ def spec_for(path: str = "x.jsonl", **kw: Any) -> FileSpec:
 @given(st.one_of(JSON, RECORDS), st.sampled_from(["auto", "gsm8k", "boxed", "plain"]))
 def test_any_json_value_is_read_or_rejected_with_a_reason(rec: Any, extractor: str) -> None:
     try:
-        prompt, answer, source, _ = _read_record(rec, spec_for(answer_extractor=extractor), "x")
+        got = read_record(rec, spec_for(answer_extractor=extractor), "x")
+        prompt, answer, source = got.prompt, got.answer, got.source
     except ValueError as err:  # the rejection path: a reason that names the problem
         assert str(err)
         return
@@ -61,10 +63,11 @@ def test_plain_fields_are_read_exactly_or_rejected_naming_the_field(
 ) -> None:
     rec = {"question": question, "answer": answer, "data_source": source}
     try:
-        got = _read_record(rec, spec_for(answer_extractor="plain"), "x")
+        record = read_record(rec, spec_for(answer_extractor="plain"), "x")
     except ValueError as err:
         assert any(f"'{name}'" in str(err) for name in rec), str(err)
         return
+    got = (record.prompt, record.answer, record.source, record.index)
     assert got == (question, plain(answer), "x" if source is None else source, None)
     for text in got[:3]:
         text.encode("utf-8")

@@ -14,7 +14,7 @@ import torch
 
 from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core import alignment
-from gradalign.data.problems import Problem
+from gradalign.data.problems import PROVENANCE, Problem, provenance
 from gradalign.engine import vllm_backend
 from gradalign.engine.policy import apply_lora, build_model, build_tokenizer, format_prompt
 from gradalign.engine.rollout import SamplingConfig, generate
@@ -157,7 +157,7 @@ def files(tmp_path_factory) -> dict[str, list[dict]]:
             {"path": verl, "reward": "coinflip"},
             {"path": plain, "reward": "exact", "source": "gsm8k-like"},
         ],
-        "val_files": [{"path": val, "reward": "coinflip", "source": "val"}],
+        "validation_files": [{"path": val, "reward": "coinflip", "source": "val"}],
         "eval_files": [{"path": evl, "reward": "math"}],
     }
 
@@ -195,13 +195,29 @@ def test_local_qwen_dir_loads_with_its_chat_template(qwen_dir, files, tmp_path):
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
 
+def test_verl_system_message_reaches_the_prompt(qwen_dir, files, tmp_path):
+    cfg = _cfg(qwen_dir, files, tmp_path)
+    _, tokenizer = policy_from_config(cfg)
+    sets = sets_from_files(cfg, log=lambda _: None)
+    verl = next(p for p in sets.pool if p.source == "dapo")
+    assert verl.chat[0] == {"role": "system", "content": "Be brief."}
+    assert tokenizer.decode(format_prompt(tokenizer, verl.chat), skip_special_tokens=False) == (
+        f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{verl.prompt}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    plain = qwen_tokenizer()
+    plain.chat_template = None  # a base model's tokenizer: the documented plain rendering
+    assert format_prompt(plain, verl.chat) == plain(f"Be brief.\n\n{verl.prompt}")["input_ids"]
+    assert format_prompt(plain, "What is 1 + 1?") == plain("What is 1 + 1?")["input_ids"]
+
+
 def test_rollouts_on_local_qwen_keep_sampled_ids(qwen_dir, files, tmp_path):
     cfg = _cfg(qwen_dir, files, tmp_path)
     model, tokenizer = policy_from_config(cfg)
     sets = sets_from_files(cfg, log=lambda _: None)
     problems = sets.pool[:3]
     ro = generate(model, tokenizer, problems, 2, SamplingConfig(max_new_tokens=8), seed=0)
-    assert ro.prompt_ids == [format_prompt(tokenizer, p.prompt) for p in problems]
+    assert ro.prompt_ids == [format_prompt(tokenizer, p.chat) for p in problems]
     assert ro.group.tolist() == [0, 0, 1, 1, 2, 2]
     eos = tokenizer.eos_token_id
     for ids, text in zip(ro.completion_ids, ro.texts):
@@ -265,8 +281,8 @@ def test_bad_pool_files_entry_names_the_field(qwen_dir, files, tmp_path, entry, 
 
 
 def test_shared_validation_and_eval_prompt_and_small_pool_are_errors(qwen_dir, files, tmp_path):
-    both = {**files, "eval_files": files["eval_files"] + files["val_files"]}
-    with pytest.raises(ConfigError, match="data.val_files and data.eval_files: .*share 4"):
+    both = {**files, "eval_files": files["eval_files"] + files["validation_files"]}
+    with pytest.raises(ConfigError, match="data.validation_files and data.eval_files: .*share 4"):
         sets_from_files(_cfg(qwen_dir, both, tmp_path), log=lambda _: None)
     cfg = _cfg(qwen_dir, files, tmp_path, select={"chunk_size": 32})
     with pytest.raises(ConfigError, match=r"select.chunk_size \(32\) exceeds the 16 pool"):
@@ -366,7 +382,7 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     summary = loop.run(cfg, loop.Setup(cfg, model, tokenizer, sets))
 
-    out = tmp_path / "run" / "rounds" / "0000"
+    out = tmp_path / "run" / "rounds" / "0001"
     metrics = read_json(out / "metrics.json")
     scores, selected = read_jsonl(out / "scores.jsonl"), read_jsonl(out / "selected.jsonl")
     assert summary["rounds"] == 1 and len(summary["eval_accuracy"]) == 1
@@ -374,6 +390,10 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
     assert {s["id"] for s in scores} <= {p.id for p in sets.pool} and len(scores) == 8
     best = sorted(scores, key=lambda s: (-s["score"], s["id"]))[:4]
     assert [s["id"] for s in selected] == [s["id"] for s in best]
+    by_id = {p.id: p for p in sets.pool}  # every row joins back on its file and line
+    for row in scores + selected:
+        assert {k: row[k] for k in PROVENANCE} == provenance(by_id[row["id"]])
+        assert row["file"] == by_id[row["id"]].meta["file"] and row["line"] >= 1
     rows = read_jsonl(out / "rollouts.jsonl")
     assert sum(r["role"] == "candidate" for r in rows) == 8 * 2
     assert sum(r["role"] == "validation" for r in rows) == 4 * 2
@@ -383,6 +403,36 @@ def test_one_round_on_local_qwen(qwen_dir, files, tmp_path, lora_r):
         assert changed and all("lora_" in n for n in changed)
     else:
         assert any("embed_tokens" in n for n in changed)
+    _final_loads_as_the_policy(tmp_path / "run", model, tokenizer, lora_r)
+
+
+def _final_loads_as_the_policy(run_dir: Path, model, tokenizer, lora_r: int) -> None:
+    """final/ (the adapter for LoRA) and `gradalign export --merge` load with transformers'
+    Auto classes and give the trained policy's logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from gradalign.cli import app
+
+    final = run_dir / "final"
+    assert (final / "adapter_config.json").is_file() == bool(lora_r)
+    assert (final / "model.safetensors").is_file() == (not lora_r)
+    ids = torch.tensor([format_prompt(tokenizer, "What is 2 + 3?")])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(final)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=0, atol=0)
+        assert (
+            AutoTokenizer.from_pretrained(final)("2 + 3")["input_ids"]
+            == tokenizer("2 + 3")["input_ids"]
+        )
+        res = CliRunner().invoke(app, ["export", str(run_dir), "--merge"])
+        assert res.exit_code == 0, res.output
+        what = "merged LoRA weights" if lora_r else "full weights"
+        assert res.output.splitlines()[-1] == f"{what}: {final}"
+        merged = AutoModelForCausalLM.from_pretrained(final)
+        assert not (final / "adapter_config.json").exists()
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- vLLM backend (error path)

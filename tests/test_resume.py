@@ -17,6 +17,7 @@ from gradalign_runs import SCORED, assert_same_run, command, gradalign_run, resu
 from typer.testing import CliRunner
 
 from gradalign.cli import app
+from gradalign.config import load_config
 from gradalign.run.checkpoint import (
     KEEP,
     RunLock,
@@ -42,7 +43,7 @@ def reference(tmp_path_factory):
     out, cache = base / "reference", base / "cache"
     proc = run_cli(out, cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    metrics = [read_json(out / "rounds" / f"{r:04d}" / "metrics.json") for r in range(3)]
+    metrics = [read_json(out / "rounds" / f"{r + 1:04d}" / "metrics.json") for r in range(3)]
     assert all(m["select/fallback"] is None for m in metrics)  # selections made by score
     return base, out, cache
 
@@ -65,20 +66,20 @@ def test_killed_at_every_phase_then_resumed_matches_uninterrupted_run(reference)
         assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stdout + proc.stderr)
     assert not (out / "summary.json").exists()
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert ckpts == ["round-0000", "round-0001"]  # round 2 was killed after its eval
+    assert ckpts == ["round-0001", "round-0002"]  # round 2 was killed after its eval
 
     # damage what the last kill left: the newest checkpoint and the staged round
-    trainer_pt = out / "checkpoints" / "round-0001" / "trainer.pt"
+    trainer_pt = out / "checkpoints" / "round-0002" / "trainer.pt"
     trainer_pt.write_bytes(trainer_pt.read_bytes()[:100])
-    staged = out / "rounds" / "0001" / "selection.json"  # the round resumed at
+    staged = out / "rounds" / "0002" / "selection.json"  # the round resumed at
     staged.write_text(staged.read_text()[:40])
 
     proc = run_cli(out, cache)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = " ".join(proc.stdout.split())
-    assert "skipping checkpoint round-0001" in log and "trainer.pt is truncated or corrupted" in log
-    assert "resuming" in log and "after round 1/3 (round-0000)" in log
-    assert "0001/selection.json is unusable" in log
+    assert "skipping checkpoint round-0002" in log and "trainer.pt is truncated or corrupted" in log
+    assert "resuming" in log and "after round 1/3 (round-0001)" in log
+    assert "0002/selection.json is unusable" in log
     assert_same_run(out, ref)
 
 
@@ -91,7 +92,7 @@ def test_external_sigkill_mid_run_then_resume(reference):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    while not (out / "rounds" / "0000" / "selection.json").exists() and proc.poll() is None:
+    while not (out / "rounds" / "0001" / "selection.json").exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -164,7 +165,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_
     history = [{"eval/accuracy": 0.5}]
     save_checkpoint(tmp_path, 0, model, opt, sched, STATE | {"history": history})
     expected_draw = torch.rand(3)
-    ckpt = read_checkpoint(tmp_path / "checkpoints" / "round-0000")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "round-0001")
     assert set(ckpt.policy) == {"0.weight", "1.weight", "1.bias"}
     assert ckpt.state["history"] == history
 
@@ -185,17 +186,17 @@ def test_damaged_checkpoints_are_skipped_and_only_the_newest_kept(tmp_path):
     for r in range(4):
         save_checkpoint(tmp_path, r, model, opt, sched, STATE | {"wall_s": float(r)})
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == [f"round-{r:04d}" for r in range(4 - KEEP, 4)]
-    newest = tmp_path / "checkpoints" / "round-0003"
+    assert names == [f"round-{r + 1:04d}" for r in range(4 - KEEP, 4)]
+    newest = tmp_path / "checkpoints" / "round-0004"
     (newest / "policy.pt").write_bytes(b"junk")
     warnings: list[str] = []
     assert latest_checkpoint(tmp_path, warnings.append).round == 2
     assert warnings == [
-        f"skipping checkpoint round-0003: {newest / 'policy.pt'} is truncated or corrupted "
+        f"skipping checkpoint round-0004: {newest / 'policy.pt'} is truncated or corrupted "
         "(sha256 does not match state.json); its round will be redone"
     ]
     (newest / "state.json").unlink()
-    (tmp_path / "checkpoints" / "round-0002" / "state.json").write_text("{not json")
+    (tmp_path / "checkpoints" / "round-0003" / "state.json").write_text("{not json")
     warnings.clear()
     assert latest_checkpoint(tmp_path, warnings.append) is None
     assert "was not finished" in warnings[0] and "state.json is unreadable" in warnings[1]
@@ -206,6 +207,23 @@ def test_config_differences_ignore_out_dir_and_rounds():
     now = {"rounds": 5, "out_dir": "b", "select": {"mode": "dot", "k": 4}, "seed": 0}
     assert config_differences(saved, now) == ["select.mode: 'sim' in the run directory, 'dot' now"]
     assert config_differences(saved, saved | {"rounds": 9}) == []
+
+
+def test_a_run_saved_before_the_validation_files_rename_still_resumes():
+    files = {
+        "pool_files": [{"path": "pool.jsonl"}],
+        "eval_files": [{"path": "eval.jsonl"}],
+    }
+    spec = [{"path": "val.jsonl", "reward": "exact"}]
+    now = load_config(None, []).to_dict()
+    now["data"] |= files | {"validation_files": spec, "val_files": []}
+    saved = {**now, "data": {k: v for k, v in now["data"].items() if k != "validation_files"}}
+    saved["data"]["val_files"] = spec  # what an older version wrote
+    assert config_differences(saved, now) == []
+    other = {**saved, "data": {**saved["data"], "val_files": [{"path": "other.jsonl"}]}}
+    assert config_differences(other, now) == [
+        f"data.validation_files: {[{'path': 'other.jsonl'}]!r} in the run directory, {spec!r} now"
+    ]
 
 
 def test_damaged_warm_start_cache_is_retrained(tmp_path):

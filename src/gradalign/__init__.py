@@ -38,6 +38,8 @@ _PUBLIC = {
     "select": "gradalign.core.selection",
     "batched_alignment": "gradalign.scoring.fastscore",
     "GradAlignCallback": "gradalign.integrations.trl_callback",
+    "score": "gradalign.run.score",
+    "ScoreResult": "gradalign.run.score",
 }
 
 __all__ = sorted(_PUBLIC)

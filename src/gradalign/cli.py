@@ -1,5 +1,5 @@
-"""Command line: `gradalign demo`, `run CONFIG.yaml`, `diagnose CONFIG.yaml`, `fields`,
-`bench regimes`, `report DIR`."""
+"""Command line: `gradalign demo`, `run CONFIG.yaml`, `score CONFIG.yaml`, `diagnose CONFIG.yaml`,
+`export DIR`, `fields`, `bench regimes`, `report DIR`."""
 
 from __future__ import annotations
 
@@ -120,6 +120,42 @@ def run(
     console.print(f"run directory: {cfg.out_dir}  (wall time {summary['wall_s']:.0f} s)")
 
 
+@app.command("score")
+def score_command(
+    config: Annotated[Path | None, typer.Argument(help="YAML run config (defaults when omitted)")] = None,
+    out: Annotated[Path, typer.Option(help="output directory: scores.jsonl, chunks/, selected.*")] = Path("runs/score"),
+    top: Annotated[int | None, typer.Option(min=1, help="write the N best problems in the pool's own format")] = None,
+    fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="write this share of the pool (best first)")] = None,
+    set_: SetOpt = None,
+) -> None:  # fmt: skip
+    """Score a whole pool once under the starting policy (no training): OUT/scores.jsonl
+    with each problem's file and line or row; with --top / --fraction the chosen rows in
+    the pool files' own format, for any trainer. Rerunning resumes from finished chunks."""
+    from gradalign.data.problems import ProblemError
+    from gradalign.data.rewards import RewardError
+    from gradalign.run.checkpoint import ResumeError, RunLocked
+    from gradalign.run.score import score
+
+    cfg = _load(config, set_)
+    try:
+        result = score(cfg, out, top=top, fraction=fraction)
+    except (RunLocked, ResumeError) as err:
+        _fail("output directory", err, 2)
+    except (ConfigError, ProblemError, RewardError) as err:
+        _fail("config error", err, 2)
+    except StorageError as err:
+        _fail("storage error", err, 1)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        _fail("storage error", f"{where}{describe(err)}", 1)
+    shutdown()
+    written = ", ".join(str(p) for p in result.selected)
+    console.print(
+        f"scored {result.n_scored} problems: {result.scores}"
+        + (f"; selected {result.n_selected}: {written}" if written else "")
+    )
+
+
 @app.command()
 def demo(
     modes: Annotated[
@@ -161,6 +197,36 @@ def demo(
         f"demo wall time {wall:.0f} s · {base.rounds} rounds × {base.train.steps_per_round} GRPO "
         f"steps per mode · run directories under {out}/"
     )
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="run directory")],
+    round_: Annotated[
+        int | None,
+        typer.Option("--round", help="the round whose checkpoint to export (default: the last)"),
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option(help="LoRA: write merged full weights instead of the adapter")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="destination (default RUN_DIR/final, RUN_DIR/final-round-NNNN)"),
+    ] = None,
+) -> None:
+    """Save a run's trained policy with save_pretrained (model + tokenizer, or LoRA adapter)."""
+    from gradalign.data.problems import ProblemError
+    from gradalign.run.checkpoint import ResumeError
+    from gradalign.run.export import ExportError, export_run
+
+    try:
+        dest, what = export_run(run_dir, round_, merge, out)
+    except (ExportError, ConfigError, ProblemError, ResumeError) as err:
+        _fail("export error", err, 2)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        _fail("storage error", f"{where}{describe(err)}", 1)
+    console.print(f"{what}: {dest}")
 
 
 @app.command()

@@ -20,6 +20,7 @@ import yaml
 
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
+from gradalign.data.rewards_style import RewardStyle
 from gradalign.data.tasks import Flaw
 from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
 
@@ -29,8 +30,8 @@ class ConfigError(ValueError):
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -106,11 +107,27 @@ class DataConfig(Section):
     lowutility_frac: float = doc(0.8, "lowutility: fraction of the pool that is garbled filler")
     pool_files: list[dict] = doc(
         [],
-        "problem files for the pool (replaces the built-in task); "
-        "each {path, count, prompt_field, answer_field, answer_extractor, source, reward, template}",
+        "problem files for the pool (replaces the built-in task); each {path, count, "
+        "prompt_field, answer_field, answer_extractor, source, reward, template, offset, "
+        "limit, fraction, seed, take} (README: problem files)",
     )
-    val_files: list[dict] = doc([], "problem files for the validation set (with pool_files)")
+    validation_files: list[dict] = doc(
+        [],
+        "problem files for the trusted validation set, the gradient reference (never trained "
+        "on; not verl's val_files, a test set: that is eval_files); with pool_files",
+    )
     eval_files: list[dict] = doc([], "problem files for the eval set (with pool_files)")
+    reward_style: RewardStyle = doc(
+        "auto",
+        "how a 'module:function' reward is called: auto (by its parameter names), gradalign "
+        "(problem, completion), verl (data_source, solution_str, ground_truth, extra_info) or "
+        "trl (completions, **kwargs); README: rewards",
+    )
+    val_files: list[dict] = doc([], "deprecated name of validation_files (warns)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        data_aliases(self)  # gradalign.config_rules: val_files -> validation_files, warned
 
 
 @dataclass
@@ -183,6 +200,24 @@ class TrainConfig(Section):
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = doc("dapo", "TRL GRPO loss type")
     scale_rewards: Literal["group", "batch", "none"] = doc("group", "TRL advantage scaling")
     max_grad_norm: float = doc(1.0, "gradient clipping")
+    temperature: float = doc(
+        1.0,
+        "sampling temperature of the GRPO training completions (TRL's temperature); the "
+        "scoring rollouts sample at rollout.temperature: keep the two equal so that a problem "
+        "is scored under the distribution it is trained on",
+    )
+    report_to: list[str] = doc(
+        ["none"],
+        "experiment trackers for TRL's step metrics and the round metrics, as transformers "
+        "names them: none | tensorboard (RUN_DIR/tb) | wandb | trackio | mlflow (offline "
+        "unless their own environment variables say otherwise); a comma-separated list",
+    )
+    trl_args: dict = doc(
+        {},
+        "further GRPOConfig fields of the installed TRL, e.g. {num_iterations: 2, epsilon: 0.3, "
+        "warmup_steps: 0.1, lr_scheduler_type: cosine} or --set train.trl_args.epsilon=0.3; "
+        "the fields gradalign sets itself are refused, naming the field to use",
+    )
 
 
 @dataclass
@@ -403,8 +438,9 @@ def field_docs() -> list[tuple[str, str, str]]:
 
 # Where a run lives, not what it computes: a bench reuses a finished run across these.
 LOCATION_FIELDS = ("out_dir", "model.cache_dir")
-# What may change when a run is resumed: where it lives, and how many rounds it runs.
-RESUMABLE_FIELDS = (*LOCATION_FIELDS, "rounds")
+# What may change when a run is resumed: where it lives, how many rounds it runs, where it
+# reports.
+RESUMABLE_FIELDS = (*LOCATION_FIELDS, "rounds", "train.report_to")
 # What a bench sets per run (with its out_dir): `--set` may not, and a report lists the fields
 # beyond these and LOCATION_FIELDS that differ between the runs it compares.
 BENCH_FIELDS = ("data.regime", "select.mode", "seed", "data.seed")
@@ -418,6 +454,17 @@ def flatten_config(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             out |= flatten_config(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
+    return out
+
+
+def upgrade_saved(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by an older version, in today's names: ``data.val_files`` (before its
+    rename) becomes ``data.validation_files``, so such a run directory still resumes."""
+    out = dict(saved)
+    data = dict(out.get("data") or {})
+    if data.get("val_files") and not data.get("validation_files"):
+        data["validation_files"], data["val_files"] = data["val_files"], []
+        out["data"] = data
     return out
 
 
@@ -441,4 +488,5 @@ from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they nee
     check_budget,
     check_rollout,
     check_select,
+    data_aliases,
 )

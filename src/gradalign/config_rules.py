@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import TYPE_CHECKING
 
 from gradalign.config import SEED_MAX, ConfigError, show
 
 if TYPE_CHECKING:
-    from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig
+    from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig, TrainConfig
 
 # Fields for which 0 is a valid value; every other number must be > 0.
 _ZERO_OK = (
@@ -129,9 +130,9 @@ def _check_data(d: DataConfig) -> None:
             )
         if fam in d.families[:i]:
             raise ConfigError(f"data.families: {fam!r} is listed twice; list each family once")
-    if bool(d.pool_files) != bool(d.val_files) or bool(d.pool_files) != bool(d.eval_files):
+    if bool(d.pool_files) != bool(d.validation_files) or bool(d.pool_files) != bool(d.eval_files):
         raise ConfigError(
-            "data.pool_files, data.val_files and data.eval_files: give all three or none"
+            "data.pool_files, data.validation_files and data.eval_files: give all three or none"
         )
     if d.regime == "imbalance" and not d.pool_files:
         if d.minority not in d.families:
@@ -144,6 +145,24 @@ def _check_data(d: DataConfig) -> None:
                 f"data.families: regime 'imbalance' needs two or more families (the minority "
                 f"{d.minority!r} and a majority), got {d.families}; add one or change data.regime"
             )
+
+
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")  # transformers' names
+
+
+def _check_train(t: TrainConfig) -> None:
+    """train.report_to names and train.trl_args keys (the names are checked against the
+    installed TRL's GRPOConfig when a run starts: `engine.trl_args.check_trl_args`)."""
+    for name in t.report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"train.report_to: {show(name)} is not one of {', '.join(TRACKERS)}")
+    if "none" in t.report_to and len(t.report_to) > 1:
+        raise ConfigError(
+            f"train.report_to: 'none' cannot be combined with a tracker, got {t.report_to}"
+        )
+    for key in t.trl_args:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"train.trl_args: {show(key)} is not a GRPOConfig field name")
 
 
 def check(cfg: Config) -> None:
@@ -167,4 +186,25 @@ def check(cfg: Config) -> None:
     check_rollout(r)
     check_budget(s, r)
     _group_size("train.num_generations", t.num_generations)
+    _check_train(t)
     _check_data(d)
+
+
+def data_aliases(d: DataConfig) -> None:
+    """``data.val_files``, the deprecated name of ``data.validation_files``: moved there with
+    a FutureWarning (verl's ``val_files`` is a test set, our ``eval_files``); both given is
+    an error."""
+    if not d.val_files:
+        return
+    if d.validation_files:
+        raise ConfigError(
+            "data.val_files and data.validation_files: both given; keep validation_files "
+            "(val_files is its deprecated name)"
+        )
+    warnings.warn(
+        "data.val_files is deprecated: it is the trusted validation set, now "
+        "data.validation_files (verl's val_files, a test set, is our eval_files)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    d.validation_files, d.val_files = d.val_files, []

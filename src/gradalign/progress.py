@@ -1,12 +1,19 @@
 """Progress bars and log lines (rich), kept out of the algorithm modules.
 
 The core takes plain `advance(n)` callables; this module turns them into rich progress
-bars on a terminal, and into nothing when output is not a terminal (CI logs).
+bars on a terminal, and into progress lines when output is not a terminal (CI, nohup, SLURM
+logs): a step (warm start, rollouts, scoring, GRPO steps) prints ``  NAME: DONE/TOTAL (P%),
+T s`` when it passes a tenth of its total, and at least every `HEARTBEAT_S` seconds while it
+runs (a background thread checks, so a single long step still shows life). Lines at the
+tenths are held back within `QUIET_S` seconds of the last line: a step done in seconds
+prints nothing.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,12 +29,101 @@ console = Console(highlight=False, quiet=QUIET)
 if not console.is_terminal:  # logs and pipes: wide enough for the comparison tables
     console.width = 160
 
+HEARTBEAT_S = 30.0  # the longest a running step stays silent in a log
+QUIET_S = 5.0  # no line at a tenth within this many seconds of the previous line
+
+
+class LineProgress:
+    """`advance(n)` of a step in a log: a line at each tenth of `total` (after `quiet_s` of
+    silence) and, through `tick`, one at least every `heartbeat_s` seconds. `note` (e.g.
+    the loss) is appended to the lines. `clock` and `emit` are injectable for tests."""
+
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        clock: Callable[[], float] = time.monotonic,
+        emit: Callable[[str], None] | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+        quiet_s: float = QUIET_S,
+    ) -> None:
+        self.description, self.total, self.done, self.note = description, max(total, 0), 0, ""
+        self.clock, self.emit = clock, emit or log
+        self.heartbeat_s, self.quiet_s = heartbeat_s, quiet_s
+        self.start = self.last_line = clock()
+        self.tenths = 0  # tenths of the total already passed
+        self.lock = threading.Lock()
+
+    def __call__(self, n: int = 1) -> None:
+        with self.lock:
+            self.done += n
+            tenths = 10 * self.done // self.total if self.total else 0
+            passed, self.tenths = tenths > self.tenths, max(tenths, self.tenths)
+            now = self.clock()
+            if passed and now - self.last_line >= self.quiet_s:
+                self._line(now)
+            elif now - self.last_line >= self.heartbeat_s:
+                self._line(now)
+
+    def tick(self) -> None:
+        """The heartbeat: a line when `heartbeat_s` have passed since the last one."""
+        with self.lock:
+            now = self.clock()
+            if now - self.last_line >= self.heartbeat_s:
+                self._line(now)
+
+    def _line(self, now: float) -> None:
+        self.last_line = now
+        share = f" ({100 * self.done // self.total}%)" if self.total else ""
+        note = f", {self.note}" if self.note else ""
+        self.emit(
+            f"  {self.description}: {self.done}/{self.total}{share}, {now - self.start:.0f} s{note}"
+        )
+
+
+@contextmanager
+def _heartbeat(progress: LineProgress, every_s: float = 1.0) -> Iterator[None]:
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            progress.tick()
+
+    thread = threading.Thread(target=beat, name="gradalign-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _RichAdvance:
+    def __init__(self, progress: Progress, task: int) -> None:
+        self.progress, self.task, self.note = progress, task, ""
+
+    def __call__(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+
+class _Silent:
+    note = ""
+
+    def __call__(self, n: int = 1) -> None:
+        pass
+
 
 @contextmanager
 def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A transient progress bar; yields `advance(n)`."""
-    if QUIET or not console.is_terminal:
-        yield lambda n=1: None
+    """A transient progress bar on a terminal, progress lines in a log; yields `advance(n)`
+    (with a settable `note` string shown in the log lines)."""
+    if QUIET:
+        yield _Silent()
+        return
+    if not console.is_terminal:
+        lines = LineProgress(description, total)
+        with _heartbeat(lines):
+            yield lines
         return
     with Progress(
         TextColumn("  {task.description}"),
@@ -37,8 +133,7 @@ def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
         console=console,
         transient=True,
     ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        yield _RichAdvance(progress, progress.add_task(description, total=total))
 
 
 def log(message: str) -> None:

@@ -42,6 +42,7 @@ from gradalign.config import (
     ConfigError,
     differing_fields,
     load_config,
+    upgrade_saved,
 )
 from gradalign.progress import bar, console
 from gradalign.rundir import read_json, write_json
@@ -144,7 +145,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
     (`config.LOCATION_FIELDS` ignored).
 
     Fields missing from `old` (added to the code since that run) count as unchanged."""
-    diffs = differing_fields([old, new], LOCATION_FIELDS, absent=_ABSENT)
+    diffs = differing_fields([upgrade_saved(old), new], LOCATION_FIELDS, absent=_ABSENT)
     return [
         f"{name}: {a!r} there, {b!r} now"
         for name, (a, b) in diffs.items()

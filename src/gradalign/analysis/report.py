@@ -124,9 +124,10 @@ def load_run(path: Path) -> Run:
     if (path / "config.yaml").is_file():
         cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     data = cfg.get("data", {})
+    files = bool(data.get("pool_files"))  # problem files: no regime, no corruption labels
     run = Run(
         path=str(path),
-        regime=data.get("regime", record.get("regime", "?")),
+        regime="files" if files else data.get("regime", record.get("regime", "?")),
         mode=cfg.get("select", {}).get("mode", record.get("mode", "?")),
         seed=int(cfg.get("seed", record.get("seed", 0))),
         data_seed=data.get("seed", record.get("data_seed")),
@@ -136,14 +137,18 @@ def load_run(path: Path) -> Run:
         wall_s=record.get("wall_s"),
     )
     run.config = flatten_config(cfg)
-    if data:
+    if data and not files:
         run.pool_shares = {k: float(pool(data)) for k, (_, _, pool) in SHARES.items()}
     metrics = [read_json(p) for p in sorted(path.glob("rounds/*/metrics.json"))]
     steps_per_round = cfg.get("train", {}).get("steps_per_round", 0)
     run.steps = np.cumsum([m.get("train/steps", steps_per_round) for m in metrics]).tolist()
     run.accuracy = [float(m["eval/accuracy"]) for m in metrics]
     per_round = [_round_shares(m, data.get("minority", "")) for m in metrics]
-    run.shares = {k: [r[k] for r in per_round] for k in SHARES if all(k in r for r in per_round)}
+    run.shares = {
+        k: [r[k] for r in per_round]
+        for k in SHARES
+        if all(k in r for r in per_round) and not files  # shares of labels files do not carry
+    }
     run.auc = [_finite(m.get("select/auc_clean")) for m in metrics]
     run.split_half = [_finite(m.get("val/split_half_cos")) for m in metrics]
     if (path / "summary.json").is_file():

@@ -2,9 +2,10 @@
 
 Two record schemas are read, field by field:
 
-- verl / reference: ``prompt`` is a list of chat messages (the last ``user`` message's content
-  is the prompt; system messages are not kept), the answer is ``reward_model.ground_truth``,
-  the source ``data_source``, and ``extra_info.index`` is kept in ``meta["index"]``;
+- verl / reference: ``prompt`` is a list of chat messages, kept whole in
+  ``Problem.messages`` (system message included; the last ``user`` message's content is
+  ``Problem.prompt``, the text a ``template`` wraps), the answer is
+  ``reward_model.ground_truth``, the source ``data_source``;
 - plain: the prompt is ``question`` or ``problem`` (or a string ``prompt``), the answer
   ``answer``.
 
@@ -16,13 +17,19 @@ is (JSON numbers as written, integral floats such as AMC's ``27.0`` as ``27``); 
 `load_files` mixes several files: ids run from ``first_id`` in load order (files in the given
 order, records in file order); repeated prompts are dropped, first kept, and counted; every
 rejected record is reported with its file, line (JSONL, from 1) or row (Parquet, from 0) and
-reason, never silently dropped.
+reason, never silently dropped. Each problem's ``meta`` holds its provenance: ``file``,
+``line`` or ``row``, ``index`` (``extra_info.index``) and ``data_source`` when the record has
+them (`problems.provenance`).
+
+A file spec may read part of its file, so that one file feeds two sets without overlap: the
+records (non-blank JSONL lines, Parquet rows, counted from 0 in file order, before any is
+rejected) at positions ``offset`` .. ``offset + limit - 1``, and of those, with ``fraction``,
+the records whose seeded hash of (``seed``, position) falls below ``fraction`` (``take:
+first``) or not (``take: rest``): the two takes of one seed are complementary.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,17 +45,17 @@ from gradalign.data.problems import (
     decode_json_line,
     jsonl_lines,
 )
-from gradalign.data.rewards import RewardError, last_boxed, resolve_reward
+from gradalign.data.records import AnswerExtractor, extract_reference, problem_fields, read_record
+from gradalign.data.rewards import RewardError, resolve_reward
 
-AnswerExtractor = Literal["auto", "gsm8k", "boxed", "plain"]
+__all__ = ["FileSpec", "LoadResult", "extract_reference", "load_file", "load_files", "summarise"]
+
+Take = Literal["first", "rest"]
 FileFormat = Literal["auto", "jsonl", "parquet"]
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 _SUFFIXES: dict[str, FileFormat] = {".jsonl": "jsonl", ".parquet": "parquet"}
-_PROMPT_FIELDS = ("prompt", "question", "problem")
-_ANSWER_FIELDS = ("reward_model.ground_truth", "answer")
 _SPLITS = {"train", "test", "validation", "valid", "val", "dev"}
-_GSM8K_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,11 @@ class FileSpec:
     reward: str = "math"  # reward name in rewards.REWARDS or "module:function"
     count: int | None = None  # keep a seeded sample of this many problems; None: all
     template: str | None = None  # prompt template; "{prompt}" is replaced by the prompt
+    offset: int = 0  # first record position read (records counted from 0)
+    limit: int | None = None  # records read from `offset`; None: to the end
+    fraction: float | None = None  # seeded share of the records kept (`take`); None: all
+    seed: int = 0  # seed of the `fraction` split
+    take: Take = "first"  # "first": the `fraction` share; "rest": its complement
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -78,6 +90,29 @@ class FileSpec:
             raise ProblemError(f"{self.path}: count ({self.count}) must be >= 0")
         if self.template is not None and "{prompt}" not in self.template:
             raise ProblemError(f"{self.path}: template has no '{{prompt}}' placeholder")
+        if self.offset < 0 or (self.limit is not None and self.limit < 0):
+            raise ProblemError(
+                f"{self.path}: offset ({self.offset}) and limit ({self.limit}) must be >= 0"
+            )
+        if self.fraction is not None:
+            object.__setattr__(self, "fraction", float(self.fraction))
+        if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
+            raise ProblemError(f"{self.path}: fraction ({self.fraction}) must be in [0, 1]")
+        if self.take not in ("first", "rest"):
+            raise ProblemError(f"{self.path}: take '{self.take}' is not first or rest")
+        if self.fraction is None and self.take != "first":
+            raise ProblemError(f"{self.path}: take: rest needs a fraction")
+
+    def reads(self, position: int) -> bool:
+        """Whether the record at `position` (from 0) is in this spec's slice and split."""
+        if position < self.offset or (
+            self.limit is not None and position >= self.offset + self.limit
+        ):
+            return False
+        if self.fraction is None:
+            return True
+        first = split_hash(self.seed, position) < self.fraction
+        return first if self.take == "first" else not first
 
     @property
     def file_label(self) -> str:
@@ -94,6 +129,18 @@ class FileSpec:
             f"{self.path}: cannot tell the format from suffix '{self.path.suffix}'; "
             "set format to jsonl or parquet"
         )
+
+
+_MASK64 = 2**64 - 1
+
+
+def split_hash(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) from (seed, position): splitmix64's finaliser of
+    seed * 2**32 + position, so each record's side of a split needs no other record."""
+    z = (seed * 2**32 + position + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) / 2**64
 
 
 @dataclass(frozen=True)
@@ -173,101 +220,6 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             row += 1
 
 
-_MISSING = object()
-
-
-def _get(rec: dict[str, Any], dotted: str) -> Any:
-    value: Any = rec
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
-
-
-def _pick(rec: dict[str, Any], given: str | None, defaults: tuple[str, ...], what: str) -> str:
-    """The field to read: `given`, else the first default present; raises ValueError."""
-    if given is not None:
-        if _get(rec, given) is _MISSING:
-            raise ValueError(f"missing field '{given}'")
-        return given
-    for name in defaults:
-        if _get(rec, name) is not _MISSING:
-            return name
-    raise ValueError(f"no {what} field (looked for {', '.join(repr(n) for n in defaults)})")
-
-
-def _check_unicode(text: str, name: str) -> str:
-    """`text`, unless it holds an unpaired surrogate (JSON "\\ud800"), which cannot be written
-    as UTF-8 or tokenised; raises ValueError naming the field."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(
-            f"field '{name}' is not valid Unicode (unpaired surrogate at character {err.start})"
-        ) from None
-    return text
-
-
-def _prompt_text(value: Any, name: str) -> str:
-    if isinstance(value, list):  # chat messages: the last user message
-        users = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
-        if not users:
-            raise ValueError(f"field '{name}' has no user message")
-        value, name = users[-1].get("content"), f"{name}[user].content"
-    if not isinstance(value, str):
-        raise ValueError(f"field '{name}' must be a string or chat messages, got {value!r:.60}")
-    if not value.strip():
-        raise ValueError(f"field '{name}' is empty")
-    return _check_unicode(value, name)
-
-
-def extract_reference(value: Any, name: str, extractor: AnswerExtractor) -> str:
-    """The reference answer in field `name` (value `value`) under `extractor`; raises
-    ValueError naming the field when there is none."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"field '{name}' must be a string or number, got {value!r:.60}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"field '{name}' must be a finite number, got {value!r}")
-    if isinstance(value, float):
-        text = str(int(value)) if value.is_integer() else repr(value)
-    else:
-        text = _check_unicode(str(value).strip(), name)
-    if extractor == "auto":
-        extractor = "gsm8k" if "####" in text else "boxed" if "\\boxed" in text else "plain"
-    if extractor == "gsm8k":
-        found = _GSM8K_NUMBER.fullmatch(text.rpartition("####")[2].strip())
-        if "####" not in text or not found:
-            raise ValueError(f"field '{name}' has no '#### <number>' line")
-        text = found.group().replace(",", "")
-    elif extractor == "boxed":
-        text = last_boxed(text) or ""
-        if not text:
-            raise ValueError(f"field '{name}' has no \\boxed{{}} answer")
-    if not text:
-        raise ValueError(f"field '{name}' is empty")
-    return text
-
-
-def _read_record(rec: Any, spec: FileSpec, default_source: str) -> tuple[str, str, str, Any]:
-    """(raw prompt, answer, source, index) of one record; raises ValueError with the reason."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected an object, got {type(rec).__name__}")
-    prompt_name = _pick(rec, spec.prompt_field, _PROMPT_FIELDS, "prompt")
-    prompt = _prompt_text(_get(rec, prompt_name), prompt_name)
-    answer_name = _pick(rec, spec.answer_field, _ANSWER_FIELDS, "answer")
-    answer = extract_reference(_get(rec, answer_name), answer_name, spec.answer_extractor)
-    source = spec.source
-    if source is None:
-        source = rec.get("data_source")
-        source = default_source if source is None else source
-        if not isinstance(source, str) or not source:
-            raise ValueError(f"field 'data_source' must be a non-empty string, got {source!r:.60}")
-        _check_unicode(source, "data_source")
-    index = _get(rec, "extra_info.index")
-    return prompt, answer, source, None if index is _MISSING else index
-
-
 def _load_file(
     spec: FileSpec, seen: set[str], strict: bool, rng: np.random.Generator
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[Rejection], FileReport]:
@@ -280,12 +232,14 @@ def _load_file(
     kept: list[tuple[str, dict[str, Any]]] = []  # (raw prompt, Problem fields)
     rejected: list[Rejection] = []
     records = duplicates = 0
-    for pos, rec, error in _records(spec.path, fmt):
+    for position, (pos, rec, error) in enumerate(_records(spec.path, fmt)):
+        if not spec.reads(position):
+            continue
         records += 1
         try:
             if error is not None:
                 raise ValueError(error)
-            prompt, answer, source, index = _read_record(rec, spec, spec.file_label)
+            record = read_record(rec, spec, spec.file_label)
         except ValueError as err:
             rej = Rejection(
                 name, pos if fmt == "jsonl" else None, pos if fmt == "parquet" else None, str(err)
@@ -294,15 +248,11 @@ def _load_file(
                 raise ProblemError(str(rej)) from None
             rejected.append(rej)
             continue
-        if prompt in seen:
+        if record.prompt in seen:
             duplicates += 1
             continue
-        seen.add(prompt)
-        meta: dict[str, Any] = {"file": name, "line" if fmt == "jsonl" else "row": pos}
-        if index is not None:
-            meta["index"] = index
-        text = spec.template.replace("{prompt}", prompt) if spec.template else prompt
-        kept.append((prompt, {"prompt": text, "answer": answer, "source": source, "meta": meta}))
+        seen.add(record.prompt)
+        kept.append((record.prompt, problem_fields(record, spec.template, name, fmt, pos)))
     if spec.count is not None:
         if spec.count > len(kept):
             raise ProblemError(

@@ -51,7 +51,34 @@ class Problem:
     reward: str = "exact"  # name of the reward function in `gradalign.data.rewards.REWARDS`
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     # `meta` records what a regime did to the problem (e.g. {"corruption": "coinflip"}),
-    # for measurement only: selection never reads it.
+    # for measurement only: selection never reads it; a file's problem holds its provenance
+    # there (file, line or row, index, data_source: see `provenance`).
+    messages: tuple[dict[str, str], ...] | None = field(default=None, hash=False)
+    # the whole chat of a file's prompt (system message included; the last user message's
+    # content is `prompt`); None: the one user message `prompt`
+
+    @property
+    def chat(self) -> list[dict[str, str]]:
+        """The chat the policy is prompted with: `messages`, or the one user message."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
+
+
+PROVENANCE = ("file", "line", "row", "index", "data_source")
+
+
+def provenance(p: Problem) -> dict[str, Any]:
+    """Where a problem comes from, to join scores back on the original data: ``file`` (its
+    path as given), ``line`` (JSONL, from 1) or ``row`` (Parquet, from 0), ``index`` (the
+    record's ``extra_info.index``) and ``data_source`` (the record's own). Keys that do not
+    apply are None; a built-in problem has ``file`` None and ``data_source``
+    ``"builtin:<source>"``."""
+    meta = p.meta
+    out = {name: meta.get(name) for name in PROVENANCE}
+    if out["file"] is None and out["data_source"] is None:
+        out["data_source"] = f"builtin:{p.source}"
+    return out
 
 
 _REQUIRED = {"id": int, "prompt": str, "answer": str, "source": str}
@@ -85,7 +112,17 @@ def problem_from_record(rec: Any, where: str) -> Problem:
     meta = rec.get("meta", {})
     if not isinstance(meta, dict):
         raise ProblemError(f"{where}: field 'meta' must be an object, got {meta!r}")
-    return Problem(rec["id"], rec["prompt"], rec["answer"], rec["source"], reward, meta)
+    messages = rec.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ProblemError(f"{where}: field 'messages' must be a list of {{role, content}}")
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+    return Problem(rec["id"], rec["prompt"], rec["answer"], rec["source"], reward, meta, messages)
 
 
 def decode_json_line(raw: bytes, lineno: int) -> tuple[Any, str | None] | None:

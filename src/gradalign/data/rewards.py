@@ -15,7 +15,9 @@ import functools
 import hashlib
 import importlib
 import math
+import os
 import re
+import sys
 import threading
 import warnings
 from collections import Counter
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gradalign.data.problems import Problem
+from gradalign.data.rewards_style import STYLES, StyleError, adapt
 
 RewardFn = Callable[[Problem, str], float]
 
@@ -240,16 +243,20 @@ _USER_REWARDS: dict[str, RewardFn] = {}
 
 def resolve_reward(name: str) -> RewardFn:
     """The reward function named `name`: a key of `REWARDS`, or ``"package.module:function"``
-    (imported on first use; the function may be a dotted attribute path, ``"mod:Cls.fn"``).
+    (imported on first use; the function may be a dotted attribute path, ``"mod:Cls.fn"``),
+    optionally with the calling convention it follows, ``"mod:fn@verl"`` (`rewards_style`:
+    ``gradalign``, ``verl``, ``trl``; without one, told by the function's parameter names).
+    The working directory is importable (put first on ``sys.path`` when absent).
 
-    Raises `RewardError`, naming the string, when it is unknown, cannot be imported, or is not
-    callable.
+    Raises `RewardError`, naming the string, when it is unknown, cannot be imported, is not
+    callable, or fits no accepted signature.
     """
     if name in REWARDS:
         return REWARDS[name]
     if name in _USER_REWARDS:
         return _USER_REWARDS[name]
-    module_name, sep, attr = name.partition(":")
+    target, _, style = name.partition("@")
+    module_name, sep, attr = target.partition(":")
     if not sep:
         raise RewardError(
             f"unknown reward '{name}': not one of {', '.join(REWARDS)} "
@@ -257,6 +264,10 @@ def resolve_reward(name: str) -> RewardFn:
         )
     if not module_name or not attr:
         raise RewardError(f"reward '{name}': expected 'module:function'")
+    if style and style not in STYLES:
+        raise RewardError(f"reward '{name}': style '{style}' is not one of {', '.join(STYLES)}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `module:function` from the directory of the command
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as err:
@@ -269,8 +280,12 @@ def resolve_reward(name: str) -> RewardFn:
         obj = getattr(obj, part)
     if not callable(obj):
         raise RewardError(f"reward '{name}': '{attr}' is not callable ({type(obj).__name__})")
-    _USER_REWARDS[name] = obj
-    return obj
+    try:
+        fn = adapt(obj, style or "auto")  # type: ignore[arg-type]
+    except StyleError as err:
+        raise RewardError(f"reward '{name}': {err}") from None
+    _USER_REWARDS[name] = fn
+    return fn
 
 
 def reward_of(problem: Problem) -> RewardFn:

@@ -9,7 +9,11 @@ with LoRA adapters (`apply_lora`), after which only the adapters are trained and
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +42,19 @@ def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence, within the block, the deprecation and future warnings that TRL, transformers,
+    peft and accelerate raise about each other's API (not the user's to act on) while they
+    are imported, configure, wrap or train a model; a warning from anywhere else is kept."""
+    with warnings.catch_warnings():
+        for module in ("trl", "transformers", "accelerate", "peft", "torch"):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        yield
 
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -84,6 +101,7 @@ def build_tokenizer():
         bos_token="<bos>",
         unk_token="<unk>",
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids (transformers 4)
     )
     hf.chat_template = CHAT_TEMPLATE
     return hf
@@ -144,14 +162,18 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with quiet_libraries():
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer in {path} has no chat template")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    with quiet_libraries():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
     _set_generation_ids(model, tokenizer)
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        # a causal LM takes none, and transformers 4's generate refuses them (through TRL)
+        names = tokenizer.model_input_names
+        tokenizer.model_input_names = [n for n in names if n != "token_type_ids"]
     for name, value in _NEUTRAL_SAMPLING.items():
         setattr(model.generation_config, name, value)
     return model, tokenizer
@@ -183,13 +205,24 @@ def apply_lora(model, r: int, alpha: int, targets: list[str], seed: int = 0):
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # LoRA A is drawn at random (B starts at 0)
-        return get_peft_model(model, config)
+        with quiet_libraries():
+            return get_peft_model(model, config)
 
 
-def format_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the assistant turn opener."""
-    enc = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
+def plain_prompt(chat: list[dict[str, str]]) -> str:
+    """The plain rendering of a chat for a tokenizer without a chat template: the messages'
+    contents joined by a blank line."""
+    return "\n\n".join(m["content"] for m in chat)
+
+
+def format_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of the chat-formatted prompt (one user message, or a whole chat such as
+    `Problem.chat`), ending with the assistant turn opener. A tokenizer without a chat
+    template gets the plain rendering: the messages' contents joined by a blank line,
+    tokenised with the tokenizer's own special tokens (e.g. BOS)."""
+    chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(tokenizer(plain_prompt(chat))["input_ids"])
+    enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     ids = enc["input_ids"] if not isinstance(enc, list) else enc
     return list(ids)

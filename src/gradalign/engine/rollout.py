@@ -159,7 +159,7 @@ def generate(
     reward function. Seeded: the same model, problems and seed give the same rollouts.
     `prompt_ids` gives the prompts' tokens directly (default: the chat-formatted prompt)."""
     if prompt_ids is None:
-        prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
+        prompt_ids = [format_prompt(tokenizer, p.chat) for p in problems]
     completions = sample_completions(
         model, tokenizer, prompt_ids, group_size, sampling, seed, greedy, progress
     )

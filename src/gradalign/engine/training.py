@@ -15,7 +15,6 @@ import math
 import random
 import re
 import tempfile
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,8 @@ import torch
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
-from gradalign.engine.policy import format_prompt
+from gradalign.engine.policy import format_prompt, plain_prompt, quiet_libraries
+from gradalign.engine.trl_args import build_grpo_config, optimizer_settings, schedule_settings
 
 
 def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
@@ -103,6 +103,45 @@ def nonfinite(model: torch.nn.Module, probe: list[int]) -> str | None:
     return None if bool(torch.isfinite(logits).all()) else "the logits hold NaN or Inf"
 
 
+def grpo_settings(
+    cfg: TrainConfig,
+    max_completion_length: int,
+    seed: int,
+    device: str,
+    bf16: bool,
+    output_dir: str,
+) -> dict[str, Any]:
+    """The GRPOConfig fields gradalign sets (`trl_args.SET_BY_GRADALIGN`); TRL on CPU needs
+    bf16 off, no activation checkpointing, and an explicit max_completion_length."""
+    per_device, accum = micro_batching(
+        per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
+    )
+    return {
+        "output_dir": output_dir,
+        "use_cpu": device == "cpu",
+        "bf16": bf16,
+        "activation_checkpointing": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",  # the run's tracker writes TRL's logs too (`run.tracking`)
+        "save_strategy": "no",
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accum,
+        "num_generations": cfg.num_generations,
+        "max_completion_length": max_completion_length,
+        "max_steps": 1,
+        "learning_rate": cfg.learning_rate,
+        "beta": cfg.beta,
+        "loss_type": cfg.loss_type,
+        "scale_rewards": cfg.scale_rewards,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": 1,
+        "seed": seed,
+        "disable_tqdm": True,
+        "temperature": cfg.temperature,
+        "ddp_find_unused_parameters": False,  # under torchrun: every trained weight is used
+    }
+
+
 def _completion_text(completion: Any) -> str:
     if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
         return "".join(m.get("content", "") for m in completion)
@@ -120,56 +159,37 @@ class GRPOTraining:
         max_completion_length: int,
         seed: int,
         device: str = "cpu",
+        total_steps: int = 1,
     ) -> None:
+        """`total_steps`: the GRPO steps of the whole run, over which a learning-rate
+        schedule from train.trl_args runs (the default schedule is constant)."""
         from datasets import Dataset
-        from transformers import TrainerCallback
-        from transformers.trainer_callback import PrinterCallback, ProgressCallback
-        from trl import GRPOConfig, GRPOTrainer
 
-        # TRL 1.16 calls a transformers API deprecated in 5.x; harmless, and not the user's
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        with quiet_libraries():
+            from transformers import TrainerCallback, get_scheduler
+            from transformers.trainer_callback import PrinterCallback, ProgressCallback
+            from trl import GRPOTrainer
+
         self._dataset_cls = Dataset
         self.by_id: dict[int, Problem] = {}
         self._calls = itertools.count()
         self._round_seed = 0
         self.on_step: Callable[[], None] | None = None
+        self.on_log: Callable[[int, dict[str, float]], None] | None = None  # (step, TRL logs)
         self.model, self.tokenizer = model, tokenizer
         self._probe: list[int] = []  # token ids of a prompt of the round, for `nonfinite`
         self._steps_done = 0
         self.diverged: tuple[int, str] | None = None  # (step, reason) once weights blow up
         self.learning_rate = cfg.learning_rate  # named when training diverges
-        per_device, accum = micro_batching(
-            per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
-        )
         self._outdir = tempfile.TemporaryDirectory(prefix="gradalign-trl-")
-        on_cpu = device == "cpu"
-        args = GRPOConfig(
-            output_dir=self._outdir.name,
-            use_cpu=on_cpu,
-            bf16=(not on_cpu) and next(model.parameters()).dtype == torch.bfloat16,
-            activation_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            per_device_train_batch_size=per_device,
-            gradient_accumulation_steps=accum,
-            num_generations=cfg.num_generations,
-            max_completion_length=max_completion_length,
-            max_steps=1,
-            learning_rate=cfg.learning_rate,
-            beta=cfg.beta,
-            loss_type=cfg.loss_type,
-            scale_rewards=cfg.scale_rewards,
-            max_grad_norm=cfg.max_grad_norm,
-            logging_steps=1,
-            seed=seed,
-            disable_tqdm=True,
-            temperature=1.0,
-            ddp_find_unused_parameters=False,  # under torchrun: every trained weight is used
-        )
+        bf16 = device != "cpu" and next(model.parameters()).dtype == torch.bfloat16
+        own = grpo_settings(cfg, max_completion_length, seed, device, bf16, self._outdir.name)
+        args = build_grpo_config(cfg, own)
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate
+            [p for p in model.parameters() if p.requires_grad], **optimizer_settings(cfg)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+        name, warmup = schedule_settings(cfg, args, total_steps)
+        self.scheduler = get_scheduler(name, self.optimizer, warmup, total_steps)
 
         outer = self
 
@@ -184,6 +204,10 @@ class GRPOTraining:
                 if outer.on_step is not None:
                     outer.on_step()
 
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if outer.on_log is not None and logs:
+                    outer.on_log(state.global_step, dict(logs))
+
         def reward(completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
             call = next(outer._calls)
             return [
@@ -195,21 +219,23 @@ class GRPOTraining:
                 for i, (c, pid) in enumerate(zip(completions, problem_id))
             ]
 
-        self.trainer = GRPOTrainer(
-            model=model,
-            processing_class=tokenizer,
-            reward_funcs=[reward],
-            args=args,
-            train_dataset=self._dataset([]),
-            optimizers=(self.optimizer, self.scheduler),
-            callbacks=[_StepCallback()],
-        )
+        with quiet_libraries():
+            self.trainer = GRPOTrainer(
+                model=model,
+                processing_class=tokenizer,
+                reward_funcs=[reward],
+                args=args,
+                train_dataset=self._dataset([]),
+                optimizers=(self.optimizer, self.scheduler),
+                callbacks=[_StepCallback()],
+            )
         self.trainer.remove_callback(PrinterCallback)
         self.trainer.remove_callback(ProgressCallback)
 
     def _dataset(self, problems: list[Problem]):
+        plain = getattr(self.tokenizer, "chat_template", None) is None  # `format_prompt`
         rows = [
-            {"prompt": [{"role": "user", "content": p.prompt}], "problem_id": p.id}
+            {"prompt": plain_prompt(p.chat) if plain else p.chat, "problem_id": p.id}
             for p in problems
         ] or [{"prompt": [{"role": "user", "content": "x"}], "problem_id": -1}]
         return self._dataset_cls.from_list(rows)
@@ -222,7 +248,7 @@ class GRPOTraining:
         self._calls = itertools.count()  # reward salts depend on the round only (resumable)
         self._round_seed = round_seed
         self.trainer.train_dataset = self._dataset(problems)
-        self._probe = format_prompt(self.tokenizer, problems[0].prompt)
+        self._probe = format_prompt(self.tokenizer, problems[0].chat)
         self._steps_done, self.diverged = 0, None
         self.trainer.args.max_steps = steps
         self.trainer.args.seed = round_seed  # sampler order of this round
@@ -232,7 +258,8 @@ class GRPOTraining:
         random.seed(round_seed)
         np.random.seed(round_seed % 2**32)
         try:
-            self.trainer.train()
+            with quiet_libraries():
+                self.trainer.train()
         except RuntimeError as err:  # sampling from NaN weights, if a step got that far
             if not _NONFINITE_ERROR.search(str(err)):
                 raise

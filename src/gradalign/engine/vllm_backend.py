@@ -177,7 +177,7 @@ def generate_vllm(
         raise ValueError("greedy decoding gives one completion per problem (group_size=1)")
     engine.sync_weights(model)
     eos_id = tokenizer.eos_token_id
-    prompt_ids = [format_prompt(tokenizer, p.prompt) for p in problems]
+    prompt_ids = [format_prompt(tokenizer, p.chat) for p in problems]
     params = [
         SamplingParams(
             n=group_size,

@@ -70,6 +70,7 @@ from gradalign.engine.round_scoring import (
 )
 from gradalign.integrations.round_sampler import RoundSampler
 from gradalign.integrations.trl_rows import RewardFunc, Row, trl_prompt_ids, trl_rewards
+from gradalign.integrations.trl_version import check_trl
 
 
 class GradAlignCallback(TrainerCallback):
@@ -145,7 +146,8 @@ class GradAlignCallback(TrainerCallback):
         `DataLoader` refuses a new sampler once built. The only place TRL 1.16 takes a
         sampler from is the private ``GRPOTrainer._get_train_sampler`` (TRL's own override
         point, returning its `RepeatSampler`); `attach` sets it on this trainer instance and
-        nothing else private is touched. trl is pinned (==1.16.0) and the test covers it.
+        nothing else private is touched. `trl_version.check_trl` checks that the hook is there
+        and warns outside the TRL versions the tests cover.
 
         Prefetch, and why rounds are chosen lazily: accelerate's `DataLoaderShard` reads one
         batch ahead, and `Trainer` collects all ``gradient_accumulation_steps`` batches of an
@@ -158,6 +160,7 @@ class GradAlignCallback(TrainerCallback):
         (``history[r]["scored_at_step"]``). DataLoader workers would read further ahead, hence
         ``dataloader_num_workers=0``.
         """
+        check_trl(trainer)  # the private hook below: present, and a tested TRL version
         args, dataset = trainer.args, trainer.train_dataset
         if trainer.accelerator.num_processes != 1:
             raise ValueError("GradAlignCallback supports one process (one device) only")

@@ -14,7 +14,7 @@ import numpy as np
 from gradalign.config import Config
 from gradalign.core.diagnostics import selection_auc
 from gradalign.core.selection import Candidates, Selection
-from gradalign.data.problems import Problem
+from gradalign.data.problems import Problem, provenance
 from gradalign.data.tasks import TaskSets
 from gradalign.engine.round_scoring import RoundScores
 from gradalign.progress import log
@@ -54,13 +54,25 @@ def problem_rows(sets: TaskSets) -> list[dict[str, Any]]:
 
 
 def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[dict[str, Any]]:
+    """scores.jsonl: one row per candidate, with its provenance (`problems.provenance`)."""
     rows = []
     for j, p in enumerate(chunk):
-        row: dict[str, Any] = {"id": p.id, "source": p.source, "score": sel.scores[j]}
+        row: dict[str, Any] = {"id": p.id, "source": p.source, **provenance(p)}
+        row["score"] = sel.scores[j]
         for name in ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm"):
             value = getattr(cand, name)
             row[name] = None if value is None else value[j]
         rows.append(row)
+    return rows
+
+
+def selected_rows(ids: Any, by_id: dict[int, Problem]) -> list[dict[str, Any]]:
+    """selected.jsonl: the chosen ids in rank order, each with its provenance (mode `none`
+    selects the whole pool: ids outside the chunk have provenance from `by_id` when known)."""
+    rows = []
+    for rank, pid in enumerate(ids):
+        p = by_id.get(int(pid))
+        rows.append({"rank": rank, "id": int(pid), **(provenance(p) if p is not None else {})})
     return rows
 
 
@@ -120,9 +132,10 @@ def write_stage(
     scored: RoundScores,
     sel: Selection,
     metrics: dict[str, Any],
+    by_id: dict[int, Problem] | None = None,
 ) -> None:
     """Rollouts, scores, selection and features of a round; selection.json, written last,
-    marks the stage complete."""
+    marks the stage complete. `by_id` (the pool) gives the selected rows' provenance."""
     roles = ("candidate", "validation")
     write_jsonl(
         path / "rollouts.jsonl",
@@ -130,13 +143,12 @@ def write_stage(
     )
     crash_point("writing", r)
     write_jsonl(path / "scores.jsonl", score_rows(chunk, scored.candidates, sel))
-    write_jsonl(
-        path / "selected.jsonl", ({"rank": i, "id": int(pid)} for i, pid in enumerate(sel.ids))
-    )
+    by_id = by_id or {p.id: p for p in chunk}
+    write_jsonl(path / "selected.jsonl", selected_rows(sel.ids, by_id))
     if scored.features is not None:  # rows in chunk order, as scores.jsonl
         write_npy(path / "features.npy", scored.features)
     (path / "metrics.json").unlink(missing_ok=True)  # a stale one from an abandoned attempt
-    stage = {"round": r, "chunk": [p.id for p in chunk], "selected": [int(i) for i in sel.ids]}
+    stage = {"round": r + 1, "chunk": [p.id for p in chunk], "selected": [int(i) for i in sel.ids]}
     write_json(path / "selection.json", stage | {"metrics": metrics})
 
 

@@ -5,7 +5,8 @@ on `OUT/.lock` (released by the kernel if the process dies, so a killed run neve
 stale lock) and records the holder's pid, host and start time for the message a second
 process gets.
 
-After every round the loop writes `checkpoints/round-NNNN/`: `policy.pt` (the trainable
+After every round the loop writes `checkpoints/round-NNNN/` (NNNN = the round's number,
+from 1; `round_base`): `policy.pt` (the trainable
 parameters: all of them, or the LoRA adapter), `trainer.pt` (optimizer and LR-scheduler
 states, RNG states) and, last, `state.json` (the config, eval history, wall time, the round
 — the position in the pool, whose chunks `chunks/manifest.json` lists — and the sha256 of
@@ -37,7 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradalign.config import RESUMABLE_FIELDS, differing_fields
+from gradalign.config import (
+    RESUMABLE_FIELDS,
+    Config,
+    differing_fields,
+    flatten_config,
+    upgrade_saved,
+)
 from gradalign.rundir import StorageError, write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
@@ -161,8 +168,21 @@ class Checkpoint:
     trainer: dict[str, Any]  # optimizer, scheduler, rng
 
 
+def round_base(out: Path) -> int:
+    """The number of a run directory's first round in its names: 1 (rounds/0001 holds round
+    1, as the console and metrics.jsonl count), or 0 for a run directory written before
+    names counted from 1 (it has rounds/0000), which keeps its names when resumed."""
+    return 0 if (Path(out) / "rounds" / "0000").is_dir() else 1
+
+
+def round_dir(out: Path, round_: int) -> Path:
+    """rounds/NNNN/ of the 0-based round index `round_`."""
+    return Path(out) / "rounds" / f"{round_ + round_base(out):04d}"
+
+
 def checkpoint_dir(out: Path, round_: int) -> Path:
-    return Path(out) / "checkpoints" / f"round-{round_:04d}"
+    """checkpoints/round-NNNN/: the checkpoint after the 0-based round index `round_`."""
+    return Path(out) / "checkpoints" / f"round-{round_ + round_base(out):04d}"
 
 
 def save_checkpoint(
@@ -218,7 +238,7 @@ def _check_state(state: Any, path: Path) -> int:
     round_, hashes = state["round"], state["sha256"]
     if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
         raise wrong("round", "a round number >= 0", round_)
-    if path.name != f"round-{round_:04d}":
+    if path.name != checkpoint_dir(path.parent.parent, round_).name:
         raise ValueError(f"field 'round' is {round_}, but the checkpoint is {path.name}")
     if not isinstance(hashes, dict) or not all(isinstance(hashes.get(n), str) for n in _FILES):
         raise wrong("sha256", "an object of the sha256 of policy.pt and trainer.pt", hashes)
@@ -288,6 +308,14 @@ def latest_checkpoint(out: Path, warn) -> Checkpoint | None:
 
 def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> None:
     """Load a checkpoint's parameters, optimizer, scheduler and RNG states in place."""
+    load_weights(ckpt, model)
+    optimizer.load_state_dict(ckpt.trainer["optimizer"])
+    scheduler.load_state_dict(ckpt.trainer["scheduler"])
+    set_rng_state(ckpt.trainer["rng"])
+
+
+def load_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's trainable parameters into `model` (ResumeError if they do not fit)."""
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(ckpt.policy) != expected:
         missing, extra = sorted(expected - set(ckpt.policy)), sorted(set(ckpt.policy) - expected)
@@ -305,12 +333,17 @@ def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> N
     with torch.no_grad():
         for name, value in ckpt.policy.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(ckpt.trainer["optimizer"])
-    scheduler.load_state_dict(ckpt.trainer["scheduler"])
-    set_rng_state(ckpt.trainer["rng"])
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The fields whose values differ, one line each (`config.RESUMABLE_FIELDS` ignored)."""
-    diffs = differing_fields([saved, current], RESUMABLE_FIELDS)
-    return [f"{name}: {a!r} in the run directory, {b!r} now" for name, (a, b) in diffs.items()]
+    """The fields whose values differ, one line each (`config.RESUMABLE_FIELDS` ignored).
+    A field the saved config lacks (a run directory older than the field) counts as equal
+    when the current value is the field's default, which is what that run used."""
+    absent = object()
+    diffs = differing_fields([upgrade_saved(saved), current], RESUMABLE_FIELDS, absent=absent)
+    defaults = flatten_config(json.loads(json.dumps(Config().to_dict())))
+    return [
+        f"{name}: {a!r} in the run directory, {b!r} now"
+        for name, (a, b) in diffs.items()
+        if not (a is absent and name in defaults and b == defaults[name])
+    ]

@@ -27,6 +27,7 @@ from gradalign.engine.round_scoring import (
     selection_metrics,
     timed,
 )
+from gradalign.engine.trl_args import check_grpo_config
 from gradalign.progress import bar, log
 from gradalign.run.artifacts import (
     discard_run,
@@ -48,9 +49,12 @@ from gradalign.run.checkpoint import (
     latest_checkpoint,
     read_checkpoint,
     restore,
+    round_dir,
     save_checkpoint,
 )
+from gradalign.run.export import save_final
 from gradalign.run.setup import Setup, build_setup
+from gradalign.run.tracking import Tracker, check_trackers, write_metrics_lines
 from gradalign.rundir import StorageError, write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
 
@@ -85,7 +89,7 @@ def sample(
                 salt=salt,
                 progress=advance,
             )
-        prompt_ids = [format_prompt(setup.tokenizer, p.prompt) for p in problems]
+        prompt_ids = [format_prompt(setup.tokenizer, p.chat) for p in problems]
         mine = dd.shard(num_batches(len(problems), sampling), rank, size)
         part = sample_completions(
             setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
@@ -126,6 +130,10 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     check(cfg)  # again: a Config's fields may have been changed after it was built
     out = Path(cfg.out_dir)
     dd.init_from_env(resolve_device(cfg.model.device))
+    check_trackers(cfg)  # before any model loads: the trackers' packages, TRL's fields
+    check_grpo_config(
+        cfg.train, cfg.rollout.max_new_tokens, cfg.seed, resolve_device(cfg.model.device)
+    )
     with contextlib.ExitStack() as stack:
 
         def prepare() -> Checkpoint | None:
@@ -179,8 +187,12 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         cfg.rollout.max_new_tokens,
         cfg.seed,
         resolve_device(cfg.model.device),
+        total_steps=cfg.rounds * cfg.train.steps_per_round,
     )
+    tracker = Tracker(cfg, out) if main else Tracker.off(cfg)
     state = start_state(setup, out, ckpt, trainer)
+    if ckpt is None:
+        tracker.initial(state["initial"])
     history: list[dict[str, Any]] = state["history"]
     for r in range(done, cfg.rounds):
         timings: dict[str, float] = {}
@@ -188,7 +200,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         staged = None
         if r == done:  # rank 0 reads what a crash left of this round
             staged = dd.broadcast_object(
-                read_stage(out / "rounds" / f"{r:04d}", chunk, by_id) if main else None
+                read_stage(round_dir(out, r), chunk, by_id) if main else None
             )
         if staged is None:
             chosen, metrics = score_and_select(setup, out, chunk, by_id, r, timings, trainer)
@@ -197,6 +209,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
             log(f"[{cfg.select.mode}] round {r + 1}: selection read back from the run directory")
         with bar("GRPO steps", cfg.train.steps_per_round) as advance:
             trainer.on_step = functools.partial(training_step_done, advance, r)
+            trainer.on_log = functools.partial(tracker.trl_step, r)
             with timed(timings, "time/training_s"):
                 try:
                     metrics |= trainer.train_round(
@@ -208,15 +221,20 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
             eval_seed = round_seed(cfg.seed, r, Stream.EVAL)
             metrics |= evaluate(setup, eval_seed, sampled=r == cfg.rounds - 1)
         crash_point("eval", r)
-        metrics |= timings | {"round": r}  # a staged round keeps its scoring times
+        metrics |= timings | {"round": r + 1}  # a staged round keeps its scoring times
         history.append(metrics)
         state["wall_s"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
         if main:
-            write_json(out / "rounds" / f"{r:04d}" / "metrics.json", metrics)
+            write_json(round_dir(out, r) / "metrics.json", metrics)
             save_checkpoint(out, r, setup.model, trainer.optimizer, trainer.scheduler, state)
+            write_metrics_lines(out, history)
+        tracker.round_done(r, metrics)
         log(round_line(cfg, r, metrics))
     trainer.close()
+    tracker.close()
+    if main:
+        save_final(out, setup.model, setup.tokenizer, cfg)
     return write_summary(cfg, out, state, time.perf_counter() - t_start)
 
 
@@ -284,7 +302,7 @@ def score_and_select(
     metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
     metrics |= selection_quality(chunk, scored.candidates, sel) | timings
     if dd.is_main():
-        write_stage(out / "rounds" / f"{r:04d}", r, chunk, scored, sel, metrics)
+        write_stage(round_dir(out, r), r, chunk, scored, sel, metrics, by_id)
     return chosen, metrics
 
 

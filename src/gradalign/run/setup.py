@@ -12,7 +12,7 @@ from gradalign.data.problems import check_disjoint
 from gradalign.data.tasks import TaskSets, make_regime
 from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts, generate
-from gradalign.progress import bar, console, log
+from gradalign.progress import bar, log
 from gradalign.scoring import distributed as dd
 
 
@@ -55,8 +55,7 @@ def build_sets(cfg: Config) -> TaskSets:
 def build_setup(cfg: Config) -> Setup:
     """Task sets, the policy (warm-started built-in or a local HF directory, LoRA when
     asked) and the rollout engine."""
-    from gradalign.engine.warmstart import load_or_warmstart
-    from gradalign.run.sources import check_model, check_scored_params, with_lora
+    from gradalign.run.sources import check_model, check_scored_params
 
     check_model(cfg)  # model.device, a built-in model's size: before loading anything
 
@@ -70,6 +69,22 @@ def build_setup(cfg: Config) -> Setup:
             )
         require()  # fail before loading anything
     sets = build_sets(cfg)
+    model, tokenizer = build_policy(cfg, sets)
+    check_scored_params(cfg, model)
+    setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
+    if cfg.rollout.backend == "vllm":
+        from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
+
+        setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
+    return setup
+
+
+def build_policy(cfg: Config, sets: TaskSets) -> tuple[Any, Any]:
+    """The policy before any GRPO step: the warm-started built-in model (from the cache when
+    there) or the local HF directory, with LoRA adapters when model.lora_r > 0."""
+    from gradalign.engine.warmstart import load_or_warmstart
+    from gradalign.run.sources import with_lora
+
     m = cfg.model
     if m.name.startswith("builtin:"):
         exclude = {p.prompt for p in sets.pool + sets.validation + sets.eval}
@@ -97,13 +112,7 @@ def build_setup(cfg: Config) -> Setup:
         from gradalign.run.sources import policy_from_config
 
         model, tokenizer = policy_from_config(cfg)  # LoRA applied inside when lora_r > 0
-    check_scored_params(cfg, model)
-    setup = Setup(cfg, model, tokenizer, fit_context(cfg, model, tokenizer, sets))
-    if cfg.rollout.backend == "vllm":
-        from gradalign.engine.vllm_backend import engine_from_config, generate_vllm
-
-        setup.generate = functools.partial(generate_vllm, engine_from_config(cfg, model, tokenizer))
-    return setup
+    return model, tokenizer
 
 
 def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> TaskSets:
@@ -132,6 +141,6 @@ def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> Task
 
 
 def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
+    """One warm-start step: its loss goes into the progress lines of a log (`progress.bar`)."""
+    advance.note = f"loss {loss:.3f}"  # type: ignore[attr-defined]
     advance(1)
-    if step % max(total // 5, 1) == 0 and not console.is_terminal:  # a few lines in logs
-        log(f"warm start: step {step}/{total}, loss {loss:.3f}")

@@ -1,5 +1,5 @@
 """Where a run's problems and policy come from when the user brings their own: problem files
-(``data.pool_files`` / ``val_files`` / ``eval_files``) and a local Hugging Face model directory
+(``data.pool_files`` / ``validation_files`` / ``eval_files``) and a local Hugging Face model directory
 (``model.name``), optionally wrapped with LoRA (``model.lora_r > 0``).
 
 Every error names the config field it comes from (``data.pool_files[0].path: ...``), so a bad
@@ -22,23 +22,34 @@ from gradalign.data.tasks import TaskSets
 # First problem id of each set: ids stay unique across the three sets (as in `tasks.make_task`).
 SET_FIELDS = (
     ("pool_files", "pool", 0),
-    ("val_files", "validation", 1_000_000),
+    ("validation_files", "validation", 1_000_000),
     ("eval_files", "eval", 2_000_000),
 )
 _SPEC_KEYS = [f.name for f in dataclasses.fields(FileSpec)]
 
 
+_INTEGERS = ("count", "offset", "limit", "seed")
+
+
 def _check_value(where: str, key: str, value: Any) -> None:
-    """Reject a value of the wrong type: `count` is an integer, every other key a string."""
-    if key == "count":
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}.count: expected an integer, got {value!r}")
+    """Reject a value of the wrong type: `count`, `offset`, `limit` and `seed` are integers,
+    `fraction` a number, every other key a string."""
+    if key in _INTEGERS:
+        if (value is not None or key in ("offset", "seed")) and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+    elif key == "fraction":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{where}.fraction: expected a number in [0, 1], got {value!r}")
     elif not isinstance(value, str) and not (value is None and key != "path"):
         raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
 
 
-def file_specs(entries: list[Any], name: str) -> list[FileSpec]:
-    """`FileSpec`s of a ``data.*_files`` list; errors name the entry (``name[i].key``)."""
+def file_specs(entries: list[Any], name: str, reward_style: str = "auto") -> list[FileSpec]:
+    """`FileSpec`s of a ``data.*_files`` list; errors name the entry (``name[i].key``). A
+    ``module:function`` reward gets `reward_style` (``data.reward_style``) unless it names
+    its own (``mod:fn@verl``)."""
     specs = []
     for i, entry in enumerate(entries):
         where = f"{name}[{i}]"
@@ -52,6 +63,9 @@ def file_specs(entries: list[Any], name: str) -> list[FileSpec]:
         for key, value in entry.items():
             _check_value(where, key, value)
         fields = {**entry, "path": Path(entry["path"]).expanduser()}
+        reward = fields.get("reward", "math")
+        if reward_style != "auto" and ":" in reward and "@" not in reward:
+            fields["reward"] = f"{reward}@{reward_style}"
         try:
             spec = FileSpec(**fields)
             spec.resolved_format  # noqa: B018 - raises for an unknown suffix
@@ -70,9 +84,11 @@ def file_specs(entries: list[Any], name: str) -> list[FileSpec]:
     return specs
 
 
-def load_set(entries: list[Any], name: str, seed: int, first_id: int) -> LoadResult:
+def load_set(
+    entries: list[Any], name: str, seed: int, first_id: int, reward_style: str = "auto"
+) -> LoadResult:
     """Load the files of one ``data.*_files`` field; an unusable result names the field."""
-    specs = file_specs(entries, name)
+    specs = file_specs(entries, name, reward_style)
     if not specs:
         raise ConfigError(f"{name}: give at least one file")
     try:
@@ -92,7 +108,8 @@ def _drop_shared(pool: list[Problem], held_out: list[Problem]) -> tuple[list[Pro
 
 
 def sets_from_files(cfg: Config, log: Callable[[str], None] | None = None) -> TaskSets:
-    """Pool, validation and eval sets from ``data.pool_files`` / ``val_files`` / ``eval_files``.
+    """Pool, validation and eval sets from ``data.pool_files`` / ``validation_files`` /
+    ``eval_files``.
 
     Ids: pool 0.., validation 1_000_000.., eval 2_000_000..; each set's `count` samples use
     ``data.seed``. Each set's load summary (files, sources, rejected records, duplicates) is
@@ -104,13 +121,13 @@ def sets_from_files(cfg: Config, log: Callable[[str], None] | None = None) -> Ta
     d = cfg.data
     loaded: dict[str, list[Problem]] = {}
     for field, role, first_id in SET_FIELDS:
-        result = load_set(getattr(d, field), f"data.{field}", d.seed, first_id)
+        result = load_set(getattr(d, field), f"data.{field}", d.seed, first_id, d.reward_style)
         log(f"{role} set (data.{field}): {summarise(result)}")
         loaded[role] = result.problems
     try:
         check_disjoint(loaded["validation"], loaded["eval"], ("validation", "eval"))
     except ProblemError as err:
-        raise ConfigError(f"data.val_files and data.eval_files: {err}") from None
+        raise ConfigError(f"data.validation_files and data.eval_files: {err}") from None
     pool, dropped = _drop_shared(loaded["pool"], loaded["validation"] + loaded["eval"])
     if dropped:
         log(f"pool: dropped {dropped} problem(s) whose prompt is in the validation or eval set")
@@ -163,7 +180,7 @@ def check_prompt_lengths(
         return list(problems), []
     kept, messages = [], []
     for p in problems:
-        n = len(format_prompt(tokenizer, p.prompt))
+        n = len(format_prompt(tokenizer, p.chat))
         if n + max_new_tokens <= max_context:
             kept.append(p)
             continue

@@ -1,0 +1,192 @@
+"""The `GRPOConfig` a run trains with: the fields gradalign sets from its own config, plus
+``train.trl_args``, any other field of the installed TRL's `GRPOConfig`, passed through.
+
+`check_trl_args` runs when a run starts, before any model loads: a name that is no field of
+GRPOConfig, a field gradalign sets itself, or a value GRPOConfig refuses is a `ConfigError`
+naming ``train.trl_args.NAME``. Importing TRL is slow, so `Config` construction does not do it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tempfile
+import types
+import typing
+from collections.abc import Collection
+from typing import Any
+
+from gradalign.config import ConfigError, TrainConfig, show
+from gradalign.engine.policy import quiet_libraries
+
+# The GRPOConfig fields gradalign sets, each with the field (or the reason) that governs it.
+SET_BY_GRADALIGN = {
+    "output_dir": "the run directory holds what a run produces (out_dir)",
+    "use_cpu": "model.device",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+    "report_to": "train.report_to",
+    "save_strategy": "the run directory's checkpoints (checkpoints/round-NNNN)",
+    "per_device_train_batch_size": "train.batch_size and train.micro_batch",
+    "gradient_accumulation_steps": "train.batch_size and train.micro_batch",
+    "num_generations": "train.num_generations",
+    "max_completion_length": "rollout.max_new_tokens",
+    "max_steps": "train.steps_per_round (and rounds)",
+    "num_train_epochs": "train.steps_per_round (and rounds)",
+    "learning_rate": "train.learning_rate",
+    "beta": "train.beta",
+    "loss_type": "train.loss_type",
+    "scale_rewards": "train.scale_rewards",
+    "max_grad_norm": "train.max_grad_norm",
+    "temperature": "train.temperature",
+    "seed": "seed (every round trains from its own seed)",
+    "logging_steps": "every step's metrics are read back into the round metrics",
+    "disable_tqdm": "gradalign's progress lines",
+    "optim": "gradalign creates the AdamW optimizer (weight_decay, adam_* fields pass through)",
+}
+
+TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, what gradalign trains with
+
+
+# transformers 5 folded warmup_ratio into warmup_steps (a float in [0, 1) is a ratio): a
+# config written for transformers 4 keeps working with either.
+RENAMED = {"warmup_ratio": "warmup_steps"}
+
+
+def trl_kwargs(given: dict[str, Any], fields: Collection[str]) -> dict[str, Any]:
+    """`given` (train.trl_args) in the installed GRPOConfig's names (`RENAMED`)."""
+    out = {}
+    for name, value in given.items():
+        new = RENAMED.get(name)
+        out[new if name not in fields and new in fields else name] = value
+    return out
+
+
+def grpo_fields() -> dict[str, dataclasses.Field]:
+    with quiet_libraries():
+        from trl import GRPOConfig
+    return {f.name: f for f in dataclasses.fields(GRPOConfig)}
+
+
+def _name_error(name: str, fields: dict[str, dataclasses.Field]) -> ConfigError:
+    import trl
+
+    if name in SET_BY_GRADALIGN:
+        return ConfigError(
+            f"train.trl_args.{name}: gradalign sets this GRPOConfig field itself; "
+            f"use {SET_BY_GRADALIGN[name]}"
+        )
+    close = difflib.get_close_matches(name, [f for f in fields if f not in SET_BY_GRADALIGN], 3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(
+        f"train.trl_args.{name}: not a field of GRPOConfig in the installed TRL "
+        f"{trl.__version__}{hint}"
+    )
+
+
+def _type_error(name: str, value: Any, hint: Any) -> ConfigError | None:
+    """A value that cannot be of the field's declared type (bool / int / float / str and
+    unions of them; other declared types are left to GRPOConfig itself)."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(hint)) if union else {hint}
+    if not allowed <= {bool, int, float, str, type(None)}:
+        return None
+    ok = (
+        (value is None and type(None) in allowed)
+        or (isinstance(value, bool) and bool in allowed)
+        or (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and (int in allowed or float in allowed)
+        )
+        or (isinstance(value, float) and float in allowed)
+        or (isinstance(value, str) and str in allowed)
+    )
+    if ok:
+        return None
+    names = " or ".join(sorted(t.__name__ if t is not type(None) else "null" for t in allowed))
+    return ConfigError(f"train.trl_args.{name}: expected {names}, got {show(value)}")
+
+
+def check_trl_args(t: TrainConfig) -> None:
+    """Every ``train.trl_args`` name is a GRPOConfig field that gradalign leaves to the user,
+    and every value has the field's type; GRPOConfig itself then accepts them
+    (`build_grpo_config`). Raises ConfigError naming ``train.trl_args.NAME``."""
+    if not t.trl_args:
+        return
+    fields = grpo_fields()
+    with quiet_libraries():
+        from trl import GRPOConfig
+
+        try:
+            hints = typing.get_type_hints(GRPOConfig)
+        except Exception:  # a forward reference this Python cannot resolve: GRPOConfig checks
+            hints = {}
+    for name, value in t.trl_args.items():
+        if name in RENAMED and name not in fields and RENAMED[name] in fields:
+            if RENAMED[name] in t.trl_args:
+                raise ConfigError(f"train.trl_args.{name}: give it or {RENAMED[name]}, not both")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(
+                    f"train.trl_args.{name}: expected a ratio in [0, 1), got {show(value)}"
+                )
+            continue
+        if name not in fields or name in SET_BY_GRADALIGN:
+            raise _name_error(name, fields)
+        err = _type_error(name, value, hints.get(name, Any))
+        if err is not None:
+            raise err
+
+
+def build_grpo_config(t: TrainConfig, own: dict[str, Any]) -> Any:
+    """GRPOConfig(**own | t.trl_args): `own` is what gradalign sets (`SET_BY_GRADALIGN`
+    among them). A value GRPOConfig refuses is a ConfigError naming train.trl_args."""
+    with quiet_libraries():
+        from trl import GRPOConfig
+
+        fields = grpo_fields()
+        kwargs = {k: v for k, v in own.items() if k in fields}  # older TRL lacks a few
+        try:  # trl_args may override the defaults gradalign does not own (checkpointing)
+            return GRPOConfig(**(kwargs | trl_kwargs(t.trl_args, fields)))
+        except (ValueError, TypeError, KeyError) as err:
+            given = ", ".join(f"{k}={v!r}" for k, v in t.trl_args.items()) or "none"
+            reason = " ".join(str(err).split())[:300]
+            raise ConfigError(
+                f"train.trl_args ({given}): GRPOConfig refuses this configuration: {reason}"
+            ) from None
+
+
+def check_grpo_config(t: TrainConfig, max_completion_length: int, seed: int, device: str) -> None:
+    """The whole GRPOConfig of a run built once, with a throwaway output_dir, so that a value
+    GRPOConfig refuses fails before any model loads (`check_trl_args` first)."""
+    check_trl_args(t)
+    if not t.trl_args:
+        return
+    from gradalign.engine.training import grpo_settings
+
+    with tempfile.TemporaryDirectory(prefix="gradalign-check-") as tmp:
+        build_grpo_config(t, grpo_settings(t, max_completion_length, seed, device, False, tmp))
+
+
+def optimizer_settings(t: TrainConfig) -> dict[str, Any]:
+    """AdamW's keyword arguments: torch's defaults, or the trl_args fields the user gave."""
+    given = t.trl_args
+    return {
+        "lr": t.learning_rate,
+        "betas": (given.get("adam_beta1", 0.9), given.get("adam_beta2", 0.999)),
+        "eps": given.get("adam_epsilon", 1e-8),
+        "weight_decay": given.get("weight_decay", TORCH_ADAMW_WEIGHT_DECAY),
+    }
+
+
+def schedule_settings(t: TrainConfig, args: Any, total_steps: int) -> tuple[str, int]:
+    """(scheduler name, warm-up steps) over the run's `total_steps` GRPO steps: constant
+    (what gradalign always trained with) unless trl_args sets lr_scheduler_type or warm-up."""
+    name = str(t.trl_args.get("lr_scheduler_type", "constant_with_warmup"))
+    if hasattr(args, "get_warmup_steps"):
+        warmup = args.get_warmup_steps(total_steps)
+    else:
+        warmup = int(getattr(args, "warmup_steps", 0) or 0)
+        ratio = getattr(args, "warmup_ratio", 0.0) or 0.0
+        warmup = warmup or int(ratio * total_steps + 0.999999)
+    return name, warmup

@@ -1,0 +1,124 @@
+"""The trained policy as a Hugging Face directory: RUN_DIR/final/ (written at the end of a
+run, and by `gradalign export RUN_DIR [--round N] [--merge]` from a round's checkpoint).
+
+The directory holds `save_pretrained` files that `AutoModelForCausalLM.from_pretrained`,
+`AutoTokenizer.from_pretrained` and vLLM load: config.json, model.safetensors,
+generation_config.json and the tokenizer (the built-in models' character-level tokenizer
+included). A LoRA run whose base is a local model directory writes the adapter alone
+(adapter_config.json names the base directory; `AutoModelForCausalLM` loads it through peft),
+or, with ``--merge``, the merged full weights. A built-in base exists only in the warm-start
+cache, so a built-in LoRA run always writes merged weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gradalign.config import Config, ConfigError, load_config
+from gradalign.engine.policy import quiet_libraries
+from gradalign.progress import log
+
+
+class ExportError(RuntimeError):
+    """The run directory or the round asked for cannot be exported; one line."""
+
+
+def is_lora(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_policy(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool) -> str:
+    """Write `model` and `tokenizer` to `dest` (replaced whole, atomically); returns what
+    was written ("full weights", "LoRA adapter" or "merged LoRA weights"). With `merge` on a
+    LoRA model a merged copy is written; `model` itself is left as it is."""
+    builtin = cfg.model.name.startswith("builtin:")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        with quiet_libraries():
+            what = _save(model, tokenizer, tmp, cfg, merge or builtin)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return what
+
+
+def _save(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool) -> str:
+    if is_lora(model) and not merge:
+        for adapter in model.peft_config.values():  # found wherever final/ is read from
+            adapter.base_model_name_or_path = str(Path(cfg.model.name).expanduser().resolve())
+        model.save_pretrained(dest)
+        what = "LoRA adapter"
+    elif is_lora(model):
+        copy.deepcopy(model).merge_and_unload().save_pretrained(dest)
+        what = "merged LoRA weights"
+    else:
+        model.save_pretrained(dest)
+        what = "full weights"
+    tokenizer.save_pretrained(dest)
+    return what
+
+
+def save_final(out: Path, model: Any, tokenizer: Any, cfg: Config) -> None:
+    """RUN_DIR/final/ at the end of a run (LoRA on a local model: the adapter)."""
+    what = save_policy(model, tokenizer, Path(out) / "final", cfg, merge=False)
+    log(f"[{cfg.select.mode}] trained policy ({what}): {Path(out) / 'final'}")
+
+
+def _kept(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("round-*") if p.is_dir())
+
+
+def _checkpoint_path(run_dir: Path, round_: int | None) -> Path:
+    from gradalign.run.checkpoint import KEEP, latest_checkpoint
+
+    kept = _kept(run_dir)
+    if not kept:
+        raise ExportError(f"{run_dir} has no checkpoint (no round has finished yet)")
+    if round_ is None:
+        ckpt = latest_checkpoint(run_dir, lambda msg: log(f"warning: {msg}"))
+        if ckpt is None:
+            raise ExportError(f"{run_dir}: no checkpoint verifies ({', '.join(kept)})")
+        return ckpt.path
+    name = f"round-{round_:04d}"
+    if name not in kept:
+        raise ExportError(
+            f"{run_dir}: round {round_} has no checkpoint; kept: {', '.join(kept)} (a run keeps "
+            f"the checkpoints of its last {KEEP} rounds)"
+        )
+    return run_dir / "checkpoints" / name
+
+
+def export_run(
+    run_dir: Path, round_: int | None = None, merge: bool = False, dest: Path | None = None
+) -> tuple[Path, str]:
+    """Rebuild the policy of `run_dir`'s config, load the checkpoint of round `round_` (its
+    number in checkpoints/round-NNNN; None: the newest) and save it to `dest` (default
+    RUN_DIR/final, or RUN_DIR/final-round-NNNN for a given round). Returns (dest, what)."""
+    from gradalign.run.checkpoint import load_weights, read_checkpoint
+    from gradalign.run.setup import build_policy, build_sets
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} is not a run directory (it has no config.yaml)")
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as err:
+        raise ExportError(f"{run_dir / 'config.yaml'}: {err}") from None
+    path = _checkpoint_path(run_dir, round_)
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    model, tokenizer = build_policy(cfg, build_sets(cfg))
+    load_weights(ckpt, model)
+    if dest is None:
+        dest = run_dir / ("final" if round_ is None else f"final-round-{round_:04d}")
+    return Path(dest), save_policy(model, tokenizer, Path(dest), cfg, merge)

@@ -1,0 +1,37 @@
+"""`gradalign report` on runs over problem files: the data is named as what it is ("files"),
+with no built-in regime, no corrupted-share table and no "noisy" title."""
+
+from __future__ import annotations
+
+from test_report import write_run
+
+from gradalign.analysis.report import build_report, load_run
+
+FILES = [
+    "data.pool_files=[{path: pool.jsonl}]",
+    "data.validation_files=[{path: val.jsonl}]",
+    "data.eval_files=[{path: eval.jsonl}]",
+]
+
+
+def test_report_of_a_file_data_run_names_no_regime(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "noisy", "sim", 0, [0.2, 0.3], [0.0, 0.0], extra=FILES)
+    run = load_run(run_dir)
+    assert (run.regime, run.shares, run.pool_shares) == ("files", {}, {})
+    res = build_report(run_dir)
+    assert list(res["final_accuracy"]) == ["files"]
+    assert res["final_accuracy"]["files"]["sim"]["mean"] == 0.3
+    text = (run_dir / "report" / "report.md").read_text()
+    assert "noisy" not in text and "corrupted" not in text.lower() and "Share of" not in text
+    assert "| mode | files |\n|---|---|\n| sim | 0.300 ± n/a (n=1) |" in text
+    assert (run_dir / "report" / "accuracy.png").is_file()
+
+
+def test_built_in_runs_keep_their_regime_and_shares(tmp_path):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, "noisy", "sim", 0, [0.2, 0.3], [0.25, 0.5])
+    run = load_run(run_dir)
+    assert (run.regime, run.shares["corrupted"], run.pool_shares["corrupted"]) == (
+        "noisy", [0.25, 0.5], 0.5
+    )  # fmt: skip
