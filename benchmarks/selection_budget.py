@@ -125,9 +125,7 @@ def training(
             cfg = config(base, name, seed, [f"rounds={rounds}", f"out_dir={where}"])
             t0 = time.perf_counter()
             summary = run(cfg, restart=True)
-            history = [
-                read_json(where / "rounds" / f"{r:04d}" / "metrics.json") for r in range(rounds)
-            ]
+            history = [read_json(d / "metrics.json") for d in sorted((where / "rounds").iterdir())]
             times = summary["time_totals"]
             rollouts = [
                 m.get("rollouts/candidates", 0) + m.get("rollouts/validation", 0) for m in history
