@@ -17,6 +17,9 @@ the largest disagreement batched vs exact. On a CPU shared with other jobs, `--t
 the steadiest figures (2 threads contending with other processes spin and slow down erratically).
 
     .venv/bin/python benchmarks/scoring.py --problems 256 --rollouts 8 --sizes tiny,small
+
+`--sizes qwen2.5-0.5b,qwen2.5-1.5b --device cuda --dtype bfloat16` scores random-init models
+of those shapes (`qwen_shapes.py`) on random token ids: `gpu_check.sh` runs it so.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
+from qwen_shapes import DTYPES, SHAPES, build_qwen, synthetic_rollouts
 
 from gradalign.core.alignment import exact_alignment, scored_parameters
 from gradalign.data.tasks import draw_problems
@@ -90,21 +94,34 @@ def worst(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / np.abs(a).max())
 
 
-def bench(size: str, args: argparse.Namespace) -> None:
+def model_and_rollouts(size: str, args: argparse.Namespace) -> tuple[Any, Rollouts, Rollouts, int]:
+    """The model, chunk and validation rollouts, and the pad id: a built-in size samples
+    its rollouts; a Qwen shape (`qwen_shapes`, random init) gets random token ids."""
+    if size in SHAPES:
+        model = build_qwen(size, args.dtype, args.device, args.seed)
+        vocab = SHAPES[size][5]
+        chunk = synthetic_rollouts(args.problems, args.rollouts, vocab, args.seed)
+        val = synthetic_rollouts(args.val_problems, args.rollouts, vocab, args.seed + 7, 10**6)
+        return model, chunk, val, 0
     tok = build_tokenizer()
-    model = build_model(tok, size, seed=args.seed).to(args.device).eval()
-    params = scored_parameters(model, args.params)
+    model = build_model(tok, size, seed=args.seed).to(args.device, DTYPES[args.dtype]).eval()
     chunk = make_rollouts(model, tok, args.problems, args.rollouts, args.seed, 0)
     val = make_rollouts(model, tok, args.val_problems, args.rollouts, args.seed + 7, 10**6)
-    batch = chunk.to_batch(tok.pad_token_id).to(args.device)
-    vbatch = val.to_batch(tok.pad_token_id).to(args.device)
+    return model, chunk, val, tok.pad_token_id
+
+
+def bench(size: str, args: argparse.Namespace) -> None:
+    model, chunk, val, pad = model_and_rollouts(size, args)
+    params = scored_parameters(model, args.params)
+    batch = chunk.to_batch(pad).to(args.device)
+    vbatch = val.to_batch(pad).to(args.device)
     gpm = args.groups_per_micro
     n_par = sum(p.numel() for p in params)
     tokens = int(batch.attention_mask.sum())
     print(
         f"\n== {size}: {n_par / 1e6:.2f}M scored params, {batch.num_groups} problems x "
         f"{args.rollouts} rollouts, {tokens} tokens, {int(chunk.zero_variance().sum())} "
-        f"zero-variance groups, {gpm} groups per micro-batch, {args.device}, "
+        f"zero-variance groups, {gpm} groups per micro-batch, {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads"
     )
     val_dir = flatten_pieces(batched_validation_direction(model, params, vbatch, "sum", gpm))
@@ -145,8 +162,13 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=256, help="candidate problems in the chunk")
     ap.add_argument("--rollouts", type=int, default=8, help="rollouts per problem (k)")
     ap.add_argument("--val-problems", type=int, default=16, help="validation problems")
-    ap.add_argument("--sizes", default="tiny,small", help="built-in model sizes, comma-separated")
+    ap.add_argument(
+        "--sizes",
+        default="tiny,small",
+        help="built-in model sizes or Qwen shapes (qwen2.5-0.5b, qwen2.5-1.5b, qwen-tiny)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype")
     ap.add_argument("--params", default="all", help="scored parameters: all | last:N")
     ap.add_argument("--groups-per-micro", type=int, default=16, help="groups per micro-batch")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: its default)")

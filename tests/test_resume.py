@@ -240,3 +240,24 @@ def test_damaged_warm_start_cache_is_retrained(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     assert load_or_warmstart(*args, log=logs.append)[0] is not None
     assert logs[-1] == f"warm start: loaded from cache {cached}"
+
+
+@pytest.mark.slow
+def test_successive_halving_killed_mid_round_then_resumed_matches_uninterrupted_run(
+    reference, tmp_path
+):
+    """select.budget=halving: both stages' rollouts are seeded by (seed, round, stream), so
+    a round redone after a kill during its rollouts or its scoring samples the same."""
+    halving = [*TINY, "select.budget=halving", "select.k_r0=2"]
+    cache = reference[2]  # its warm start
+    ref, out = tmp_path / "reference", tmp_path / "killed"
+    assert gradalign_run(halving, ref, cache).returncode == 0
+    for kill_at in ("rollouts:1", "scoring:2"):
+        proc = gradalign_run(halving, out, cache, kill_at=kill_at)
+        assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stdout + proc.stderr)
+    proc = gradalign_run(halving, out, cache)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_same_run(out, ref)
+    metrics = [read_json(d / "metrics.json") for d in sorted((ref / "rounds").iterdir())]
+    assert len(metrics) == 3 and all(0 < m["select/stopped_frac"] < 1 for m in metrics)
+    assert all(m["rollouts/candidates"] < 16 * 4 for m in metrics)  # chunk 16 x k_r 4

@@ -175,6 +175,12 @@ class SelectConfig(Section):
         0, "save seeded random-projection features [P, project_dim] of each g_p per round (0 = off)"
     )
     groups_per_micro: int = doc(16, "groups per forward/backward micro-batch when scoring")
+    budget: Literal["full", "halving"] = doc(
+        "full",
+        "candidate rollouts: 'full' = rollout.k_r each; 'halving' = select.k_r0 each, then "
+        "k_r in all for those whose rewards differ (the others stop as zero-variance groups)",
+    )
+    k_r0: int = doc(2, "select.budget=halving: first-stage rollouts per candidate, 2 .. k_r - 1")
 
     @property
     def n_select(self) -> int:
@@ -479,6 +485,7 @@ def differing_fields(
 
 from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they need ConfigError
     check,
+    check_budget,
     check_rollout,
     check_select,
     data_aliases,

@@ -80,6 +80,7 @@ def check_rollout(r: RolloutConfig) -> None:
 def check_select(s: SelectConfig) -> None:
     """The `select` section's own invariants (the TRL callback checks its SelectConfig so)."""
     _positive_fields("select.", s)
+    _group_size("select.k_r0", s.k_r0)
     if s.n_select < 1:
         raise ConfigError(
             f"select.k ({s.k}) leaves 0 problems from chunk_size {s.chunk_size}; "
@@ -94,6 +95,16 @@ def check_select(s: SelectConfig) -> None:
             )
     elif s.params not in ("all", "lora"):
         raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
+
+
+def check_budget(s: SelectConfig, r: RolloutConfig) -> None:
+    """``select.budget=halving`` needs a second stage: k_r0 below k_r."""
+    if s.budget == "halving" and s.k_r0 >= r.k_r:
+        raise ConfigError(
+            f"select.k_r0 ({s.k_r0}) must be below rollout.k_r ({r.k_r}) with "
+            "select.budget=halving (k_r0 first-stage rollouts, then k_r in all for the "
+            "survivors); lower k_r0 or raise k_r"
+        )
 
 
 def _check_fields(cfg: Config) -> None:
@@ -173,6 +184,7 @@ def check(cfg: Config) -> None:
             f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
         )
     check_rollout(r)
+    check_budget(s, r)
     _group_size("train.num_generations", t.num_generations)
     _check_train(t)
     _check_data(d)

@@ -34,6 +34,7 @@ class Stream(IntEnum):
     SELECT = 3  # the draws of the sampled modes (acc, rand, the zero-gradient fallback)
     EVAL = 4  # eval rollouts
     TRAIN = 5  # the round's GRPO steps: the loop's trainer, the TRL callback's row order
+    HALVING = 6  # successive halving's second-stage candidate rollouts (select.budget=halving)
 
 
 def round_seed(seed: int, round_: int, stream: Stream) -> int:

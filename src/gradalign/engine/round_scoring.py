@@ -12,6 +12,8 @@ what is its own (run directory, checkpoints, TRL's sampler).
 
 Metrics (stable names, shared by the run directory and the callback's ``gradalign/*`` logs):
 ``select/chunk_pass_rate``, ``select/chunk_zero_variance_frac``, ``rollouts/bad_rewards``,
+``rollouts/candidates``, ``rollouts/validation`` (rollouts generated), ``select/stopped_frac``
+(``select.budget=halving``: candidates stopped after the first stage, `budget`),
 ``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``val/split_half_cos``
 (a `SelectionWarning` when <= 0), ``score/cos_mean``,
 ``score/val_norm``, then from `selection_metrics` ``select/n``, ``select/excluded``,
@@ -40,6 +42,7 @@ from gradalign.core.diagnostics import cosine, split_halves
 from gradalign.core.grpo import SequenceBatch
 from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
 from gradalign.data.problems import Problem, Stream, round_seed
+from gradalign.engine.budget import halving_rollouts
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import precondition
@@ -99,7 +102,7 @@ def score_chunk(
     [P], in chunk order), as mode ``s.mode`` needs them, under the current policy.
 
     `sample` draws the rollouts, seeded by `round_seed(seed, round_, Stream.CANDIDATES /
-    VALIDATION)`; `optimizer` gives Adam's second moment for ``s.precondition=adam``;
+    VALIDATION)` (and ``Stream.HALVING`` for ``s.budget=halving``'s second stage); `optimizer` gives Adam's second moment for ``s.precondition=adam``;
     `timings` collects ``time/candidate_rollouts_s``, ``time/validation_rollouts_s`` and
     ``time/scoring_s``; `stage_done("rollouts" | "scoring")` is called as each stage ends."""
     timings = {} if timings is None else timings
@@ -107,21 +110,24 @@ def score_chunk(
     need = needs(s.mode)
     if not need:
         return RoundScores(Candidates(ids), [], {})
-    cand_seed = round_seed(seed, round_, Stream.CANDIDATES)
     with timed(timings, "time/candidate_rollouts_s"):
-        cand = sample(chunk, rollout.k_r, cand_seed, "candidate rollouts")
+        cand, survive = candidate_rollouts(chunk, rollout, s, seed, round_, sample)
     done("rollouts")
     zv = cand.zero_variance()
     metrics: dict[str, Any] = {
         "select/chunk_pass_rate": float(cand.pass_rates().mean()),
         "select/chunk_zero_variance_frac": float(zv.mean()),
         "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
+        "rollouts/candidates": len(cand.rewards),
     }
+    if survive is not None:
+        metrics["select/stopped_frac"] = float(1 - survive.mean())
     if "gradients" not in need:
         return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
     val_seed = round_seed(seed, round_, Stream.VALIDATION)
     with timed(timings, "time/validation_rollouts_s"):
         val = sample(validation, rollout.k_v, val_seed, "validation rollouts")
+    metrics["rollouts/validation"] = len(val.rewards)
     metrics["val/pass_rate"] = float(val.rewards.mean())
     metrics["val/bad_rewards"] = val.bad_rewards
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
@@ -143,6 +149,22 @@ def score_chunk(
         ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
     )
     return RoundScores(cands, [cand, val], metrics, features)
+
+
+def candidate_rollouts(
+    chunk: Sequence[Item],
+    rollout: RolloutConfig,
+    s: SelectConfig,
+    seed: int,
+    round_: int,
+    sample: Sample,
+) -> tuple[Rollouts, np.ndarray | None]:
+    """The chunk's candidate rollouts under ``s.budget`` and, for `halving`, the survivors
+    (bool [P], `budget.halving_rollouts`): `full` gives every candidate k_r rollouts."""
+    if s.budget == "halving":
+        return halving_rollouts(chunk, rollout.k_r, s.k_r0, seed, round_, sample)
+    cand_seed = round_seed(seed, round_, Stream.CANDIDATES)
+    return sample(chunk, rollout.k_r, cand_seed, "candidate rollouts"), None
 
 
 def _gradient_scores(

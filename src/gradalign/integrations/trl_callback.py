@@ -50,7 +50,13 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from gradalign.config import RolloutConfig, SelectConfig, check_rollout, check_select
+from gradalign.config import (
+    RolloutConfig,
+    SelectConfig,
+    check_budget,
+    check_rollout,
+    check_select,
+)
 from gradalign.core import selection
 from gradalign.data.problems import ChunkSchedule, Problem
 from gradalign.engine.rollout import Rollouts, generate
@@ -111,6 +117,7 @@ class GradAlignCallback(TrainerCallback):
         check_select(self.select)
         if rollout is not None:
             check_rollout(rollout)
+            check_budget(self.select, rollout)
             if rollout.backend != "hf":
                 raise ValueError(
                     f"rollout.backend: {rollout.backend!r}, but GradAlignCallback samples with "
@@ -174,6 +181,7 @@ class GradAlignCallback(TrainerCallback):
                 max_new_tokens=args.max_completion_length,
             )
             check_rollout(self.rollout)
+            check_budget(self.select, self.rollout)
         if self.reward_funcs is None:  # the trainer's rewards, with the trainer's weights
             self.reward_funcs = list(trainer.reward_funcs)
             self.reward_weights = self.reward_weights or args.reward_weights

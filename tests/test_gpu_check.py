@@ -1,0 +1,39 @@
+"""`benchmarks/gpu_check.sh`: its CPU dry run goes through every step on a tiny Qwen2 shape in
+bf16, and without a GPU the real run refuses with one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def run(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PY": sys.executable, "OMP_NUM_THREADS": "1"} | env_vars
+    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True)
+
+
+def test_dry_run_scores_and_generates_with_a_tiny_qwen_shape_in_bf16() -> None:
+    proc = run("--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "== qwen-tiny: 0.14M scored params, 8 problems x 4 rollouts" in out
+    assert ", cpu, bfloat16, " in out
+    for step in ("floor (plain fwd+bwd)", "batched, chunk=False", "exact per-group loop"):
+        assert re.search(rf"^{re.escape(step)}\s+\d+\.\d\d\s+\d+\.\d\d", out, re.M), step
+    diff = re.search(r"max rel\. diff batched vs exact: dot_val (\S+),", out)
+    assert diff is not None and float(diff.group(1)) < 1e-2  # bf16 round-off, not an error
+    assert re.search(r"^qwen-tiny\s+hf\s+\d+\.\d\d\s+\d", out, re.M)
+    assert "qwen-tiny     vLLM: not measured (not installed, or no CUDA GPU)" in out
+
+
+def test_without_a_gpu_the_real_run_refuses_in_one_line() -> None:
+    proc = run(CUDA_VISIBLE_DEVICES="")  # no GPU visible, on any machine
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"gpu_check.sh: no CUDA GPU visible to {sys.executable} (--dry-run runs the CPU version)\n"
+    )
