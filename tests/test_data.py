@@ -162,6 +162,10 @@ def test_verl_jsonl() -> None:
         )),
     ]  # fmt: skip
     assert result.problems[0].chat == [system, {"role": "user", "content": "What is 30 + 4?"}]
+    columns = result.problems[0].columns  # the record's fields but the prompt (TRL rewards)
+    assert columns is not None and "prompt" not in columns
+    assert columns["data_source"] == "dapo" and columns["extra_info"] == {"index": "a1"}
+    assert "reward_model" in columns
     assert [p.meta for p in result.problems] == [
         {"file": str(VERL), "line": 1, "index": "a1", "data_source": "dapo",
          "extra_info": {"index": "a1"}},

@@ -4,6 +4,7 @@ working directory importable; functions that fit no signature refused naming the
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,19 @@ def test_trl_reward_functions_get_one_completion_and_the_columns(user_module):
         "ground_truth": ["7"],
         "data_source": ["addition"],
         "source": ["addition"],
+    }
+    # a file record's own fields arrive as TRL passes a dataset's columns, as written there
+    sys.modules[user_module].CALLS.clear()
+    columns = {"answer": "#### 7", "solution": "3+4=7", "data_source": "gsm8k"}
+    filed = dataclasses.replace(problem(name, data_source="gsm8k"), columns=columns)
+    assert checked_reward(filed, "7") == (0.0, None)
+    assert sys.modules[user_module].CALLS[0][2] == {
+        "prompts": ["3+4"],
+        "answer": ["#### 7"],
+        "ground_truth": ["7"],
+        "data_source": ["gsm8k"],
+        "source": ["addition"],
+        "solution": ["3+4=7"],
     }
     # without **kwargs: only the columns it names
     assert checked_reward(problem(f"{user_module}:trl_named"), "ab") == (6.0, None)

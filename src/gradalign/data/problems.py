@@ -56,6 +56,9 @@ class Problem:
     messages: tuple[dict[str, str], ...] | None = field(default=None, hash=False)
     # the whole chat of a file's prompt (system message included; the last user message's
     # content is `prompt`); None: the one user message `prompt`
+    columns: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    # a file record's fields but the prompt, as written there (TRL reward functions get them
+    # as a dataset's columns); None for built-in problems
 
     @property
     def chat(self) -> list[dict[str, str]]:

@@ -130,6 +130,7 @@ class Record:
     index: Any  # extra_info.index, or None
     data_source: Any  # the record's data_source, or None
     extra_info: Any = None  # the record's extra_info (verl rewards are given it), or None
+    columns: dict[str, Any] | None = None  # every field but the prompt (TRL rewards get them)
 
 
 def read_record(rec: Any, spec: FileSpec, default_source: str) -> Record:
@@ -152,7 +153,8 @@ def read_record(rec: Any, spec: FileSpec, default_source: str) -> Record:
     index = None if index is _MISSING else index
     extra = rec.get("extra_info")
     extra = extra if isinstance(extra, dict) else None
-    return Record(prompt, chat, answer, source, index, data_source, extra)
+    columns = {k: v for k, v in rec.items() if k != prompt_name}
+    return Record(prompt, chat, answer, source, index, data_source, extra, columns)
 
 
 def problem_fields(
@@ -176,5 +178,5 @@ def problem_fields(
         messages = tuple(chat)
     return {
         "prompt": text, "answer": r.answer, "source": r.source, "meta": meta,
-        "messages": messages,
+        "messages": messages, "columns": r.columns or None,
     }  # fmt: skip

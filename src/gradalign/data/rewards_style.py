@@ -10,7 +10,8 @@ to ``RewardFn = (problem, completion) -> float``.
 - ``trl``: ``fn(completions, **kwargs) -> list[float]``, called with one completion:
   ``prompts=[prompt]``, ``completions=[completion]`` (standard format: strings) and the
   columns ``answer`` and ``ground_truth`` (the reference answer), ``data_source`` and
-  ``source``, each a one-item list (a function without ``**kwargs`` gets the ones it names).
+  ``source``, then the record's own fields as TRL passes a dataset's columns (a file's
+  ``answer`` column, say, as written there, overriding ours), each a one-item list (a function without ``**kwargs`` gets the ones it names).
 
 ``auto`` tells them apart by parameter names: ``solution_str`` means verl, ``completions``
 means TRL, any other function callable with two positional arguments is ours. A function
@@ -127,13 +128,18 @@ def _trl(fn: Callable[..., Any]) -> Callable[..., Any]:
     named = {p.name for p in params}
 
     def reward(problem: Any, completion: str) -> Any:
-        columns = {
-            "prompts": [problem.prompt],
-            "completions": [completion],
+        ours = {
             "answer": [problem.answer],
             "ground_truth": [problem.answer],
             "data_source": [problem.meta.get("data_source", problem.source)],
             "source": [problem.source],
+        }
+        dataset = {k: [v] for k, v in (getattr(problem, "columns", None) or {}).items()}
+        columns = {
+            "prompts": [problem.prompt],
+            "completions": [completion],
+            **ours,
+            **{k: v for k, v in dataset.items() if k not in ("prompts", "completions")},
         }
         kwargs = columns if open_kwargs else {k: v for k, v in columns.items() if k in named}
         values = fn(**kwargs)
