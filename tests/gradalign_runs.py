@@ -37,6 +37,19 @@ SCORED = [
 ]
 
 
+# A 2-round run of that arithmetic on a 20-step warm start: the end-to-end, tracking and
+# operating-system-fault tests' run.
+TWO_ROUNDS = [
+    *ROUND,
+    "rounds=2",
+    "model.warmstart_steps=20",  # cached after the first run
+    "data.pool_size=48",
+    "data.val_size=6",
+    "data.eval_size=12",
+    "rollout.k_v=4",
+]
+
+
 def command(settings: list[str], out: Path, cache: Path, nproc: int = 1) -> list[str]:
     launcher = ["-m", "gradalign.cli"]
     if nproc > 1:

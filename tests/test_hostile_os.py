@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from gradalign_runs import assert_same_run
+from gradalign_runs import TWO_ROUNDS, assert_same_run
 from typer.testing import CliRunner
 
 from gradalign.cli import app
@@ -32,21 +32,7 @@ from gradalign.rundir import read_json
 
 runner = CliRunner()
 LABELS = ("config error: ", "storage error: ", "training diverged: ")  # _fail's labels
-TINY = [
-    "rounds=2",
-    "model.warmstart_steps=20",  # cached in $GRADALIGN_CACHE after the first run
-    "data.pool_size=48",
-    "data.val_size=6",
-    "data.eval_size=12",
-    "select.chunk_size=16",
-    "select.k=4",
-    "train.batch_size=2",
-    "train.steps_per_round=2",
-    "train.num_generations=4",
-    "rollout.k_r=4",
-    "rollout.k_v=4",
-    "rollout.max_new_tokens=8",
-]
+TINY = TWO_ROUNDS
 FULL = "No space left on device [ENOSPC]; free some space, then run the same command again: it resumes"  # fmt: skip
 READ_ONLY = "make it writable, or choose another out_dir"
 

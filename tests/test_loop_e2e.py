@@ -6,22 +6,14 @@ import json
 
 import numpy as np
 import pytest
-from gradalign_runs import ROUND
+from gradalign_runs import TWO_ROUNDS
 
 from gradalign.config import load_config
 from gradalign.run.loop import run
 from gradalign.run.setup import build_setup
 from gradalign.rundir import read_json, read_jsonl
 
-TINY = [
-    *ROUND,
-    "rounds=2",
-    "model.warmstart_steps=20",
-    "data.pool_size=48",
-    "data.val_size=6",
-    "data.eval_size=12",
-    "rollout.k_v=4",
-]
+TINY = TWO_ROUNDS
 
 
 @pytest.mark.slow

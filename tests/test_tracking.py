@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradalign_runs import ROUND
+from gradalign_runs import TWO_ROUNDS
 from typer.testing import CliRunner
 
 from gradalign.cli import app
@@ -19,15 +19,7 @@ from gradalign.config import ConfigError, load_config
 from gradalign.run.loop import run
 from gradalign.run.tracking import Tracker, check_trackers, scalars, trl_scalars
 
-TINY = [
-    *ROUND,
-    "rounds=2",
-    "model.warmstart_steps=20",
-    "data.pool_size=48",
-    "data.val_size=6",
-    "data.eval_size=12",
-    "rollout.k_v=4",
-]
+TINY = TWO_ROUNDS
 
 
 def test_scalars_flatten_and_drop_what_is_no_number():
