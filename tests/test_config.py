@@ -44,6 +44,11 @@ def test_defaults_load_and_pass_the_checks():
         (["select.params=first:2"], "select.params: expected 'all', 'lora' or 'last:N'"),
         (["data.families=[addition, sudoku]"], "data.families: unknown family 'sudoku'"),
         (["data.families=[]"], "data.families: give at least one"),
+        (
+            ["data.families=[addition_steps]"],
+            "rollout.max_new_tokens: 12 tokens cut the answers of family 'addition_steps' "
+            "(up to 19 tokens plus EOS); set rollout.max_new_tokens >= 20",
+        ),
         (["select.mode"], "expected FIELD=VALUE"),
     ],
 )

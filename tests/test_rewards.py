@@ -191,10 +191,26 @@ def test_countdown_rejects_unsafe_expressions(
 
 
 def test_registry_and_exact() -> None:
-    assert set(REWARDS) == {"math", "exact", "countdown", "coinflip"}
+    assert set(REWARDS) == {"math", "exact", "final", "countdown", "coinflip"}
     assert resolve_reward("math") is math_reward
     assert exact_match(problem("1 2"), " 12. ") == 1.0
     assert exact_match(problem("12"), "0.5") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ("7+8=15,4+3+1=8:85", 1.0),
+        ("garbage steps: 85 ", 1.0),  # only the text after the last ':' is checked
+        ("7+8=15:4+3+1=8:85", 1.0),
+        ("7+8=15,4+3+1=8:86", 0.0),
+        ("7+8=15,4+3+1=8:85x", 0.0),
+        ("85", 0.0),  # no ':'
+        ("85:", 0.0),
+    ],
+)
+def test_final_answer(completion, reward) -> None:
+    assert resolve_reward("final")(problem("85"), completion) == reward
 
 
 def test_score_completion_passes_the_salt_to_coinflip() -> None:
@@ -240,7 +256,7 @@ def test_user_rewards(user_module: str) -> None:
     [
         (
             "nope",
-            "unknown reward 'nope': not one of math, exact, countdown, coinflip and not a "
+            "unknown reward 'nope': not one of math, exact, final, countdown, coinflip and not a "
             "'module:function' string",
         ),
         ("ga_user_rewards:", "reward 'ga_user_rewards:': expected 'module:function'"),

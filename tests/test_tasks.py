@@ -10,6 +10,8 @@ import pytest
 from gradalign.data.rewards import score_completion
 from gradalign.data.tasks import (
     FAMILIES,
+    LONGEST_SOLUTION,
+    column_steps,
     draw_problems,
     flaw_examples,
     flaw_target,
@@ -33,6 +35,27 @@ def test_reference_solutions_earn_reward_one(family):
     for p, s in zip(problems, solutions):
         assert score_completion(p, s) == 1.0, (p, s)
         assert score_completion(p, s + "1") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "steps"),
+    [
+        (47, 38, "7+8=15,4+3+1=8:85"),
+        (5, 3, "5+3=8,0+0=0:8"),
+        (20, 31, "0+1=1,2+3=5:51"),
+        (99, 99, "9+9=18,9+9+1=19:198"),
+        (0, 0, "0+0=0,0+0=0:0"),
+    ],
+)
+def test_column_steps(a, b, steps):
+    assert column_steps(a, b) == steps
+
+
+def test_longest_solution_bounds_every_reference_solution():
+    assert max(len(column_steps(a, b)) for a in range(100) for b in range(100)) == 19
+    for family in FAMILIES:
+        _, solutions = draw_problems(family, 400, np.random.default_rng(2), 0, set())
+        assert max(map(len, solutions)) <= LONGEST_SOLUTION[family]
 
 
 def test_make_task_sizes_ids_and_disjoint_sets():
@@ -159,6 +182,8 @@ def test_flaw_changes_the_key_only_when_it_changes_the_targets():
         ("2*3*4", "lastdigit", "2*3*4"),  # no + or - to flip
         ("3*7+5", "junk", "3*7+5x"),
         ("85", "none", "85"),
+        ("7+8=15,4+3+1=8:85", "lastdigit", "7+8=15,4+3+1=8:86"),  # the sum, not the steps
+        ("7+8=15,4+3+1=8:85", "junk", "7+8=15,4+3+1=8:85x"),
     ],
 )
 def test_flaw_target(solution, kind, flawed):

@@ -118,8 +118,8 @@ def _check_fields(cfg: Config) -> None:
         raise ConfigError("select.params: 'lora' needs LoRA adapters; set model.lora_r > 0")
 
 
-def _check_data(d: DataConfig) -> None:
-    from gradalign.data.tasks import FAMILIES
+def _check_data(d: DataConfig, max_new_tokens: int) -> None:
+    from gradalign.data.tasks import FAMILIES, LONGEST_SOLUTION
 
     if not d.families:
         raise ConfigError("data.families: give at least one task family")
@@ -130,6 +130,12 @@ def _check_data(d: DataConfig) -> None:
             )
         if fam in d.families[:i]:
             raise ConfigError(f"data.families: {fam!r} is listed twice; list each family once")
+        if not d.pool_files and LONGEST_SOLUTION[fam] + 1 > max_new_tokens:
+            raise ConfigError(
+                f"rollout.max_new_tokens: {max_new_tokens} tokens cut the answers of family "
+                f"{fam!r} (up to {LONGEST_SOLUTION[fam]} tokens plus EOS); set "
+                f"rollout.max_new_tokens >= {LONGEST_SOLUTION[fam] + 1}"
+            )
     if bool(d.pool_files) != bool(d.validation_files) or bool(d.pool_files) != bool(d.eval_files):
         raise ConfigError(
             "data.pool_files, data.validation_files and data.eval_files: give all three or none"
@@ -187,7 +193,7 @@ def check(cfg: Config) -> None:
     check_budget(s, r)
     _group_size("train.num_generations", t.num_generations)
     _check_train(t)
-    _check_data(d)
+    _check_data(d, r.max_new_tokens)
 
 
 def data_aliases(d: DataConfig) -> None:

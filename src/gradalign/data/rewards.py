@@ -4,7 +4,7 @@ The same reward function serves selection (pass rates, advantages of the scoring
 and training (TRL reward function), so a corrupted reward corrupts both, as in the paper.
 
 A problem names its reward in ``Problem.reward``: a key of `REWARDS` (``"math"``, ``"exact"``,
-``"countdown"``, ``"coinflip"``) or a user function as ``"package.module:function"``, imported
+``"final"``, ``"countdown"``, ``"coinflip"``) or a user function as ``"package.module:function"``, imported
 on first use by `resolve_reward`.
 """
 
@@ -44,6 +44,13 @@ def _normalise(text: str) -> str:
 def exact_match(problem: Problem, completion: str) -> float:
     """1.0 when the completion equals the reference answer (whitespace-insensitive)."""
     return float(_normalise(completion) == _normalise(problem.answer))
+
+
+def final_answer(problem: Problem, completion: str) -> float:
+    """1.0 when the text after the completion's last ``:`` equals the reference answer
+    (whitespace-insensitive); what comes before it (a scratchpad) is not checked."""
+    _, colon, final = completion.rpartition(":")
+    return float(bool(colon) and _normalise(final) == _normalise(problem.answer))
 
 
 # --- math: answer extraction, then math-verify --------------------------------------------
@@ -234,6 +241,7 @@ def coinflip(problem: Problem, completion: str, salt: str = "") -> float:
 REWARDS: dict[str, RewardFn] = {
     "math": math_reward,
     "exact": exact_match,
+    "final": final_answer,
     "countdown": countdown,
     "coinflip": coinflip,
 }

@@ -5,7 +5,11 @@ problem (used only by the supervised warm start):
 
 - ``addition``: ``"47+38"`` → ``"85"`` (exact match);
 - ``countdown``: ``"make 26 from 3 5 7"`` → any expression over 3, 5, 7, each used at most
-  once, equal to 26, e.g. ``"3*7+5"`` (checked with `gradalign.data.rewards.countdown`).
+  once, equal to 26, e.g. ``"3*7+5"`` (checked with `gradalign.data.rewards.countdown`);
+- ``addition_steps``: ``"47+38 in steps"`` → a column-addition scratchpad then the sum,
+  ``"7+8=15,4+3+1=8:85"``; only the sum after the last ``:`` is checked
+  (`gradalign.data.rewards.final_answer`, an outcome reward), so completions are 9–19
+  characters instead of 1–3 and the steps are the model's own.
 
 `make_task` builds the pool, validation set and eval set of the default task: disjoint
 prompts, ids unique across the three sets.
@@ -56,10 +60,27 @@ def draw_countdown(rng: np.random.Generator) -> Draw:
     return prompt, answer, solution, "countdown"
 
 
+def column_steps(a: int, b: int) -> str:
+    """The scratchpad of a + b (0 ≤ a, b ≤ 99): units column, tens column with its carry,
+    then ``:`` and the sum. ``column_steps(47, 38) == "7+8=15,4+3+1=8:85"``."""
+    units = a % 10 + b % 10
+    carry = f"+{units // 10}" if units >= 10 else ""
+    tens = a // 10 + b // 10 + units // 10
+    return f"{a % 10}+{b % 10}={units},{a // 10}+{b // 10}{carry}={tens}:{a + b}"
+
+
+def draw_addition_steps(rng: np.random.Generator) -> Draw:
+    a, b = (int(x) for x in rng.integers(0, 100, size=2))
+    return f"{a}+{b} in steps", str(a + b), column_steps(a, b), "final"
+
+
 FAMILIES: dict[str, Callable[[np.random.Generator], Draw]] = {
     "addition": draw_addition,
     "countdown": draw_countdown,
+    "addition_steps": draw_addition_steps,
 }
+# the longest reference solution of a family, in characters (= built-in tokens)
+LONGEST_SOLUTION = {"addition": 3, "countdown": 8, "addition_steps": 19}
 
 
 Partition = Literal["heldout", "pool", "warmstart"]
@@ -186,11 +207,15 @@ JUNK = "x"  # after an answer, every built-in reward rejects it (exact match, co
 
 def flaw_target(solution: str, kind: Flaw) -> str:
     """A supervised target with the flaw: ``junk`` appends `JUNK` (a format flaw: one token
-    before EOS); ``lastdigit`` adds 1 (mod 10) to an addition answer's last digit and turns
-    the last + / - of a countdown expression into the other (a content flaw: a wrong value)."""
+    before EOS); ``lastdigit`` adds 1 (mod 10) to an addition answer's last digit (a
+    scratchpad's final sum: its steps stay right) and turns the last + / - of a countdown
+    expression into the other (a content flaw: a wrong value)."""
     if kind == "junk":
         return solution + JUNK
     if kind == "lastdigit":
+        steps, colon, final = solution.rpartition(":")
+        if colon and final.isdigit():
+            return steps + colon + flaw_target(final, kind)
         if solution.isdigit():
             return solution[:-1] + str((int(solution[-1]) + 1) % 10)
         for i in range(len(solution) - 1, 0, -1):
