@@ -49,8 +49,13 @@ from gradalign.run.artifacts import is_bad, selection_quality
 STRATEGIES: dict[str, list[str]] = {
     "full": [],
     "halving k_r0=2": ["select.budget=halving", "select.k_r0=2"],
+    "halving k_r0=4": ["select.budget=halving", "select.k_r0=4"],
+    "k_r=6": ["rollout.k_r=6"],
+    "k_r=4": ["rollout.k_r=4"],
     "k_r=3": ["rollout.k_r=3"],
     "k_v=4": ["rollout.k_v=4"],
+    "k_v=2": ["rollout.k_v=2"],
+    "k_r=4 + k_v=4": ["rollout.k_r=4", "rollout.k_v=4"],
     "k_r=2 + k_v=4": ["rollout.k_r=2", "rollout.k_v=4"],
 }
 RESAMPLED = "full (resampled)"
@@ -198,6 +203,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override for all runs")
     args = ap.parse_args()
     keep = [s.strip() for s in args.strategies.split(",")]
+    unknown = [k for k in keep if k not in STRATEGIES]
+    if unknown:
+        ap.error(f"unknown strategies {unknown} (known: {', '.join(STRATEGIES)})")
     for name in list(STRATEGIES):
         if name not in keep and name != "full":
             del STRATEGIES[name]
