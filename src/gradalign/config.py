@@ -22,6 +22,7 @@ from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
 from gradalign.data.rewards_style import RewardStyle
 from gradalign.data.tasks import Flaw
+from gradalign.messages import show
 from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
 
 
@@ -252,17 +253,6 @@ class Config(Section):
 
 
 # ---------------------------------------------------------------- loading and checking
-
-
-def show(value: Any) -> str:
-    """repr of a value for a message, cut at 60 characters (never fails)."""
-    if isinstance(value, int) and value.bit_length() > 192:  # repr fails over 4300 digits
-        return f"<a {value.bit_length()}-bit integer>"
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @functools.cache

@@ -12,7 +12,8 @@ import re
 import warnings
 from typing import TYPE_CHECKING
 
-from gradalign.config import SEED_MAX, ConfigError, show
+from gradalign.config import SEED_MAX, ConfigError
+from gradalign.messages import show
 
 if TYPE_CHECKING:
     from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig, TrainConfig

@@ -26,6 +26,7 @@ from typing import Any
 
 from gradalign.data.problems import Problem
 from gradalign.data.rewards_style import STYLES, StyleError, adapt
+from gradalign.messages import show
 
 RewardFn = Callable[[Problem, str], float]
 
@@ -310,21 +311,10 @@ class RewardWarning(UserWarning):
 _WARNED: set[str] = set()  # reward names whose failure `score_completion` has shown
 
 
-def _show(value: Any) -> str:
-    """repr of a user's return value for a message, at most 60 characters (never fails)."""
-    if isinstance(value, int) and value.bit_length() > 192:  # repr fails over 4300 digits
-        return f"an integer of {value.bit_length()} bits"
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _error_text(err: BaseException) -> str:
     """'ValueError: why' on one line, at most ~200 characters (never fails)."""
     if isinstance(err, SystemExit):
-        return f"SystemExit (sys.exit({_show(err.code)}))"
+        return f"SystemExit (sys.exit({show(err.code)}))"
     try:
         text = " ".join(str(err).split())
     except Exception:
@@ -349,9 +339,9 @@ def checked_reward(problem: Problem, completion: str, salt: str = "") -> tuple[f
     try:
         reward = float(value)
     except OverflowError:
-        return 0.0, f"{where} returned {_show(value)}, too large for a float"
+        return 0.0, f"{where} returned {show(value)}, too large for a float"
     except Exception:  # TypeError, ValueError, or whatever a __float__ raises
-        return 0.0, f"{where} returned {_show(value)}, not a number"
+        return 0.0, f"{where} returned {show(value)}, not a number"
     if not math.isfinite(reward):
         return 0.0, f"{where} returned {reward}, not a finite number"
     return reward, None

@@ -16,8 +16,9 @@ import typing
 from collections.abc import Collection
 from typing import Any
 
-from gradalign.config import ConfigError, TrainConfig, show
+from gradalign.config import ConfigError, TrainConfig
 from gradalign.engine.policy import quiet_libraries
+from gradalign.messages import show
 
 # The GRPOConfig fields gradalign sets, each with the field (or the reason) that governs it.
 SET_BY_GRADALIGN = {
