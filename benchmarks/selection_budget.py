@@ -57,6 +57,10 @@ STRATEGIES: dict[str, list[str]] = {
     "k_v=2": ["rollout.k_v=2"],
     "k_r=4 + k_v=4": ["rollout.k_r=4", "rollout.k_v=4"],
     "k_r=2 + k_v=4": ["rollout.k_r=2", "rollout.k_v=4"],
+    "k_r=4 + k_v=2": ["rollout.k_r=4", "rollout.k_v=2"],
+    "k_r=3 + k_v=2": ["rollout.k_r=3", "rollout.k_v=2"],
+    "last:1": ["select.params=last:1"],  # scoring backward through the last block only
+    "k_r=4 + k_v=2 + last:1": ["rollout.k_r=4", "rollout.k_v=2", "select.params=last:1"],
 }
 RESAMPLED = "full (resampled)"
 SELECT_TIMES = (
