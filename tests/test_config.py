@@ -49,6 +49,11 @@ def test_defaults_load_and_pass_the_checks():
             "rollout.max_new_tokens: 12 tokens cut the answers of family 'addition_steps' "
             "(up to 19 tokens plus EOS); set rollout.max_new_tokens >= 20",
         ),
+        (
+            ["data.families=[addition]", "rollout.max_new_tokens=3"],
+            "rollout.max_new_tokens: 3 tokens cut the answers of family 'addition' (up to 3 "
+            "tokens plus EOS); set rollout.max_new_tokens >= 4",
+        ),
         (["select.mode"], "expected FIELD=VALUE"),
     ],
 )

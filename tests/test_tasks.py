@@ -10,7 +10,7 @@ import pytest
 from gradalign.data.rewards import score_completion
 from gradalign.data.tasks import (
     FAMILIES,
-    LONGEST_SOLUTION,
+    LONGEST_ANSWER,
     column_steps,
     draw_problems,
     flaw_examples,
@@ -51,11 +51,13 @@ def test_column_steps(a, b, steps):
     assert column_steps(a, b) == steps
 
 
-def test_longest_solution_bounds_every_reference_solution():
+def test_longest_answer_bounds_every_reference_solution():
     assert max(len(column_steps(a, b)) for a in range(100) for b in range(100)) == 19
-    for family in FAMILIES:
-        _, solutions = draw_problems(family, 400, np.random.default_rng(2), 0, set())
-        assert max(map(len, solutions)) <= LONGEST_SOLUTION[family]
+    assert max(len(str(a + b)) for a in range(100) for b in range(100)) == 3
+    for family, longest in LONGEST_ANSWER.items():
+        problems, solutions = draw_problems(family, 400, np.random.default_rng(2), 0, set())
+        assert max(map(len, solutions)) <= longest
+        assert all(len(p.answer) <= longest for p in problems)
 
 
 def test_make_task_sizes_ids_and_disjoint_sets():

@@ -120,7 +120,7 @@ def _check_fields(cfg: Config) -> None:
 
 
 def _check_data(d: DataConfig, max_new_tokens: int) -> None:
-    from gradalign.data.tasks import FAMILIES, LONGEST_SOLUTION
+    from gradalign.data.tasks import FAMILIES, LONGEST_ANSWER
 
     if not d.families:
         raise ConfigError("data.families: give at least one task family")
@@ -131,11 +131,12 @@ def _check_data(d: DataConfig, max_new_tokens: int) -> None:
             )
         if fam in d.families[:i]:
             raise ConfigError(f"data.families: {fam!r} is listed twice; list each family once")
-        if not d.pool_files and LONGEST_SOLUTION[fam] + 1 > max_new_tokens:
+        longest = LONGEST_ANSWER.get(fam, 0)
+        if not d.pool_files and longest + 1 > max_new_tokens:
             raise ConfigError(
                 f"rollout.max_new_tokens: {max_new_tokens} tokens cut the answers of family "
-                f"{fam!r} (up to {LONGEST_SOLUTION[fam]} tokens plus EOS); set "
-                f"rollout.max_new_tokens >= {LONGEST_SOLUTION[fam] + 1}"
+                f"{fam!r} (up to {longest} tokens plus EOS); set "
+                f"rollout.max_new_tokens >= {longest + 1}"
             )
     if bool(d.pool_files) != bool(d.validation_files) or bool(d.pool_files) != bool(d.eval_files):
         raise ConfigError(

@@ -79,8 +79,9 @@ FAMILIES: dict[str, Callable[[np.random.Generator], Draw]] = {
     "countdown": draw_countdown,
     "addition_steps": draw_addition_steps,
 }
-# the longest reference solution of a family, in characters (= built-in tokens)
-LONGEST_SOLUTION = {"addition": 3, "countdown": 8, "addition_steps": 19}
+# The longest answer, in characters (= built-in tokens), of the families whose answers have
+# one form; a countdown target can be reached by shorter expressions than its reference.
+LONGEST_ANSWER = {"addition": 3, "addition_steps": 19}
 
 
 Partition = Literal["heldout", "pool", "warmstart"]
