@@ -31,9 +31,10 @@ import random
 import shutil
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from gradalign.config import (
     upgrade_saved,
 )
 from gradalign.rundir import StorageError, write_bytes, write_json
+from gradalign.scoring import distributed as dd
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
 KILL_ENV = "GRADALIGN_KILL_AT"
@@ -57,6 +59,25 @@ class RunLocked(RuntimeError):
 
 class ResumeError(RuntimeError):
     """The run directory cannot be continued with this config."""
+
+
+T = TypeVar("T")
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0 (it takes the run directory), its result broadcast to every rank. A
+    refusal (locked run directory, other config, storage) is raised on every rank, so none
+    waits for the others."""
+    value, error = None, None
+    if dd.is_main():
+        try:
+            value = fn()
+        except (RunLocked, ResumeError, StorageError) as err:
+            error = err
+    value, error = dd.broadcast_object((value, error))
+    if error is not None:
+        raise error
+    return value  # type: ignore[return-value]  (fn's result: it returned, nothing raised)
 
 
 def crash_point(name: str, round_: int) -> None:

@@ -42,10 +42,10 @@ from gradalign.run.checkpoint import (
     Checkpoint,
     ResumeError,
     RunLock,
-    RunLocked,
     checkpoint_dir,
     config_differences,
     crash_point,
+    from_main,
     latest_checkpoint,
     read_checkpoint,
     restore,
@@ -55,7 +55,7 @@ from gradalign.run.checkpoint import (
 from gradalign.run.export import save_final
 from gradalign.run.setup import Setup, build_setup
 from gradalign.run.tracking import Tracker, check_trackers, write_metrics_lines
-from gradalign.rundir import StorageError, write_json, write_jsonl, write_yaml
+from gradalign.rundir import write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
 
 
@@ -147,20 +147,17 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
 
 
 def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
-    """`fn()` on rank 0; other ranks read the checkpoint it chose. A refusal (locked run
-    directory, other config) is raised on every rank, so none waits for the others."""
-    ckpt, error = None, None
-    if dd.is_main():
-        try:
-            ckpt = fn()
-        except (RunLocked, ResumeError, StorageError) as err:
-            error = err
-    path, error = dd.broadcast_object((ckpt.path if ckpt else None, error))
-    if error is not None:
-        raise error
-    if path is not None and ckpt is None:
-        ckpt = read_checkpoint(path)
-    return ckpt
+    """`fn()` on rank 0; other ranks read the checkpoint it chose (`from_main`)."""
+    chosen: list[Checkpoint | None] = [None]
+
+    def path_of_choice() -> Path | None:
+        chosen[0] = fn()
+        return chosen[0].path if chosen[0] else None
+
+    path = from_main(path_of_choice)
+    if path is not None and chosen[0] is None:
+        return read_checkpoint(path)
+    return chosen[0]
 
 
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import contextlib
 import functools
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,10 @@ from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
 from gradalign.engine.round_scoring import score_chunk
 from gradalign.progress import bar, log
-from gradalign.run.checkpoint import ResumeError, RunLock, RunLocked
+from gradalign.run.checkpoint import ResumeError, RunLock, from_main
 from gradalign.run.original_rows import write_selected
 from gradalign.run.setup import Setup, build_setup
-from gradalign.rundir import StorageError, read_json, read_jsonl, write_json, write_jsonl
+from gradalign.rundir import read_json, read_jsonl, write_json, write_jsonl
 from gradalign.scoring import distributed as dd
 
 STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
@@ -95,7 +95,7 @@ def score(
             stack.enter_context(RunLock(out))  # no other scorer or run in this directory
             return _finished(cfg, out, chunks)
 
-        done = _on_main(prepare)
+        done = from_main(prepare)
         stats = _score_chunks(setup, out, chunks, done)
         n = len(pool) if fraction is None else round(fraction * len(pool))
         n = max(1, min(top if top is not None else n, len(pool)))
@@ -114,20 +114,6 @@ def score(
     for path in selected:
         log(f"[{cfg.select.mode}] selected {len(chosen)} problems: {path}")
     return ScoreResult(out, out / "scores.jsonl", selected, len(pool), len(chosen))
-
-
-def _on_main(fn: Callable[[], dict[int, dict]]) -> dict[int, dict]:
-    """`fn()` on rank 0, its result (or refusal, raised on every rank) broadcast to all."""
-    done, error = None, None
-    if dd.is_main():
-        try:
-            done = fn()
-        except (RunLocked, ResumeError, StorageError) as err:
-            error = err
-    done, error = dd.broadcast_object((done, error))
-    if error is not None:
-        raise error
-    return done
 
 
 def _manifest(cfg: Config, chunks: list[list[Problem]]) -> dict[str, Any]:
