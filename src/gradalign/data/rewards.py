@@ -4,8 +4,8 @@ The same reward function serves selection (pass rates, advantages of the scoring
 and training (TRL reward function), so a corrupted reward corrupts both, as in the paper.
 
 A problem names its reward in ``Problem.reward``: a key of `REWARDS` (``"math"``, ``"exact"``,
-``"final"``, ``"countdown"``, ``"coinflip"``) or a user function as ``"package.module:function"``, imported
-on first use by `resolve_reward`.
+``"final"``, ``"countdown"``, ``"coinflip"``) or a user function as
+``"package.module:function"``, imported on first use by `resolve_reward`.
 """
 
 from __future__ import annotations
