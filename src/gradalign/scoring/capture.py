@@ -37,6 +37,9 @@ class Capture:
             if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
                 raise NotImplementedError("embeddings with max_norm / scale_grad_by_freq")
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, output)
+        # the weights each other owner (RMSNorm, ...) ran with, copied at its forward: an
+        # FSDP2-sharded module holds them whole only while it runs
+        self.weights: dict[nn.Module, dict[str, Tensor]] = {}
         self.active = False
 
     def hook(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -45,6 +48,10 @@ class Capture:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise NotImplementedError(f"{type(module).__name__}: needs a tensor input and output")
         self.calls.append((module, args[0].detach(), output))
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            own = module._parameters
+            names = [n for n, _ in self.owners[module]]
+            self.weights[module] = {n: own[n].detach().clone() for n in names}  # type: ignore[union-attr]
 
     def __enter__(self) -> Capture:
         self.handles = [m.register_forward_hook(self.hook) for m in self.owners]
@@ -90,10 +97,11 @@ class Layout:
         return out
 
 
-def _row_grads(module: nn.Module, names: list[str], x: Tensor, b: Tensor) -> dict[str, Tensor]:
-    """Per-row gradients of `module`'s own parameters by autograd of the module alone.
-    # x [N, ...], b [N, ...] -> {name: [N, *shape]}"""
-    own = {n: module._parameters[n].detach() for n in names}  # type: ignore[union-attr]
+def _row_grads(
+    module: nn.Module, own: dict[str, Tensor], x: Tensor, b: Tensor
+) -> dict[str, Tensor]:
+    """Per-row gradients of `module`'s own parameters (`own`, the weights it ran with) by
+    autograd of the module alone. # x [N, ...], b [N, ...] -> {name: [N, *shape]}"""
 
     def inner(p: dict[str, Tensor], xr: Tensor, br: Tensor) -> Tensor:
         return (functional_call(module, p, (xr[None],)) * br[None]).sum()
@@ -124,7 +132,7 @@ def collect(
                 bp = bp * (ids != m.padding_idx).unsqueeze(-1)
             uses[cap.owners[m][0][1]].append(EmbeddingUse(ids, bp))
         else:
-            rows = _row_grads(m, [n for n, _ in cap.owners[m]], x, b)
+            rows = _row_grads(m, cap.weights[m], x, b)
             for name, j in cap.owners[m]:
                 r = rows[name].float()
                 g = r.new_zeros((p, *r.shape[1:])).index_add_(0, sub.group, r)  # [P, *shape]

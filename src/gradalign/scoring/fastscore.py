@@ -60,6 +60,7 @@ class _Job:
     keep: bool = False  # keep each G_p: kept = [(group ids [P'], per parameter [P', o*i] | None)]
     verify: bool = True  # check sum_p G_p against autograd on a first, one-group micro-batch
     kept: list = field(default_factory=list)
+    backward: Callable | None = None  # (cap, job, sub) -> as `_backward`; FSDP2: `sharded`
 
 
 def _backward(cap: Capture, job: _Job, sub: SequenceBatch):
@@ -89,7 +90,7 @@ def _backward(cap: Capture, job: _Job, sub: SequenceBatch):
 def _micro(cap: Capture, job: _Job, sub: SequenceBatch):
     """<g_p, dir_k>, ||g_p||^2, S g_p and the kept g_p of a micro-batch's groups.
     # -> [K, P], [P], [P, project_dim] | None, per parameter [P, o*i] | None"""
-    uses, local, tm, dev = _backward(cap, job, sub)
+    uses, local, tm, dev = (job.backward or _backward)(cap, job, sub)
     p, num_dirs, scale, sketch = sub.num_groups, len(job.dirs), job.scale, job.sketch
     dots, sq = torch.zeros(num_dirs, p, device=dev), torch.zeros(p, device=dev)
     z = torch.zeros(p, sketch.project_dim, device=dev) if sketch is not None else None

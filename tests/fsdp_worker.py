@@ -1,0 +1,115 @@
+"""FSDP2 scoring cases: the tiny model `fully_shard`-ed over the ranks, scored by
+`gradalign.scoring.sharded`, or unsharded in one process (the reference).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/fsdp_worker.py OUT
+
+writes OUT/rank<r>.pkl (`tests/test_fsdp.py` compares it with `reference()` in one process).
+The cases are `distributed_worker`'s: 7 candidate groups (4 + 3 a rank, one zero-variance),
+5 validation groups (3 + 2), `sum` and `mean_of_unit`, mode `align`'s g^_C, Adam
+preconditioning, one candidate group (rank 1 holds none) and projection features.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from distributed_worker import CAND_REWARDS, VAL_REWARDS, candidates
+from scoring_batches import make_batch
+
+from gradalign.config import SelectConfig
+from gradalign.core.alignment import scored_parameters
+from gradalign.core.selection import select
+from gradalign.engine import round_scoring
+from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.scoring import distributed as dd
+from gradalign.scoring import fastscore, sharded
+
+CASES = ["sum", "mean_of_unit", "sum_no_chunk", "adam", "one_group"]
+MODE = {
+    "sum": "align", "mean_of_unit": "sim", "sum_no_chunk": "dot", "adam": "align", "one_group": "align"
+}  # fmt: skip
+
+
+def _setup(name: str, params: list) -> tuple[Any, Any, dict | None, list]:
+    rewards = CAND_REWARDS[:1] if name == "one_group" else CAND_REWARDS
+    exp_avg_sq = None
+    if name == "adam":  # a seeded stand-in for Adam's second moment, sharded like the weights
+        gen = torch.Generator().manual_seed(7)
+        exp_avg_sq = {}
+        for p in params:
+            v = torch.rand(tuple(p.shape), generator=gen) * 1e-4 + 1e-6
+            if isinstance(p, torch.distributed.tensor.DTensor):
+                v = torch.distributed.tensor.distribute_tensor(v, p.device_mesh, p.placements)
+            exp_avg_sq[p] = v
+    return make_batch(rewards, seed=1), make_batch(VAL_REWARDS, seed=2), exp_avg_sq, rewards
+
+
+def _selected(name: str, rewards: list, al: Any) -> list[int]:
+    n = 1 if name == "one_group" else 3
+    chosen = select(MODE[name], candidates(rewards, al), n, np.random.default_rng(0))
+    return dd.broadcast_object(chosen if dd.is_main() else None).ids.tolist()
+
+
+def reference() -> dict[str, Any]:
+    """One process, no FSDP: `round_scoring`'s own validation_direction and group_alignment."""
+    model = build_model(build_tokenizer(), "tiny", seed=3).eval()
+    params = scored_parameters(model)
+    out: dict[str, Any] = {}
+    for name in CASES:
+        cand, val, exp_avg_sq, rewards = _setup(name, params)
+        agg = "mean_of_unit" if name == "mean_of_unit" else "sum"
+        s = SelectConfig(mode=MODE[name], val_aggregate=agg, groups_per_micro=2)  # type: ignore[arg-type]
+        direction, split = round_scoring.validation_direction(model, params, val, s)
+        done: list[int] = []
+        al = round_scoring.group_alignment(
+            model, params, cand, direction, s, exp_avg_sq, done.append
+        )
+        out[name] = {"al": al, "split": split, "selected": _selected(name, rewards, al)}
+    out["projection"] = fastscore.projected_gradients(
+        model, params, make_batch(CAND_REWARDS, seed=1), 16, 5, 2
+    )
+    return out
+
+
+def sharded_cases() -> dict[str, Any]:
+    model = sharded.shard_model(build_model(build_tokenizer(), "tiny", seed=3)).eval()
+    params = scored_parameters(model)
+    out: dict[str, Any] = {"world": dd.world(), "is_sharded": sharded.is_sharded(model)}
+    for name in CASES:
+        cand, val, exp_avg_sq, rewards = _setup(name, params)
+        agg = "mean_of_unit" if name == "mean_of_unit" else "sum"
+        done: list[int] = []
+        meter: dict = {}
+        al, split = sharded.round_alignment(
+            model, params, cand, val, agg, groups_per_micro=2,
+            chunk=MODE[name] == "align", exp_avg_sq=exp_avg_sq,
+            progress=done.append, meter=meter,
+        )  # fmt: skip
+        out[name] = {"al": al, "split": split, "groups": sum(done), "meter": meter}
+        out[name]["selected"] = _selected(name, rewards, al)
+    out["projection"] = sharded.projected_gradients(
+        model, params, make_batch(CAND_REWARDS, seed=1), 16, 5, 2
+    )
+    out["params_held"] = sum(p.to_local().nbytes for p in params)
+    try:
+        sharded.refuse_exact(model, "exact")
+    except ValueError as err:
+        out["refused"] = str(err)
+    return out
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")  # also with one process: fully_shard needs a group
+    torch.set_num_threads(1)
+    result = sharded_cases()
+    Path(sys.argv[1], f"rank{dist.get_rank()}.pkl").write_bytes(pickle.dumps(result))
+    dist.barrier()  # no rank tears down while another still talks
+    dist.destroy_process_group()
+    os._exit(0)  # as distributed_worker: skip interpreter finalisation

@@ -1,0 +1,96 @@
+"""Scoring an FSDP2-sharded policy (`gradalign.scoring.sharded`): the tiny model
+`fully_shard`-ed over 2 gloo ranks scores and selects as one unsharded process, while each
+rank holds half of the directions.
+
+The cases live in `fsdp_worker.py`: modes `align` (g^_C), `sim` with `mean_of_unit`, `dot`,
+Adam-preconditioned `align`, one candidate group (rank 1 holds none), projection features.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import fsdp_worker as worker
+import numpy as np
+import pytest
+
+from gradalign.scoring import sharded
+
+WORKER = Path(__file__).with_name("fsdp_worker.py")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, Any]:
+    return worker.reference()
+
+
+def run_ranks(out: Path, nproc: int) -> list[dict[str, Any]]:
+    """`torchrun --standalone` (a free port) with `nproc` gloo ranks, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    done = subprocess.run(
+        [*cmd, str(nproc), str(WORKER), str(out)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks(tmp_path_factory.mktemp("fsdp2"), 2)
+
+
+@pytest.mark.parametrize("case", worker.CASES)
+def test_sharded_scores_and_selection_equal_one_process(
+    one_process: dict[str, Any], two_ranks: list[dict[str, Any]], case: str
+) -> None:
+    want = one_process[case]
+    scale = want["al"].norm.max()
+    assert scale > 0 and np.any(want["al"].dot_val != 0)
+    assert [ranked[case]["groups"] for ranked in two_ranks] == (
+        [1, 0] if case == "one_group" else [4, 3]
+    )
+    for rank, ranked in enumerate(two_ranks):
+        assert ranked["world"] == (rank, 2) and ranked["is_sharded"]
+        got = ranked[case]
+        for f in ("dot_val", "dot_chunk", "norm"):
+            np.testing.assert_allclose(
+                getattr(got["al"], f), getattr(want["al"], f),
+                rtol=1e-6, atol=1e-7 * scale, err_msg=f"{case} rank {rank} {f}",
+            )  # fmt: skip
+        assert got["selected"] == want["selected"], f"{case} rank {rank}"
+        assert got["split"] == pytest.approx(want["split"], rel=1e-6)
+        assert got["al"].val_norm == pytest.approx(want["al"].val_norm, rel=1e-6)
+    chunk = want["al"].dot_chunk
+    assert np.isnan(chunk).all() if worker.MODE[case] != "align" else not np.isnan(chunk).any()
+
+
+def test_each_rank_holds_half_of_the_directions(two_ranks: list[dict[str, Any]]) -> None:
+    """The tiny model's D = 535,808 fp32 entries: g^_V is 2,143,232 bytes whole; the two ranks
+    hold 1,071,872 + 1,071,360 (the 85-row embedding splits 43 + 42), and so for the weights.
+    While a parameter is scored its whole piece is gathered: the largest, a 128 x 512 MLP
+    matrix, 262,144 bytes a direction."""
+    dims = 535_808 * 4
+    held = [ranked["mean_of_unit"]["meter"]["direction_held"] for ranked in two_ranks]
+    assert held == [1_071_872, 1_071_360] and sum(held) == dims
+    assert [ranked["params_held"] for ranked in two_ranks] == held
+    for ranked in two_ranks:
+        assert ranked["mean_of_unit"]["meter"]["direction_gathered"] == 128 * 512 * 4
+        assert ranked["sum"]["meter"]["direction_held"] == 2 * ranked["params_held"]  # + g^_C
+
+
+def test_projection_and_exact_refused(
+    one_process: dict[str, Any], two_ranks: list[dict[str, Any]]
+) -> None:
+    want = one_process["projection"]
+    assert want.shape == (7, 16) and np.abs(want).max() > 0
+    for ranked in two_ranks:
+        np.testing.assert_allclose(ranked["projection"], want, rtol=1e-6, atol=1e-7)
+        assert ranked["refused"] == sharded.EXACT_REFUSED
+    assert "select.scorer=batched" in sharded.EXACT_REFUSED
