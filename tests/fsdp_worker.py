@@ -80,8 +80,17 @@ def reference() -> dict[str, Any]:
 
 def sharded_cases() -> dict[str, Any]:
     model = sharded.shard_model(build_model(build_tokenizer(), "tiny", seed=3)).eval()
+    batch = make_batch(CAND_REWARDS, seed=1)
+    with torch.no_grad():  # as generation leaves it: the root's weights whole
+        model(input_ids=batch.input_ids[:2])
+    try:
+        sharded.group_alignment(model, scored_parameters(model), batch, [], 2, False)
+    except ValueError as err:
+        refused_whole = str(err)
+    sharded.reshard(model)
     params = scored_parameters(model)
     out: dict[str, Any] = {"world": dd.world(), "is_sharded": sharded.is_sharded(model)}
+    out["refused_whole"] = refused_whole
     for name in CASES:
         cand, val, exp_avg_sq, rewards = _setup(name, params)
         agg = "mean_of_unit" if name == "mean_of_unit" else "sum"

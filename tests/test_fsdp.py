@@ -18,10 +18,12 @@ from typing import Any
 import fsdp_worker as worker
 import numpy as np
 import pytest
+import torch
 
 from gradalign.scoring import sharded
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+STATE_WORKER = Path(__file__).with_name("fsdp_state_worker.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -94,3 +96,35 @@ def test_projection_and_exact_refused(
         np.testing.assert_allclose(ranked["projection"], want, rtol=1e-6, atol=1e-7)
         assert ranked["refused"] == sharded.EXACT_REFUSED
     assert "select.scorer=batched" in sharded.EXACT_REFUSED
+
+
+def test_whole_parameter_refused(two_ranks: list[dict[str, Any]]) -> None:
+    """After a no-grad forward the FSDP2 root holds its weights whole: scoring them would read
+    the wrong tensors, so it is refused until `sharded.reshard`."""
+    for ranked in two_ranks:
+        assert "call sharded.reshard(model)" in ranked["refused_whole"]
+
+
+def test_consolidated_checkpoint_resumes_and_exports(tmp_path: Path) -> None:
+    """`fsdp_state_worker.py`: whole weights and Adam state gathered from 2 ranks and loaded
+    into a model of another seed give bit-identical weights after one more step; loaded
+    unsharded (as `gradalign export` does), the whole weights give the sharded logits."""
+    state = STATE_WORKER
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    done = subprocess.run([*cmd, "2", str(state), str(tmp_path)], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    # the tiny model's 20 parameters (the tied embedding once), 535,808 values in all
+    assert [ranked["held"] for ranked in ranks] == [267_968, 267_840]
+    for ranked in ranks:
+        assert len(ranked["names"]) == 20 and "lm_head.weight" not in ranked["names"]
+        assert ranked["differed"]  # the second model started elsewhere ...
+        for name in ranked["names"]:
+            assert torch.equal(ranked["loaded"][name], ranked["before"][name])  # ... was loaded,
+            assert torch.equal(ranked["after_copy"][name], ranked["after"][name])  # ... and stepped
+        assert any(
+            not torch.equal(ranked["after"][n], ranked["before"][n]) for n in ranked["names"]
+        )
+    assert torch.equal(ranks[0]["export_logits"], ranks[0]["logits"])
+    assert torch.equal(ranks[1]["logits"], ranks[0]["logits"])

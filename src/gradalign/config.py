@@ -217,6 +217,12 @@ class TrainConfig(Section):
         "names them: none | tensorboard (RUN_DIR/tb) | wandb | trackio | mlflow (offline "
         "unless their own environment variables say otherwise); a comma-separated list",
     )
+    fsdp: bool = doc(
+        False,
+        "shard weights, gradients and Adam state 1/R per rank with FSDP2 (accelerate's FSDP v2 "
+        "through TRL; GPUs, launched by accelerate launch or torchrun); scoring holds its "
+        "directions sharded too (docs/fsdp.md). Not with LoRA, vLLM or select.scorer=exact",
+    )
     trl_args: dict = doc(
         {},
         "further GRPOConfig fields of the installed TRL, e.g. {num_iterations: 2, epsilon: 0.3, "

@@ -117,6 +117,33 @@ def _check_fields(cfg: Config) -> None:
         )
     if s.params == "lora" and m.lora_r == 0:
         raise ConfigError("select.params: 'lora' needs LoRA adapters; set model.lora_r > 0")
+    if cfg.train.fsdp:
+        _check_fsdp(cfg)
+
+
+def _check_fsdp(cfg: Config) -> None:
+    """What ``train.fsdp`` cannot run with (docs/fsdp.md)."""
+    if cfg.model.device == "cpu":
+        raise ConfigError(
+            "train.fsdp: accelerate runs FSDP only on GPUs; set model.device: cuda, or drop "
+            "train.fsdp (torchrun on CPU shares the scoring out as data parallelism)"
+        )
+    if cfg.model.lora_r > 0:
+        raise ConfigError(
+            "train.fsdp: not with LoRA (model.lora_r > 0): the frozen base is held whole on "
+            "every rank anyway and the adapters are small, so drop train.fsdp (data "
+            "parallelism) or train without LoRA"
+        )
+    if cfg.select.scorer == "exact":
+        raise ConfigError(
+            "train.fsdp: select.scorer=exact needs the whole flat gradient on one rank; use "
+            "select.scorer=batched (the same scores, the directions sharded)"
+        )
+    if cfg.rollout.backend == "vllm":
+        raise ConfigError(
+            "train.fsdp: rollout.backend=vllm loads the whole policy into one engine per rank; "
+            "use rollout.backend=hf"
+        )
 
 
 def _check_data(d: DataConfig, max_new_tokens: int) -> None:

@@ -45,7 +45,7 @@ from gradalign.data.problems import Problem, Stream, round_seed
 from gradalign.engine.budget import halving_rollouts
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
-from gradalign.scoring import precondition
+from gradalign.scoring import precondition, sharded
 from gradalign.scoring.pieces import Direction, unit_pieces
 
 Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TRL row (callback)
@@ -180,6 +180,7 @@ def _gradient_scores(
     """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
     the batched scorer or the exact reference; the split-half validation cosine; optional
     projection features [P, project_dim]."""
+    sharded.reshard(model)  # FSDP2: the root's weights back into shards after generation
     params = alignment.scored_parameters(model, s.params)
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
@@ -188,12 +189,39 @@ def _gradient_scores(
     if s.precondition == "adam" and optimizer is not None and optimizer.state:
         exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
     model.eval()
+    if sharded.is_sharded(model):  # train.fsdp: the directions sharded too (docs/fsdp.md)
+        return _sharded_scores(model, params, cand_batch, val_batch, s, seed, exp_avg_sq, bar)
     with bar("scoring", cand.num_groups) as advance:
         direction, split = validation_direction(model, params, val_batch, s)
         al = group_alignment(model, params, cand_batch, direction, s, exp_avg_sq, advance)
     features = None
     if s.project_dim:
         features = dd.distributed_projected_gradients(
+            model, params, cand_batch, s.project_dim, seed, s.groups_per_micro, exp_avg_sq
+        )
+    return al, split, features
+
+
+def _sharded_scores(
+    model: torch.nn.Module,
+    params: list,
+    cand_batch: SequenceBatch,
+    val_batch: SequenceBatch,
+    s: SelectConfig,
+    seed: int,
+    exp_avg_sq: dict | None,
+    bar: Bar,
+) -> tuple[GroupAlignment, float, np.ndarray | None]:
+    """`_gradient_scores` of an FSDP2-sharded policy (`scoring.sharded`): batched only."""
+    sharded.refuse_exact(model, s.scorer)
+    with bar("scoring", cand_batch.num_groups) as advance:
+        al, split = sharded.round_alignment(
+            model, params, cand_batch, val_batch, s.val_aggregate, s.groups_per_micro,
+            s.mode == "align", exp_avg_sq, advance,
+        )  # fmt: skip
+    features = None
+    if s.project_dim:
+        features = sharded.projected_gradients(
             model, params, cand_batch, s.project_dim, seed, s.groups_per_micro, exp_avg_sq
         )
     return al, split, features

@@ -139,7 +139,22 @@ def grpo_settings(
         "disable_tqdm": True,
         "temperature": cfg.temperature,
         "ddp_find_unused_parameters": False,  # under torchrun: every trained weight is used
-    }
+    } | (FSDP2_SETTINGS if cfg.fsdp else {})
+
+
+# train.fsdp: accelerate's FSDP v2 plugin, each transformer block sharded (its
+# _no_split_modules) and the root; gradalign shards the policy itself first
+# (`scoring.sharded.shard_model`), which accelerate then takes as it is.
+FSDP2_SETTINGS = {
+    "fsdp": True,
+    "fsdp_config": {
+        "version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+    },
+}
 
 
 def _completion_text(completion: Any) -> str:

@@ -43,6 +43,8 @@ SET_BY_GRADALIGN = {
     "seed": "seed (every round trains from its own seed)",
     "logging_steps": "every step's metrics are read back into the round metrics",
     "disable_tqdm": "gradalign's progress lines",
+    "fsdp": "train.fsdp",
+    "fsdp_config": "train.fsdp",
     "optim": "gradalign creates the AdamW optimizer (weight_decay, adam_* fields pass through)",
 }
 

@@ -46,8 +46,10 @@ from gradalign.config import (
     flatten_config,
     upgrade_saved,
 )
+from gradalign.run.sharded_state import load_full_state
 from gradalign.rundir import StorageError, write_bytes, write_json
 from gradalign.scoring import distributed as dd
+from gradalign.scoring import sharded
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
 KILL_ENV = "GRADALIGN_KILL_AT"
@@ -213,15 +215,18 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    whole: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write checkpoints/round-NNNN/ (state.json last, with the other files' hashes) and
-    drop all but the newest KEEP checkpoints."""
+    drop all but the newest KEEP checkpoints. `whole`: an FSDP-sharded model's weights and
+    optimizer state gathered whole (`sharded_state.full_state`)."""
     path = checkpoint_dir(out, round_)
+    weights, optim = whole or (trainable_state(model), optimizer.state_dict())
     files = {
-        "policy.pt": _torch_bytes(trainable_state(model)),
+        "policy.pt": _torch_bytes(weights),
         "trainer.pt": _torch_bytes(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optim,
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
             }
@@ -329,8 +334,11 @@ def latest_checkpoint(out: Path, warn) -> Checkpoint | None:
 
 def restore(ckpt: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> None:
     """Load a checkpoint's parameters, optimizer, scheduler and RNG states in place."""
-    load_weights(ckpt, model)
-    optimizer.load_state_dict(ckpt.trainer["optimizer"])
+    if sharded.is_sharded(model):  # train.fsdp: each rank keeps its shard of the whole state
+        load_full_state(model, ckpt.policy, optimizer, ckpt.trainer["optimizer"])
+    else:
+        load_weights(ckpt, model)
+        optimizer.load_state_dict(ckpt.trainer["optimizer"])
     scheduler.load_state_dict(ckpt.trainer["scheduler"])
     set_rng_state(ckpt.trainer["rng"])
 

@@ -31,17 +31,20 @@ def is_lora(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_policy(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool) -> str:
+def save_policy(
+    model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool, whole: dict | None = None
+) -> str:
     """Write `model` and `tokenizer` to `dest` (replaced whole, atomically); returns what
     was written ("full weights", "LoRA adapter" or "merged LoRA weights"). With `merge` on a
-    LoRA model a merged copy is written; `model` itself is left as it is."""
+    LoRA model a merged copy is written; `model` itself is left as it is. `whole`: an
+    FSDP-sharded model's weights gathered whole (`sharded_state.full_weights`)."""
     builtin = cfg.model.name.startswith("builtin:")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         with quiet_libraries():
-            what = _save(model, tokenizer, tmp, cfg, merge or builtin)
+            what = _save(model, tokenizer, tmp, cfg, merge or builtin, whole)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -50,7 +53,9 @@ def save_policy(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool
     return what
 
 
-def _save(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool) -> str:
+def _save(
+    model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool, whole: dict | None
+) -> str:
     if is_lora(model) and not merge:
         for adapter in model.peft_config.values():  # found wherever final/ is read from
             adapter.base_model_name_or_path = str(Path(cfg.model.name).expanduser().resolve())
@@ -60,15 +65,18 @@ def _save(model: Any, tokenizer: Any, dest: Path, cfg: Config, merge: bool) -> s
         copy.deepcopy(model).merge_and_unload().save_pretrained(dest)
         what = "merged LoRA weights"
     else:
-        model.save_pretrained(dest)
+        model.save_pretrained(dest, state_dict=whole)
         what = "full weights"
     tokenizer.save_pretrained(dest)
     return what
 
 
-def save_final(out: Path, model: Any, tokenizer: Any, cfg: Config) -> None:
-    """RUN_DIR/final/ at the end of a run (LoRA on a local model: the adapter)."""
-    what = save_policy(model, tokenizer, Path(out) / "final", cfg, merge=False)
+def save_final(
+    out: Path, model: Any, tokenizer: Any, cfg: Config, whole: dict | None = None
+) -> None:
+    """RUN_DIR/final/ at the end of a run (LoRA on a local model: the adapter); `whole` as
+    `save_policy`."""
+    what = save_policy(model, tokenizer, Path(out) / "final", cfg, merge=False, whole=whole)
     log(f"[{cfg.select.mode}] trained policy ({what}): {Path(out) / 'final'}")
 
 

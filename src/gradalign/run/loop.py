@@ -29,6 +29,7 @@ from gradalign.engine.round_scoring import (
 )
 from gradalign.engine.trl_args import check_grpo_config
 from gradalign.progress import bar, log
+from gradalign.run import sharded_state
 from gradalign.run.artifacts import (
     discard_run,
     problem_rows,
@@ -57,6 +58,7 @@ from gradalign.run.setup import Setup, build_setup
 from gradalign.run.tracking import Tracker, check_trackers, write_metrics_lines
 from gradalign.rundir import write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
+from gradalign.scoring import sharded
 
 
 def sample(
@@ -77,7 +79,8 @@ def sample(
     rank, size = dd.world()
     salt = f"{what}:{seed}"
     with bar(what, len(problems)) as advance:
-        if size == 1:
+        if size == 1 or sharded.is_sharded(setup.model):  # FSDP: every forward is collective,
+            # so every rank samples every batch in lockstep (the same seeded rollouts)
             return setup.generate(  # HF generate, or the vLLM engine build_setup installed
                 setup.model,
                 setup.tokenizer,
@@ -171,6 +174,8 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         log(f"[{cfg.select.mode}] {out}: all {cfg.rounds} rounds already done (--restart reruns)")
         return write_summary(cfg, out, ckpt.state, 0.0)
     setup = setup or build_setup(cfg)
+    if cfg.train.fsdp:  # from here every rank holds 1/R of the policy (docs/fsdp.md)
+        sharded_state.shard_policy(setup.model, resolve_device(cfg.model.device))
     t_start = time.perf_counter()  # wall_s: the rounds and evals, not loading the model
     pool, by_id = setup.sets.pool, {p.id: p for p in setup.sets.pool}
     schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
@@ -222,16 +227,20 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         history.append(metrics)
         state["wall_s"] += time.perf_counter() - t_start
         t_start = time.perf_counter()
+        whole = sharded_state.full_state(setup.model, trainer.optimizer)  # FSDP: all gather
         if main:
             write_json(round_dir(out, r) / "metrics.json", metrics)
-            save_checkpoint(out, r, setup.model, trainer.optimizer, trainer.scheduler, state)
+            save_checkpoint(
+                out, r, setup.model, trainer.optimizer, trainer.scheduler, state, whole
+            )
             write_metrics_lines(out, history)
         tracker.round_done(r, metrics)
         log(round_line(cfg, r, metrics))
     trainer.close()
     tracker.close()
+    whole = sharded_state.full_weights(setup.model) if cfg.train.fsdp else None
     if main:
-        save_final(out, setup.model, setup.tokenizer, cfg)
+        save_final(out, setup.model, setup.tokenizer, cfg, whole)
     return write_summary(cfg, out, state, time.perf_counter() - t_start)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from gradalign.core.alignment import GroupAlignment, Progress
@@ -66,6 +66,22 @@ def refuse_exact(model: nn.Module, scorer: str) -> None:
     """Raise `EXACT_REFUSED` for ``select.scorer=exact`` on a sharded model."""
     if scorer == "exact" and is_sharded(model):
         raise ValueError(EXACT_REFUSED)
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module's weights back into shards: the root keeps its own whole after
+    a forward without backward (generation, an eval), and the scorer reads the shards."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _require_shards(params: Sequence[Tensor]) -> None:
+    if not all(isinstance(p, DTensor) for p in params):
+        raise ValueError(
+            "some scored parameters are whole, not DTensor shards: call sharded.reshard(model) "
+            "before taking them (the FSDP2 root keeps its weights whole after a no-grad forward)"
+        )
 
 
 def shard_model(model: nn.Module, **options) -> nn.Module:
@@ -287,6 +303,7 @@ def validation_halves(
 ) -> list[Pieces]:
     """g_V of each of `halves` (disjoint validation group ranges), sharded; each rank sums
     the groups of its shard in each half. `distributed.distributed_validation_halves`."""
+    _require_shards(params)
     rank, size = dd.world()
     mine = set(dd.shard(val_batch.num_groups, rank, size))
     out = []
@@ -313,6 +330,7 @@ def group_alignment(
     shard; gathered on every rank. `distributed.distributed_group_alignment`. `meter` gets
     this rank's bytes: ``direction_held`` (its shards of the K directions) and
     ``direction_gathered`` (the largest K pieces of one parameter gathered at once)."""
+    _require_shards(params)
     rank, size = dd.world()
     local = dd.shard_batch(cand_batch, dd.shard(cand_batch.num_groups, rank, size))
     scale = adam_scale(params, exp_avg_sq) if exp_avg_sq is not None else None
@@ -371,6 +389,7 @@ def projected_gradients(
 ) -> np.ndarray:
     """`fastscore.projected_gradients` of every candidate group, each rank projecting its
     shard (the sketch needs no direction). # -> [P, project_dim] float64"""
+    _require_shards(params)
     rank, size = dd.world()
     local = dd.shard_batch(cand_batch, dd.shard(cand_batch.num_groups, rank, size))
     scale = Gathered(adam_scale(params, exp_avg_sq)) if exp_avg_sq is not None else None
