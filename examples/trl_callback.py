@@ -9,6 +9,7 @@ best-aligned problems. About a minute on 2 CPU cores; the first run adds the 300
 start (1-2 minutes, then cached)::
 
     python examples/trl_callback.py [--mode sim] [--rounds 4]
+    accelerate launch --num_processes 2 examples/trl_callback.py --fsdp    # GPUs: FSDP2
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
 from gradalign.data.tasks import make_regime
 from gradalign.engine.rollout import SamplingConfig, generate
+from gradalign.engine.training import FSDP2_SETTINGS
 from gradalign.engine.warmstart import load_or_warmstart
 from gradalign.integrations.trl_callback import GradAlignCallback
 
@@ -73,6 +75,9 @@ def main() -> None:
     ap.add_argument("--mode", default="sim")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--warmstart-steps", type=int, default=300)
+    ap.add_argument(
+        "--fsdp", action="store_true", help="FSDP2 through accelerate (GPUs, under a launcher)"
+    )
     opt = ap.parse_args()
 
     sets = make_regime("noisy", ["addition"], 256, 16, 128, seed=0, corrupt_frac=0.5)
@@ -106,6 +111,7 @@ def main() -> None:
             logging_steps=steps_per_round,
             seed=0,
             disable_tqdm=True,
+            **(FSDP2_SETTINGS if opt.fsdp else {}),  # the callback then scores sharded
         )
         trainer = GRPOTrainer(
             model=model,

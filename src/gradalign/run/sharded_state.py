@@ -12,6 +12,7 @@ holds the checkpoint and keeps its own shard of it.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -41,6 +42,9 @@ def shard_policy(model: nn.Module, device: str) -> nn.Module:
         raise ConfigError(
             "train.fsdp: model.device resolved to cpu; accelerate runs FSDP only on GPUs"
         )
+    if not dist.is_initialized() and {"RANK", "MASTER_ADDR"} <= set(os.environ):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # a launcher of 1 rank
+        dist.init_process_group("nccl")
     if not dist.is_initialized():
         raise ConfigError(f"train.fsdp: needs a launcher with a process group: {LAUNCH}")
     return model if sharded.is_sharded(model) else sharded.shard_model(model)

@@ -77,11 +77,15 @@ def reshard(model: nn.Module) -> None:
 
 
 def _require_shards(params: Sequence[Tensor]) -> None:
+    """Every scored parameter a DTensor sharded over a 1-D mesh (FSDP2's FULL_SHARD): the
+    partial norms and dots add each value once only then (not under HSDP's replicas)."""
     if not all(isinstance(p, DTensor) for p in params):
         raise ValueError(
             "some scored parameters are whole, not DTensor shards: call sharded.reshard(model) "
             "before taking them (the FSDP2 root keeps its weights whole after a no-grad forward)"
         )
+    if any(p.device_mesh.ndim != 1 for p in params):  # type: ignore[attr-defined]
+        raise ValueError("FSDP2 scoring supports a 1-D mesh (full sharding), not HSDP's 2-D one")
 
 
 def shard_model(model: nn.Module, **options) -> nn.Module:
@@ -92,6 +96,9 @@ def shard_model(model: nn.Module, **options) -> nn.Module:
         if type(module).__name__ in blocks:
             fully_shard(module, **options)
     fully_shard(model, **options)
+    # transformers' generate then keeps the ranks' forwards in step (synced_gpus) as it does
+    # for a model it shards itself
+    model._is_fsdp_managed_module = True  # type: ignore[assignment]
     return model
 
 
