@@ -26,8 +26,10 @@ from scoring_batches import make_batch
 from gradalign.config import SelectConfig
 from gradalign.core.alignment import scored_parameters
 from gradalign.core.selection import select
+from gradalign.data.problems import Problem
 from gradalign.engine import round_scoring
 from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore, sharded
 
@@ -75,7 +77,20 @@ def reference() -> dict[str, Any]:
     out["projection"] = fastscore.projected_gradients(
         model, params, make_batch(CAND_REWARDS, seed=1), 16, 5, 2
     )
+    out["rollouts"] = rollouts(model)
     return out
+
+
+ROUND = SelectConfig(mode="sim", val_aggregate="mean_of_unit", groups_per_micro=2, project_dim=16)
+
+
+def rollouts(model: torch.nn.Module) -> list[list[int]]:
+    """Sampled completions of 5 problems x 3 (2 prompt batches of 3 + 2)."""
+    tok = build_tokenizer()
+    problems = [Problem(j, f"{j}+{j + 1}=", str(2 * j + 1), "addition") for j in range(5)]
+    sampling = SamplingConfig(max_new_tokens=6, prompts_per_batch=3)
+    ro = generate(model, tok, problems, 3, sampling, seed=11)
+    return [list(c) for c in ro.completion_ids]
 
 
 def sharded_cases() -> dict[str, Any]:
@@ -107,6 +122,13 @@ def sharded_cases() -> dict[str, Any]:
         model, params, make_batch(CAND_REWARDS, seed=1), 16, 5, 2
     )
     out["params_held"] = sum(p.to_local().nbytes for p in params)
+    # `round_scoring`'s own branch for a sharded model, projection features included
+    cand, val = make_batch(CAND_REWARDS, seed=1), make_batch(VAL_REWARDS, seed=2)
+    out["round_scoring"] = round_scoring._sharded_scores(
+        model, params, cand, val, ROUND, 5, None, round_scoring.no_bar
+    )
+    out["rollouts"] = rollouts(model)  # every rank samples every batch, in step
+    sharded.reshard(model)
     try:
         sharded.refuse_exact(model, "exact")
     except ValueError as err:

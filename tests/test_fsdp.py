@@ -128,3 +128,32 @@ def test_consolidated_checkpoint_resumes_and_exports(tmp_path: Path) -> None:
         )
     assert torch.equal(ranks[0]["export_logits"], ranks[0]["logits"])
     assert torch.equal(ranks[1]["logits"], ranks[0]["logits"])
+
+
+def test_round_scoring_routes_a_sharded_model_to_the_sharded_scorer(
+    one_process: dict[str, Any], two_ranks: list[dict[str, Any]]
+) -> None:
+    """`round_scoring._sharded_scores` (mode sim, mean_of_unit, project_dim 16): the scores,
+    split-half cosine and projection features of one unsharded process."""
+    want = one_process["mean_of_unit"]
+    scale = want["al"].norm.max()
+    for ranked in two_ranks:
+        al, split, features = ranked["round_scoring"]
+        for f in ("dot_val", "norm"):
+            np.testing.assert_allclose(
+                getattr(al, f), getattr(want["al"], f), rtol=1e-6, atol=1e-7 * scale
+            )
+        assert np.isnan(al.dot_chunk).all()
+        assert split == pytest.approx(want["split"], rel=1e-6)
+        np.testing.assert_allclose(features, one_process["projection"], rtol=1e-6, atol=1e-7)
+
+
+def test_every_rank_samples_every_batch_as_one_process(
+    one_process: dict[str, Any], two_ranks: list[dict[str, Any]]
+) -> None:
+    """Generation on the sharded model (2 prompt batches, each rank all of them, in step)
+    samples the completions of the unsharded model."""
+    want = one_process["rollouts"]
+    assert len(want) == 15 and len({tuple(c) for c in want}) > 1
+    for ranked in two_ranks:
+        assert ranked["rollouts"] == want
