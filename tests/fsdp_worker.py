@@ -78,6 +78,12 @@ def reference() -> dict[str, Any]:
         model, params, make_batch(CAND_REWARDS, seed=1), 16, 5, 2
     )
     out["rollouts"] = rollouts(model)
+    val = make_batch(VAL_REWARDS, seed=2)
+    for agg in ("sum", "mean_of_unit"):
+        out[f"halves_{agg}"] = [
+            fastscore.batched_validation_sum(model, params, val.take_groups(h), agg, 2)  # type: ignore[arg-type]
+            for h in (range(2), range(2, 5))
+        ]
     return out
 
 
@@ -128,6 +134,10 @@ def sharded_cases() -> dict[str, Any]:
         model, params, cand, val, ROUND, 5, None, round_scoring.no_bar
     )
     out["rollouts"] = rollouts(model)  # every rank samples every batch, in step
+    sharded.reshard(model)
+    for agg in ("sum", "mean_of_unit"):  # g_V of halves across the shards (3 + 2): 0-1 | 2-4
+        halves = sharded.validation_halves(model, params, val, [range(2), range(2, 5)], agg, 2)
+        out[f"halves_{agg}"] = [[d.full_tensor() for d in h] for h in halves]
     sharded.reshard(model)
     try:
         sharded.refuse_exact(model, "exact")

@@ -157,3 +157,17 @@ def test_every_rank_samples_every_batch_as_one_process(
     assert len(want) == 15 and len({tuple(c) for c in want}) > 1
     for ranked in two_ranks:
         assert ranked["rollouts"] == want
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "mean_of_unit"])
+def test_sharded_validation_sums_are_the_sums(
+    one_process: dict[str, Any], two_ranks: list[dict[str, Any]], aggregate: str
+) -> None:
+    """g_V of each half, gathered whole from its shards, is the one-process sum itself (not
+    FSDP2's mean over ranks: the scorer rescales it)."""
+    want = one_process[f"halves_{aggregate}"]
+    assert all(float(w.norm()) > 0 for h in want for w in h)
+    for ranked in two_ranks:
+        for h in range(2):
+            for w, g in zip(want[h], ranked[f"halves_{aggregate}"][h], strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
