@@ -37,9 +37,10 @@ class Capture:
             if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.scale_grad_by_freq):
                 raise NotImplementedError("embeddings with max_norm / scale_grad_by_freq")
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, output)
-        # the weights each other owner (RMSNorm, ...) ran with, copied at its forward: an
-        # FSDP2-sharded module holds them whole only while it runs
+        # the weights each other owner (RMSNorm, ...) ran with, noted at its forward; copied
+        # with `copy_weights` (FSDP2: a sharded module holds them whole only while it runs)
         self.weights: dict[nn.Module, dict[str, Tensor]] = {}
+        self.copy_weights = False
         self.active = False
 
     def hook(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -51,7 +52,10 @@ class Capture:
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             own = module._parameters
             names = [n for n, _ in self.owners[module]]
-            self.weights[module] = {n: own[n].detach().clone() for n in names}  # type: ignore[union-attr]
+            held = {n: own[n].detach() for n in names}  # type: ignore[union-attr]
+            self.weights[module] = (
+                {n: w.clone() for n, w in held.items()} if self.copy_weights else held
+            )
 
     def __enter__(self) -> Capture:
         self.handles = [m.register_forward_hook(self.hook) for m in self.owners]

@@ -179,6 +179,7 @@ class _LiveCapture(Capture):
     def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
         super().__init__(model, params)
         self.live: dict[int, Tensor] = {}  # parameter index -> the weight of this forward
+        self.copy_weights = True  # FSDP frees a block's whole weights after its backward
 
     def hook(self, module: nn.Module, args: tuple, output: object) -> None:
         super().hook(module, args, output)
