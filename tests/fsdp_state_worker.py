@@ -5,8 +5,9 @@
 An FSDP2-sharded tiny model takes one AdamW step; its whole weights and Adam state are
 gathered to rank 0, broadcast, and loaded into a second sharded model built from another
 seed; both take one more identical step. Rank 0 also loads the whole weights into an
-unsharded model (what `gradalign export` does with policy.pt). OUT/rank<r>.pkl holds the
-weights and logits each side ends with (`tests/test_fsdp.py`).
+unsharded model (what `gradalign export` does with policy.pt). Then the loop's own path:
+a checkpoint written and restored into a third model, and final/ written and reloaded.
+OUT/rank<r>.pkl holds the weights and logits each side ends with (`tests/test_fsdp.py`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import torch
 import torch.distributed as dist
 from scoring_batches import make_batch
 
+from gradalign.config import Config
 from gradalign.core.grpo import group_losses, token_logprobs
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.run import sharded_state
+from gradalign.run.checkpoint import checkpoint_dir, read_checkpoint, restore, save_checkpoint
+from gradalign.run.export import save_policy
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import sharded
 
@@ -76,6 +80,7 @@ def main() -> dict:
     }
     sharded.reshard(model)  # the root's weights, whole after the no-grad forward, sharded again
     out["held"] = sum(p.to_local().numel() for p in model.parameters())
+    out |= through_the_run_directory(model, opt, Path(sys.argv[1]))
     if dd.is_main():  # export: whole weights into an unsharded model
         plain = build_model(build_tokenizer(), "tiny", seed=5)
         plain.load_state_dict(sharded_state.full_weights(model) or weights, strict=False)
@@ -83,6 +88,34 @@ def main() -> dict:
     else:
         sharded_state.full_weights(model)  # every rank takes part in the gather
     return out
+
+
+def through_the_run_directory(model: torch.nn.Module, opt: torch.optim.Optimizer, out: Path):
+    """The loop's own path: `save_checkpoint` (rank 0) of the gathered state, `restore` into
+    a third sharded model on every rank, `save_policy` (final/) of the gathered weights."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    initial = {"eval/accuracy": 0.0}
+    state = {"config": Config().to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
+    whole_state = sharded_state.full_state(model, opt)  # every rank gathers
+    if dd.is_main():
+        save_checkpoint(out / "run", 0, model, opt, sched, state, whole_state)
+    dist.barrier()
+    ckpt = read_checkpoint(checkpoint_dir(out / "run", 0))
+    third, third_opt = sharded_pair(6)
+    restore(ckpt, third, third_opt, torch.optim.lr_scheduler.LambdaLR(third_opt, lambda _: 1.0))
+    restored = whole(third)
+    step(model, opt)
+    step(third, third_opt)
+    final = sharded_state.full_weights(model)  # every rank gathers
+    res = {"restored": restored, "restored_stepped": whole(third), "stepped": whole(model)}
+    res["sharded_logits"] = logits(model)
+    if dd.is_main():
+        save_policy(model, build_tokenizer(), out / "final", Config(), merge=False, whole=final)
+        from transformers import AutoModelForCausalLM
+
+        res["final_logits"] = logits(AutoModelForCausalLM.from_pretrained(out / "final"))
+    sharded.reshard(model)
+    return res
 
 
 if __name__ == "__main__":

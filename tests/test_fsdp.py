@@ -108,7 +108,8 @@ def test_whole_parameter_refused(two_ranks: list[dict[str, Any]]) -> None:
 def test_consolidated_checkpoint_resumes_and_exports(tmp_path: Path) -> None:
     """`fsdp_state_worker.py`: whole weights and Adam state gathered from 2 ranks and loaded
     into a model of another seed give bit-identical weights after one more step; loaded
-    unsharded (as `gradalign export` does), the whole weights give the sharded logits."""
+    unsharded (as `gradalign export` does), the whole weights give the sharded logits. The
+    same through the run directory's files (checkpoints/round-0001, final/)."""
     state = STATE_WORKER
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
@@ -126,8 +127,17 @@ def test_consolidated_checkpoint_resumes_and_exports(tmp_path: Path) -> None:
         assert any(
             not torch.equal(ranked["after"][n], ranked["before"][n]) for n in ranked["names"]
         )
-    assert torch.equal(ranks[0]["export_logits"], ranks[0]["logits"])
+    assert torch.equal(ranks[0]["export_logits"], ranks[0]["sharded_logits"])
     assert torch.equal(ranks[1]["logits"], ranks[0]["logits"])
+    # the loop's own files: save_checkpoint on rank 0, restore on every rank, final/
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "round-0001").iterdir())
+    assert files == ["policy.pt", "state.json", "trainer.pt"]
+    for ranked in ranks:
+        for name in ranked["names"]:
+            assert torch.equal(ranked["restored"][name], ranked["after"][name])
+            assert torch.equal(ranked["restored_stepped"][name], ranked["stepped"][name])
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert torch.equal(ranks[0]["final_logits"], ranks[0]["sharded_logits"])
 
 
 def test_round_scoring_routes_a_sharded_model_to_the_sharded_scorer(
