@@ -19,7 +19,9 @@ import fsdp_worker as worker
 import numpy as np
 import pytest
 import torch
+from gradalign_runs import SCORED
 
+from gradalign.rundir import read_jsonl
 from gradalign.scoring import sharded
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -181,3 +183,32 @@ def test_sharded_validation_sums_are_the_sums(
         for h in range(2):
             for w, g in zip(want[h], ranked[f"halves_{aggregate}"][h], strict=True):
                 torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def score_process(out: Path, cache: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    launcher = ["-m", "gradalign.cli"]
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={nproc}", *launcher]  # fmt: skip
+    settings = [*SCORED, "rollout.prompts_per_batch=4", f"model.cache_dir={cache}", *extra]
+    cmd = [sys.executable, *launcher, "score", *[f"--set={s}" for s in settings]]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_gradalign_score_sharded_over_two_ranks_scores_as_one_process(tmp_path: Path) -> None:
+    """`gradalign score` with train.fsdp under torchrun (2 gloo ranks: the policy sharded,
+    every rank sampling every batch, round scoring's sharded branch) writes the scores of one
+    unsharded process: 3 chunks of 16 problems, mode sim."""
+    one = score_process(tmp_path / "one", tmp_path / "cache", 1)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = score_process(tmp_path / "two", tmp_path / "cache", 2, "train.fsdp=true")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (read_jsonl(tmp_path / d / "scores.jsonl") for d in ("one", "two"))
+    assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 48
+    assert [r["pass_rate"] for r in a] == [r["pass_rate"] for r in b]  # the same rollouts
+    for key in ("score", "dot", "norm"):
+        x, y = (np.array([r[key] for r in rows], dtype=float) for rows in (a, b))
+        assert np.abs(x).max() > 0
+        np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7 * np.abs(x).max())

@@ -7,8 +7,9 @@ import pytest
 
 from gradalign.config import ConfigError, load_config
 from gradalign.engine.training import FSDP2_SETTINGS, grpo_settings
-from gradalign.engine.trl_args import check_trl_args
+from gradalign.engine.trl_args import build_grpo_config, check_trl_args
 from gradalign.run import sharded_state
+from gradalign.run.loop import run as gradalign_run
 
 GPU = ["train.fsdp=true", "model.device=cuda"]
 
@@ -26,7 +27,6 @@ def test_fsdp_on_a_gpu_config_loads_and_sets_trls_fsdp_v2():
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["model.device=cpu"], "train.fsdp: accelerate runs FSDP only on GPUs; set model.device"),
         (["model.lora_r=8"], "train.fsdp: not with LoRA (model.lora_r > 0)"),
         (["select.scorer=exact"], "train.fsdp: select.scorer=exact needs the whole flat"),
         (["rollout.backend=vllm"], "train.fsdp: rollout.backend=vllm loads the whole policy"),
@@ -45,9 +45,29 @@ def test_trl_args_fsdp_is_refused_naming_train_fsdp():
         check_trl_args(cfg.train)
 
 
-def test_shard_policy_needs_a_gpu_and_a_launcher():
-    with pytest.raises(ConfigError, match="model.device resolved to cpu"):
-        sharded_state.shard_policy(None, "cpu")  # type: ignore[arg-type]
+def test_trls_grpoconfig_takes_the_fsdp2_settings():
+    """The installed TRL/transformers turn them into accelerate's FSDP v2 plugin arguments."""
+    cfg = load_config(overrides=GPU)
+    own = grpo_settings(cfg.train, 12, 0, "cuda", False, "/nonexistent") | {"use_cpu": True}
+    args = build_grpo_config(cfg.train, own)
+    assert args.fsdp is True
+    assert args.fsdp_plugin_args == {
+        "fsdp_version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT",
+        "reshard_after_forward": True,
+    }  # fmt: skip
+
+
+def test_a_run_on_cpu_is_refused_in_one_line():
+    """`gradalign run` refuses train.fsdp on CPU before it writes anything (`gradalign score`
+    shards on CPU: `test_fsdp.py`)."""
+    cfg = load_config(overrides=["train.fsdp=true", "model.device=cpu"])
+    with pytest.raises(ConfigError) as err:
+        gradalign_run(cfg)
+    assert str(err.value).startswith("train.fsdp: accelerate runs FSDP only on GPUs")
+
+
+def test_shard_policy_needs_a_launcher():
     with pytest.raises(ConfigError) as err:
         sharded_state.shard_policy(None, "cuda")  # type: ignore[arg-type]
     assert str(err.value) == (

@@ -122,12 +122,8 @@ def _check_fields(cfg: Config) -> None:
 
 
 def _check_fsdp(cfg: Config) -> None:
-    """What ``train.fsdp`` cannot run with (docs/fsdp.md)."""
-    if cfg.model.device == "cpu":
-        raise ConfigError(
-            "train.fsdp: accelerate runs FSDP only on GPUs; set model.device: cuda, or drop "
-            "train.fsdp (torchrun on CPU shares the scoring out as data parallelism)"
-        )
+    """What ``train.fsdp`` cannot run with (docs/fsdp.md); a run on CPU is refused when it
+    starts (`run.sharded_state.check_training`): `gradalign score` shards on CPU too."""
     if cfg.model.lora_r > 0:
         raise ConfigError(
             "train.fsdp: not with LoRA (model.lora_r > 0): the frozen base is held whole on "

@@ -133,6 +133,8 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     check(cfg)  # again: a Config's fields may have been changed after it was built
     out = Path(cfg.out_dir)
     dd.init_from_env(resolve_device(cfg.model.device))
+    if cfg.train.fsdp:
+        sharded_state.check_training(resolve_device(cfg.model.device))
     check_trackers(cfg)  # before any model loads: the trackers' packages, TRL's fields
     check_grpo_config(
         cfg.train, cfg.rollout.max_new_tokens, cfg.seed, resolve_device(cfg.model.device)

@@ -43,6 +43,7 @@ from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
 from gradalign.engine.round_scoring import score_chunk
 from gradalign.progress import bar, log
+from gradalign.run import sharded_state
 from gradalign.run.checkpoint import ResumeError, RunLock, from_main
 from gradalign.run.original_rows import write_selected
 from gradalign.run.setup import Setup, build_setup
@@ -88,6 +89,8 @@ def score(
     dd.init_from_env(resolve_device(cfg.model.device))
     with contextlib.ExitStack() as stack:
         setup = setup or build_setup(cfg)
+        if cfg.train.fsdp:  # every rank holds 1/R of the policy (docs/fsdp.md)
+            sharded_state.shard_policy(setup.model, resolve_device(cfg.model.device))
         pool, size = setup.sets.pool, cfg.select.chunk_size
         chunks = [pool[i : i + size] for i in range(0, len(pool), size)]
 

@@ -35,16 +35,26 @@ SCATTER_WEIGHTS = StateDictOptions(full_state_dict=True, strict=False)  # a tied
 LAUNCH = "accelerate launch --num_processes R -m gradalign.cli run CONFIG"
 
 
-def shard_policy(model: nn.Module, device: str) -> nn.Module:
-    """``train.fsdp``: FSDP2-shard the policy before the trainer is built (accelerate takes an
-    already sharded model as it is, and the first round's scoring is sharded too)."""
+def check_training(device: str) -> None:
+    """``train.fsdp`` in `gradalign run`: training needs GPUs (accelerate runs FSDP only
+    there); `gradalign score` shards on CPU too (gloo)."""
     if device == "cpu":
         raise ConfigError(
-            "train.fsdp: model.device resolved to cpu; accelerate runs FSDP only on GPUs"
+            "train.fsdp: accelerate runs FSDP only on GPUs and model.device is cpu; set "
+            "model.device: cuda, or drop train.fsdp (torchrun on CPU shares the scoring out "
+            "as data parallelism)"
         )
+
+
+def shard_policy(model: nn.Module, device: str) -> nn.Module:
+    """``train.fsdp``: FSDP2-shard the policy before the trainer is built (accelerate takes an
+    already sharded model as it is, and the first round's scoring is sharded too), or before
+    `gradalign score` scores."""
     if not dist.is_initialized() and {"RANK", "MASTER_ADDR"} <= set(os.environ):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # a launcher of 1 rank
-        dist.init_process_group("nccl")
+        cuda = device.startswith("cuda")  # a launcher of 1 rank: FSDP still needs a group
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     if not dist.is_initialized():
         raise ConfigError(f"train.fsdp: needs a launcher with a process group: {LAUNCH}")
     return model if sharded.is_sharded(model) else sharded.shard_model(model)
