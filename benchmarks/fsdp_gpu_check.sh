@@ -28,7 +28,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
     "$PY" benchmarks/fsdp_memory.py --model tiny --ranks 1,2 --problems 4 --val-problems 2 \
         --rollouts 2 --groups-per-micro 2
     echo
-    echo "== 2. train.fsdp on cpu is refused (exit 2, one line)"
+    echo "== 2. gradalign run with train.fsdp on cpu is refused (exit 2, one line)"
     set +e
     mapfile -t ARGS < <(sets model.device=cpu "out_dir=$OUT/cpu" "model.cache_dir=$OUT/cache")
     "$PY" -m gradalign.cli run "${ARGS[@]}" 2> "$OUT/refused.txt"

@@ -220,8 +220,9 @@ class TrainConfig(Section):
     fsdp: bool = doc(
         False,
         "shard weights, gradients and Adam state 1/R per rank with FSDP2 (accelerate's FSDP v2 "
-        "through TRL; GPUs, launched by accelerate launch or torchrun); scoring holds its "
-        "directions sharded too (docs/fsdp.md). Not with LoRA, vLLM or select.scorer=exact",
+        "through TRL; run: GPUs, launched by accelerate launch or torchrun; score: CPU too); "
+        "scoring holds its directions sharded too (docs/fsdp.md). Not with LoRA, vLLM or "
+        "select.scorer=exact",
     )
     trl_args: dict = doc(
         {},
