@@ -106,11 +106,18 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    buf = torch.tensor(values, dtype=torch.float64)
-    if dd.world()[1] > 1:
-        dist.all_reduce(buf)
+def _all_reduce(values: list, dtype: torch.dtype, op=dist.ReduceOp.SUM) -> list:
+    """Numbers reduced over ranks, on the device the backend needs (CUDA under NCCL)."""
+    if dd.world()[1] == 1:
+        return values
+    cuda = dist.get_backend() == "nccl"
+    buf = torch.tensor(values, dtype=dtype, device="cuda" if cuda else "cpu")
+    dist.all_reduce(buf, op=op)
     return buf.tolist()
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    return _all_reduce(values, torch.float64)
 
 
 def _partial_dot(a: Tensor, b: Tensor) -> float:
@@ -164,11 +171,9 @@ def _lockstep(local: SequenceBatch | None, filler: SequenceBatch, per_micro: int
     (ids None: `filler`'s first group, to be dropped) until it has run as many as the
     busiest rank. Yields (group ids [P'] | None, sub-batch)."""
     mine = list(fastscore._micro_batches(local, per_micro, first)) if local is not None else []
-    count = torch.tensor([len(mine)])
-    if dd.world()[1] > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    (count,) = _all_reduce([len(mine)], torch.int64, dist.ReduceOp.MAX)
     idle = filler.take_groups([0])
-    for k in range(int(count)):
+    for k in range(count):
         yield mine[k] if k < len(mine) else (None, idle)
 
 
