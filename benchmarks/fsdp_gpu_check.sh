@@ -46,7 +46,7 @@ fi
 }
 N=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-LAUNCH=("$PY" -m accelerate.commands.launch --num_processes "$N" --num_machines 1
+LAUNCH=("$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$N" --num_machines 1
         --mixed_precision no --dynamo_backend no)
 [[ $N == 1 ]] && LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 
