@@ -38,6 +38,7 @@ from gradalign.core import alignment
 from gradalign.core.alignment import GroupAlignment, Progress
 from gradalign.core.common import EPS, ValAggregate, check_val_aggregate
 from gradalign.core.grpo import SequenceBatch, group_losses, token_logprobs
+from gradalign.core.logprobs import uses_head
 from gradalign.scoring.capture import Capture, collect
 from gradalign.scoring.pieces import Direction, Pieces, as_pieces, unit_pieces, zero_pieces
 from gradalign.scoring.precondition import adam_scale
@@ -68,7 +69,8 @@ def _backward(cap: Capture, job: _Job, sub: SequenceBatch):
     p = sub.num_groups
     cap.calls, cap.active = [], True
     try:
-        logp = token_logprobs(job.model, sub.input_ids, sub.attention_mask)  # [N, T]
+        head = uses_head(job.model, job.params)  # its hooks must see the head module run
+        logp = token_logprobs(job.model, sub.input_ids, sub.attention_mask, head)  # [N, T]
     finally:
         cap.active = False
     losses = group_losses(logp, sub.completion_mask, sub.advantages, sub.group, p)  # [P]
