@@ -10,8 +10,8 @@ differ by round-off only.
 from __future__ import annotations
 
 import copy
+import math
 
-import numpy as np
 import pytest
 import torch
 from scoring_batches import make_batch
@@ -30,7 +30,6 @@ from gradalign.core.logprobs import (
 from gradalign.core.output_gradient import projections
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.scoring import output_features as of
-from gradalign.scoring.pieces import flatten_pieces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +131,9 @@ def test_tied_feature_leaves_out_the_input_embedding_use(tied, batch) -> None:
 
 
 def test_padding_and_micro_batching_change_nothing(tied, batch) -> None:
-    alone = {p: features(tied, batch.take_groups([p]), per_micro=1, chunk=1000)[0] for p in [0, 1, 3]}
+    alone = {
+        p: features(tied, batch.take_groups([p]), per_micro=1, chunk=1000)[0] for p in [0, 1, 3]
+    }
     together = features(tied, batch, per_micro=4, chunk=5)
     for p, feat in together.items():
         torch.testing.assert_close(feat[0], alone[p][0], rtol=1e-5, atol=1e-7)
@@ -171,7 +172,9 @@ def test_alignment_statistics(tied, batch, aggregate: str) -> None:
         g_v = [g / (g.norm() + 1e-5) for g in g_v]
     g_val = sum(g_v)
     got = of.feature_sum(tied, val, feature, aggregate, 2)
-    torch.testing.assert_close(got[0].double(), g_val.double(), rtol=0, atol=1e-5 * float(g_val.norm()))
+    torch.testing.assert_close(
+        got[0].double(), g_val.double(), rtol=0, atol=1e-5 * float(g_val.norm())
+    )
     direction = [(g_val / (g_val.norm() + 1e-5)).float()]
     seen = []
     al = of.distributed_feature_alignment(tied, batch, direction, feature, 2, True, seen.append)
@@ -236,7 +239,9 @@ def test_head_logprobs_with_a_bias_and_its_gradients() -> None:
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(logits_logprobs(h @ w.T + b, y, 3), want, rtol=1e-6, atol=1e-6)
     g = torch.randn(11, generator=gen)
-    for x, z in zip(torch.autograd.grad(got @ g, [h, w, b]), torch.autograd.grad(want @ g, [h, w, b])):
+    for x, z in zip(
+        torch.autograd.grad(got @ g, [h, w, b]), torch.autograd.grad(want @ g, [h, w, b])
+    ):
         torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
 
 
@@ -289,3 +294,46 @@ def test_config_accepts_output_features_and_refuses_a_lora_head() -> None:
     with pytest.raises(ConfigError, match="^model.lora_targets: select.features=output reads"):
         load_config(None, lora)
     assert load_config(None, lora[:2]).select.features == "output"
+
+
+# ------------------------------------------------------------ the loop and diagnose
+
+
+@pytest.mark.slow
+def test_diagnose_and_a_lora_run_score_output_features(tmp_path) -> None:
+    """`gradalign diagnose` and one round of `gradalign run` (LoRA: the frozen head's feature
+    is scored) with select.features=output; exact and projected rank alike."""
+    from gradalign_runs import SCORED
+    from typer.testing import CliRunner
+
+    from gradalign.cli import app
+    from gradalign.rundir import read_json
+
+    runner = CliRunner()
+    settings = [
+        *SCORED, "data.regime=noisy", "rollout.k_r=8", "data.val_size=24", "seed=2",
+        f"model.cache_dir={tmp_path / 'c'}",
+    ]  # fmt: skip  (test_diagnose's setting: clean and coin-flip groups with reward variance)
+    sets = [a for s in settings for a in ("--set", s)]
+    got = {}
+    for dims in ("exact", "64x64"):
+        out = tmp_path / f"{dims}.json"
+        ran = runner.invoke(
+            app, ["diagnose", *sets, "--set", "select.features=output", "--set",
+                  f"select.output_dims={dims}", "--chunks", "1", "--json", str(out)],
+            terminal_width=200,
+        )  # fmt: skip
+        assert ran.exit_code == 0, ran.output
+        got[dims] = read_json(out)
+        for key in ("transfer_cos", "split_half_cos"):  # NaN is written as null
+            assert got[dims][key][0] is not None and math.isfinite(got[dims][key][0]), key
+    assert got["exact"]["cos_quantiles"]["q50"] != got["64x64"]["cos_quantiles"]["q50"]
+    run_dir = tmp_path / "run"
+    ran = runner.invoke(
+        app, ["run", *sets, "--set", "select.features=output", "--set", "model.lora_r=4",
+              "--set", "rounds=1", "--set", f"out_dir={run_dir}"],
+        terminal_width=200,
+    )  # fmt: skip
+    assert ran.exit_code == 0, ran.output
+    m = read_json(run_dir / "rounds" / "0001" / "metrics.json")
+    assert math.isfinite(m["score/cos_mean"]) and m["score/val_norm"] == pytest.approx(1, abs=1e-3)

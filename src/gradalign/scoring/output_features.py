@@ -91,7 +91,9 @@ class _Head:
             hc, yc, wc = h[s : s + self.c], y[s : s + self.c], w[s : s + self.c]
             z = nn.functional.linear(hc, self.weight, self.bias)  # [c, V]
             if self.proj is not None:
-                gw, gb = projected_head_gradient(torch.softmax(z.float(), -1), yc, hc, wc, *self.proj)
+                gw, gb = projected_head_gradient(
+                    torch.softmax(z.float(), -1), yc, hc, wc, *self.proj
+                )
             else:
                 gw, gb = head_gradient(residual(z, yc), hc, wc)
             out[0] += gw
@@ -222,4 +224,3 @@ def distributed_feature_alignment(
     dot_chunk = dots[1] if chunk else np.full(len(norm), np.nan)
     dot_val, dot_chunk, norm = dd.gather_groups([dots[0], dot_chunk, norm], cand_batch.num_groups)
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
-

