@@ -123,12 +123,33 @@ def child(model_dir: str, sets: list[str], old: bool) -> None:
     )
 
 
+def watched(cmd: list[str], limit_mib: int) -> tuple[str, str, int]:
+    """Run `cmd`, killing it once its RSS passes `limit_mib` (a shared machine)."""
+    import psutil
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        proc = psutil.Process(p.pid)
+        while p.poll() is None:
+            try:
+                rss = proc.memory_info().rss / 2**20
+            except psutil.NoSuchProcess:
+                break
+            if rss > limit_mib:
+                p.kill()
+                p.wait()
+                raise SystemExit(f"stopped: RSS {rss:.0f} MiB passed --max-rss-mib {limit_mib}")
+            time.sleep(0.1)
+        out, err = p.communicate()
+    return out, err, p.returncode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=Path(".cache/smollm2"))
     ap.add_argument("--runs", default="full,output", help=f"of {', '.join(RUNS)}")
     ap.add_argument("--set", action="append", default=[], help="config override for every run")
     ap.add_argument("--old-logprobs", action="store_true", help="the whole-tensor log-probs")
+    ap.add_argument("--max-rss-mib", type=int, default=5500, help="kill a run above it")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -141,11 +162,11 @@ def main() -> None:
         sets = [*BASE, *RUNS[name.strip()], *args.set]
         tag = "old" if args.old_logprobs else "new"
         cmd = [sys.executable, __file__, "--child", tag, str(model_dir), *sets]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"{name}: diagnose failed (exit {done.returncode})")
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        out, err, code = watched(cmd, args.max_rss_mib)
+        if code != 0:
+            print(out[-2000:], err[-4000:], file=sys.stderr)
+            raise SystemExit(f"{name}: diagnose failed (exit {code})")
+        r = json.loads(out.strip().splitlines()[-1])
         label = f"{name}{' (old log-probs)' if args.old_logprobs else ''}"
         print(
             f"{label:<28}{r['peak_rss_mib']:>14}{r['wall_s']:>9}  "

@@ -311,7 +311,11 @@ def test_diagnose_and_a_lora_run_score_output_features(tmp_path) -> None:
 
     runner = CliRunner()
     settings = [
-        *SCORED, "data.regime=noisy", "rollout.k_r=8", "data.val_size=24", "seed=2",
+        *SCORED,
+        "data.regime=noisy",
+        "rollout.k_r=8",
+        "data.val_size=24",
+        "seed=2",
         f"model.cache_dir={tmp_path / 'c'}",
     ]  # fmt: skip  (test_diagnose's setting: clean and coin-flip groups with reward variance)
     sets = [a for s in settings for a in ("--set", s)]

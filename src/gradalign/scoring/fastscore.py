@@ -28,6 +28,7 @@ raises, it is never silently mis-scored. Options: seeded sketches S g_p (`projec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,9 +64,29 @@ class _Job:
     kept: list = field(default_factory=list)
 
 
+@contextmanager
+def grad_only_for(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
+    """Every other parameter frozen for the block: autograd then records no graph, and keeps
+    no activations, below the first scored layer (``select.params=last:N``)."""
+    keep = {id(q) for q in params}
+    frozen = [q for q in model.parameters() if q.requires_grad and id(q) not in keep]
+    for q in frozen:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
+
+
 def _backward(cap: Capture, job: _Job, sub: SequenceBatch):
     """One forward and backward of a micro-batch: each parameter's uses and local group
     gradients, and (while `job.verify`) the self-check against autograd."""
+    with grad_only_for(job.model, job.params):
+        return _backward_scored(cap, job, sub)
+
+
+def _backward_scored(cap: Capture, job: _Job, sub: SequenceBatch):
     p = sub.num_groups
     cap.calls, cap.active = [], True
     try:
@@ -171,11 +192,14 @@ def batched_summed_gradient(
     micro-batches of whole groups -- the floor any per-group scorer is measured against."""
     total = zero_pieces(params)
     for ids, sub in _micro_batches(batch, groups_per_micro):
-        logp = token_logprobs(model, sub.input_ids, sub.attention_mask)
-        losses = group_losses(logp, sub.completion_mask, sub.advantages, sub.group, sub.num_groups)
-        if weights is not None:
-            losses = losses * torch.as_tensor(weights[ids.cpu().numpy()]).to(losses)
-        grads = torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
+        with grad_only_for(model, params):
+            logp = token_logprobs(model, sub.input_ids, sub.attention_mask)
+            losses = group_losses(
+                logp, sub.completion_mask, sub.advantages, sub.group, sub.num_groups
+            )
+            if weights is not None:
+                losses = losses * torch.as_tensor(weights[ids.cpu().numpy()]).to(losses)
+            grads = torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
         for acc, g in zip(total, grads):
             if g is not None:
                 acc += g
