@@ -187,9 +187,10 @@ def bench(size: str, args: argparse.Namespace) -> None:
         f"{'s':>8}{'x floor':>8}{'exact/x':>8}{'peak MiB':>10}"
     )
     for name, (_, t, c, m) in res.items():
+        ex_t, ex_c = (f"{t_ex / t:.2f}", f"{c_ex / c:.2f}") if t_ex else ("-", "-")
         print(
-            f"{name:<23}{t:>8.2f}{t / t_floor:>8.2f}{t / t_fwd:>8.2f}{t_ex / t:>8.2f}{'':>8}"
-            f"{c:>8.2f}{c / c_floor:>8.2f}{c_ex / c:>8.2f}{m:>10.0f}"
+            f"{name:<23}{t:>8.2f}{t / t_floor:>8.2f}{t / t_fwd:>8.2f}{ex_t:>8}{'':>8}"
+            f"{c:>8.2f}{c / c_floor:>8.2f}{ex_c:>8}{m:>10.0f}"
         )
     b_sim, b_all = res["batched, chunk=False"][0], res["batched, chunk=True"][0]
     if "exact per-group loop" in res:

@@ -341,3 +341,13 @@ def test_diagnose_and_a_lora_run_score_output_features(tmp_path) -> None:
     assert ran.exit_code == 0, ran.output
     m = read_json(run_dir / "rounds" / "0001" / "metrics.json")
     assert math.isfinite(m["score/cos_mean"]) and m["score/val_norm"] == pytest.approx(1, abs=1e-3)
+
+
+def test_a_model_without_a_plain_head_is_refused_when_the_run_starts(tied) -> None:
+    from gradalign.config import load_config
+    from gradalign.run.sources import check_scored_params
+
+    cfg = load_config(None, ["select.features=output"])
+    check_scored_params(cfg, tied)  # a Llama: its logits are lm_head(h)
+    with pytest.raises(ConfigError, match="^select.features: 'output' needs logits that are a"):
+        check_scored_params(cfg, nn.Sequential(nn.Linear(2, 2)))
