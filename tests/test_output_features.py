@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from scoring_batches import make_batch
@@ -351,3 +352,22 @@ def test_a_model_without_a_plain_head_is_refused_when_the_run_starts(tied) -> No
     check_scored_params(cfg, tied)  # a Llama: its logits are lm_head(h)
     with pytest.raises(ConfigError, match="^select.features: 'output' needs logits that are a"):
         check_scored_params(cfg, nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_scoring_a_subset_freezes_the_rest_only_while_it_runs(tied, batch) -> None:
+    from gradalign.core.alignment import exact_alignment, scored_parameters
+    from gradalign.scoring import fastscore
+
+    model = copy.deepcopy(tied)
+    params = scored_parameters(model, "last:1")
+    seen = []
+    with fastscore.grad_only_for(model, params):
+        seen = [p.requires_grad for p in model.parameters()]
+    assert sum(seen) == len(params) < len(seen)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    direction = torch.cat([torch.ones(p.numel(), dtype=torch.float64) for p in params])
+    direction = direction / direction.norm()
+    want = exact_alignment(model, params, batch, direction, chunk=False)
+    got = fastscore.batched_alignment(model, params, batch, direction, 2, chunk=False)
+    np.testing.assert_allclose(got.norm, want.norm, rtol=1e-4)
+    assert all(p.requires_grad for p in model.parameters())
