@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU: the scoring benchmark (floor, batched, exact
-# per group) on random-init models of Qwen2.5-0.5B's and Qwen2.5-1.5B's shapes in bf16,
+# One command for a machine with a CUDA GPU: the scoring benchmark (plain forward, floor,
+# batched, last:1, the output-layer feature exact and projected 64x128, exact per group: the
+# reference's one backward per group) on random-init models of Qwen2.5-0.5B's and Qwen2.5-1.5B's shapes in bf16,
 # HF generate against vLLM rollout throughput (vLLM when it is installed), peak memory,
 # ratios printed by each step. Nothing is downloaded (the models are built from a
 # transformers Qwen2Config with those dimensions).
@@ -28,7 +29,7 @@ else
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 
-echo "== scoring: floor, batched, exact per group ($SHAPES, bfloat16, $DEVICE)"
+echo "== scoring: forward, floor, batched, last:1, output exact / 64x128, exact per group ($SHAPES, bfloat16, $DEVICE)"
 "$PY" benchmarks/scoring.py --sizes "$SHAPES" --device "$DEVICE" --dtype bfloat16 "${SCORE[@]}"
 echo
 echo "== rollouts: HF generate vs vLLM ($SHAPES, bfloat16, $DEVICE)"

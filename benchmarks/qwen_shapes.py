@@ -2,7 +2,8 @@
 downloaded: a transformers `Qwen2Config` with their published dimensions) and synthetic
 rollouts of random token ids for them, shared by `scoring.py` and `rollout_throughput.py`.
 
-`qwen-tiny` has the same architecture at a size a CPU test runs in seconds.
+`qwen-tiny` has the same architecture at a size a CPU test runs in seconds; `smollm2-135m`
+SmolLM2-135M's dimensions (vocabulary 49,152), a real-vocabulary shape for a CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936),
     "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
     "qwen-tiny": (64, 128, 2, 4, 2, 1024),
+    # SmolLM2-135M's dimensions (a Llama; here as a Qwen2 of that shape): a 135M-parameter,
+    # real-vocabulary shape a CPU runs
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -10,10 +10,16 @@ Bernoulli(0.5) so that nearly every group has nonzero variance), prints per mode
            negsim, simacc) and chunk=True (adds dot_chunk for `align`: in the same pass while
            P x D x 4 bytes <= fastscore.MAX_KEEP_BYTES, else after one more floor pass);
 - exact:   `alignment.exact_alignment` (one backward per group, plus its chunk pass);
+- last:1:  the batched scorer on the last block (plus final norm and an untied head) only;
+- output:  the LM head's gradient feature from the forward pass alone
+           (`output_features`, ``select.features=output``), exact and projected
+           (``--output-dims``, 64x128 by default), validation direction included;
+- plain forward: the chunk's token log-probabilities without grad, the cost of reading h_t;
 
-their wall-clock and process-CPU times, ratios to the floor and to exact, peak memory (RSS above
+their wall-clock and process-CPU times, ratios to the floor, to a plain forward and to exact, peak memory (RSS above
 the start of each step, sampled every 5 ms, on CPU; torch.cuda.max_memory_allocated on CUDA) and
-the largest disagreement batched vs exact. On a CPU shared with other jobs, `--threads 1` gives
+the largest disagreement batched vs exact, and the Spearman correlation of each cheaper
+scorer's cosines with the full gradient's. `--skip "exact per-group loop"` leaves out a step. On a CPU shared with other jobs, `--threads 1` gives
 the steadiest figures (2 threads contending with other processes spin and slow down erratically).
 
     .venv/bin/python benchmarks/scoring.py --problems 256 --rollouts 8 --sizes tiny,small
@@ -25,6 +31,7 @@ of those shapes (`qwen_shapes.py`) on random token ids: `gpu_check.sh` runs it s
 from __future__ import annotations
 
 import argparse
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +43,9 @@ import torch
 from qwen_shapes import DTYPES, SHAPES, build_qwen, synthetic_rollouts
 
 from gradalign.core.alignment import exact_alignment, scored_parameters
+from gradalign.core.common import parse_output_dims
+from gradalign.core.diagnostics import split_halves
+from gradalign.core.grpo import token_logprobs
 from gradalign.data.tasks import draw_problems
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
@@ -44,7 +54,12 @@ from gradalign.scoring.fastscore import (
     batched_summed_gradient,
     batched_validation_direction,
 )
-from gradalign.scoring.pieces import flatten_pieces
+from gradalign.scoring.output_features import (
+    HeadFeature,
+    distributed_feature_alignment,
+    distributed_feature_halves,
+)
+from gradalign.scoring.pieces import flatten_pieces, unit_pieces
 
 
 def measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, float, float]:
@@ -110,9 +125,18 @@ def model_and_rollouts(size: str, args: argparse.Namespace) -> tuple[Any, Rollou
     return model, chunk, val, tok.pad_token_id
 
 
+def plain_forward(model, batch, gpm: int) -> None:
+    """One forward of the chunk's rollouts without grad (token log-probs), by micro-batch."""
+    with torch.no_grad():
+        for start in range(0, batch.num_groups, gpm):
+            sub = batch.take_groups(range(start, min(start + gpm, batch.num_groups)))
+            token_logprobs(model, sub.input_ids, sub.attention_mask)
+
+
 def bench(size: str, args: argparse.Namespace) -> None:
     model, chunk, val, pad = model_and_rollouts(size, args)
     params = scored_parameters(model, args.params)
+    last1 = scored_parameters(model, "last:1")
     batch = chunk.to_batch(pad).to(args.device)
     vbatch = val.to_batch(pad).to(args.device)
     gpm = args.groups_per_micro
@@ -122,39 +146,74 @@ def bench(size: str, args: argparse.Namespace) -> None:
         f"\n== {size}: {n_par / 1e6:.2f}M scored params, {batch.num_groups} problems x "
         f"{args.rollouts} rollouts, {tokens} tokens, {int(chunk.zero_variance().sum())} "
         f"zero-variance groups, {gpm} groups per micro-batch, {args.device}, {args.dtype}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, vocabulary {model.config.vocab_size}"
     )
     val_dir = flatten_pieces(batched_validation_direction(model, params, vbatch, "sum", gpm))
     val_dir = val_dir.to(args.device)
+    last_dir = batched_validation_direction(model, last1, vbatch, "sum", gpm)
+    dims = parse_output_dims(args.output_dims)
+    exact_f, proj_f = HeadFeature(None, args.seed), HeadFeature(dims, args.seed)
+
+    def output(feature: HeadFeature) -> Any:
+        halves = split_halves(vbatch.num_groups)
+        a, b = distributed_feature_halves(model, vbatch, halves, feature, "sum", gpm)
+        direction = unit_pieces([x + y for x, y in zip(a, b)])
+        return distributed_feature_alignment(model, batch, direction, feature, gpm)
+
     steps: dict[str, Callable[[], Any]] = {
+        "plain forward": lambda: plain_forward(model, batch, gpm),
         "floor (plain fwd+bwd)": lambda: batched_summed_gradient(model, params, batch, gpm),
         "batched, chunk=False": lambda: batched_alignment(
             model, params, batch, val_dir, gpm, chunk=False
         ),
         "batched, chunk=True": lambda: batched_alignment(model, params, batch, val_dir, gpm),
+        "last:1, chunk=False": lambda: batched_alignment(
+            model, last1, batch, last_dir, gpm, chunk=False
+        ),
+        "output exact": lambda: output(exact_f),
+        f"output {args.output_dims}": lambda: output(proj_f),
         "exact per-group loop": lambda: exact_alignment(model, params, batch, val_dir),
     }
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    steps = {k: v for k, v in steps.items() if k not in skip}
     measure(steps["floor (plain fwd+bwd)"], args.device)  # warm-up
     res = {name: measure(fn, args.device) for name, fn in steps.items()}
     _, t_floor, c_floor, _ = res["floor (plain fwd+bwd)"]
-    ex, t_ex, c_ex, _ = res["exact per-group loop"]
-    print(f"{'':<23}{'---- wall clock ----':>24}{'---- process CPU ----':>24}")
+    _, t_fwd, c_fwd, _ = res["plain forward"]
+    t_ex, c_ex = (res["exact per-group loop"][1:3]) if "exact per-group loop" in res else (0, 0)
+    print(f"{'':<23}{'-------------- wall clock --------------':>40}{'---- process CPU ----':>24}")
     print(
-        f"{'step':<23}{'s':>8}{'x floor':>8}{'exact/x':>8}"
+        f"{'step':<23}{'s':>8}{'x floor':>8}{'x fwd':>8}{'exact/x':>8}{'':>8}"
         f"{'s':>8}{'x floor':>8}{'exact/x':>8}{'peak MiB':>10}"
     )
     for name, (_, t, c, m) in res.items():
+        ex_t, ex_c = (f"{t_ex / t:.2f}", f"{c_ex / c:.2f}") if t_ex else ("-", "-")
         print(
-            f"{name:<23}{t:>8.2f}{t / t_floor:>8.2f}{t_ex / t:>8.2f}"
-            f"{c:>8.2f}{c / c_floor:>8.2f}{c_ex / c:>8.2f}{m:>10.0f}"
+            f"{name:<23}{t:>8.2f}{t / t_floor:>8.2f}{t / t_fwd:>8.2f}{ex_t:>8}{'':>8}"
+            f"{c:>8.2f}{c / c_floor:>8.2f}{ex_c:>8}{m:>10.0f}"
         )
     b_sim, b_all = res["batched, chunk=False"][0], res["batched, chunk=True"][0]
-    print(
-        f"max rel. diff batched vs exact: dot_val {worst(ex.dot_val, b_all.dot_val):.1e}, "
-        f"dot_chunk {worst(ex.dot_chunk, b_all.dot_chunk):.1e}, "
-        f"norm {worst(ex.norm, b_all.norm):.1e} (chunk=False dot_val "
-        f"{worst(ex.dot_val, b_sim.dot_val):.1e})"
-    )
+    if "exact per-group loop" in res:
+        ex = res["exact per-group loop"][0]
+        print(
+            f"max rel. diff batched vs exact: dot_val {worst(ex.dot_val, b_all.dot_val):.1e}, "
+            f"dot_chunk {worst(ex.dot_chunk, b_all.dot_chunk):.1e}, "
+            f"norm {worst(ex.norm, b_all.norm):.1e} (chunk=False dot_val "
+            f"{worst(ex.dot_val, b_sim.dot_val):.1e})"
+        )
+    live = b_sim.norm > 0
+    for name in ("last:1, chunk=False", "output exact", f"output {args.output_dims}"):
+        if name in res:
+            cos = res[name][0].cos_val
+            print(
+                f"cos(g_p, g^_V) of {name}: Spearman {spearman(cos[live], b_sim.cos_val[live]):+.3f}"
+                " with the full gradient's (groups with reward variance)"
+            )
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    return float(np.corrcoef(rank(a), rank(b))[0, 1]) if len(a) > 1 else math.nan
 
 
 def main() -> None:
@@ -172,6 +231,8 @@ def main() -> None:
     ap.add_argument("--params", default="all", help="scored parameters: all | last:N")
     ap.add_argument("--groups-per-micro", type=int, default=16, help="groups per micro-batch")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: its default)")
+    ap.add_argument("--output-dims", default="64x128", help="projected output feature: AxB")
+    ap.add_argument("--skip", default="", help="comma-separated steps to leave out")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)

@@ -61,6 +61,10 @@ STRATEGIES: dict[str, list[str]] = {
     "k_r=3 + k_v=2": ["rollout.k_r=3", "rollout.k_v=2"],
     "last:1": ["select.params=last:1"],  # scoring backward through the last block only
     "k_r=4 + k_v=2 + last:1": ["rollout.k_r=4", "rollout.k_v=2", "select.params=last:1"],
+    # the LM head's gradient from the forward pass alone, exact and projected (64 x 128)
+    "output exact": ["select.features=output"],
+    "output 64x128": ["select.features=output", "select.output_dims=64x128"],
+    "k_r=4 + k_v=2 + output": ["rollout.k_r=4", "rollout.k_v=2", "select.features=output"],
 }
 RESAMPLED = "full (resampled)"
 SELECT_TIMES = (

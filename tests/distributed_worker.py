@@ -22,7 +22,8 @@ from gradalign.core.alignment import scored_parameters
 from gradalign.core.selection import Candidates, select
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.scoring import distributed as dd
-from gradalign.scoring import fastscore
+from gradalign.scoring import fastscore, output_features
+from gradalign.scoring.pieces import unit_pieces
 
 # 7 candidate groups (uneven shards: 4 + 3) of sizes 3..8; group 3 has zero variance
 CAND_REWARDS = [
@@ -93,6 +94,18 @@ def run_cases() -> dict[str, Any]:
             model, params, val, [range(2), range(2, 5)], aggregate, groups_per_micro=2
         )
         out[f"halves_{aggregate}"] = [[t.clone() for t in h] for h in halves]
+    for name, dims in (("output_exact", None), ("output_8x4", (8, 4))):  # select.features=output
+        feature = output_features.HeadFeature(dims, seed=5, chunk=7)
+        halves = output_features.distributed_feature_halves(
+            model, val, [range(2), range(2, 5)], feature, "sum", groups_per_micro=2
+        )
+        direction = unit_pieces([a + b for a, b in zip(*halves)])
+        done: list[int] = []
+        al = output_features.distributed_feature_alignment(
+            model, cand, direction, feature, 2, chunk=True, progress=done.append
+        )
+        kept = [[t.clone() for t in h] for h in halves]
+        out[name] = {"al": al, "groups": sum(done), "halves": kept}
     out["world"] = dd.world()
     return out
 

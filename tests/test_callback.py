@@ -125,6 +125,10 @@ def test_train_without_attach_is_refused():
             {"select": SelectConfig(chunk_size=8, k=16)},
             r"select.k \(16\) leaves 0 problems from chunk_size 8; lower k or raise chunk_size",
         ),
+        (
+            {"select": SelectConfig(features="output", params="last:1")},
+            r"select.params: 'last:1' does not apply with select.features=output",
+        ),
     ],
 )
 def test_the_callback_refuses_what_the_config_refuses(settings, message):
@@ -185,7 +189,8 @@ def _digit_reward(completions, **_):
 
 
 @pytest.mark.slow
-def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer):
+@pytest.mark.parametrize("features", ["full", "output"])
+def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer, features):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -233,7 +238,7 @@ def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer):
     cb = GradAlignCallback(
         validation=Dataset.from_list(rows(sets.validation)),
         reward_funcs=[_digit_reward],  # same reward, but not recording: the spy sees training only
-        select=SelectConfig(mode="sim", chunk_size=8, k=4),  # 2 of 8 rows per round
+        select=SelectConfig(mode="sim", chunk_size=8, k=4, features=features),  # 2 of 8 rows
         rollout=RolloutConfig(k_r=4, k_v=4, max_new_tokens=4),
         steps_per_round=spr,
         seed=0,

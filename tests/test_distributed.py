@@ -146,6 +146,28 @@ def test_two_processes_projection_and_broadcast(
         assert got["rand"] == one_process["rand"]  # ... yet it gets rank 0's
 
 
+@pytest.mark.parametrize("case", ["output_exact", "output_8x4"])
+def test_two_processes_output_features_as_one(
+    one_process: dict[str, Any], two_processes: list[dict[str, Any]], case: str
+) -> None:
+    """select.features=output under torchrun: each rank scores its shard (4 + 3 groups), the
+    validation halves and the chunk direction are summed over ranks, every rank gets all."""
+    want = one_process[case]
+    scale = want["al"].norm.max()
+    assert scale > 0 and want["groups"] == 7 and np.all(np.isfinite(want["al"].dot_chunk))
+    assert want["al"].norm[3] == 0  # the zero-variance group
+    assert [ranked[case]["groups"] for ranked in two_processes] == [4, 3]
+    for ranked in two_processes:
+        got = ranked[case]
+        for f in ("dot_val", "dot_chunk", "norm"):
+            np.testing.assert_allclose(
+                getattr(got["al"], f), getattr(want["al"], f), rtol=1e-5, atol=1e-6 * scale
+            )
+        for h in range(2):
+            for w, g in zip(want["halves"][h], got["halves"][h]):  # sums in another order
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
+
+
 @pytest.mark.parametrize("keep", [True, False])
 def test_reduce_chunk_is_called_once_on_the_batch_sum(
     keep: bool, monkeypatch: pytest.MonkeyPatch

@@ -1,5 +1,5 @@
-"""`benchmarks/gpu_check.sh`: its CPU dry run goes through every step on a tiny Qwen2 shape in
-bf16, and without a GPU the real run refuses with one line."""
+"""`benchmarks/gpu_check.sh`: its CPU dry run goes through every step (the output-layer
+feature scorer included) on a tiny Qwen2 shape in bf16, and without a GPU the real run refuses with one line."""
 
 from __future__ import annotations
 
@@ -23,10 +23,15 @@ def test_dry_run_scores_and_generates_with_a_tiny_qwen_shape_in_bf16() -> None:
     out = proc.stdout
     assert "== qwen-tiny: 0.14M scored params, 8 problems x 4 rollouts" in out
     assert ", cpu, bfloat16, " in out
-    for step in ("floor (plain fwd+bwd)", "batched, chunk=False", "exact per-group loop"):
+    steps = ("plain forward", "floor (plain fwd+bwd)", "batched, chunk=False")
+    steps += ("last:1, chunk=False", "output exact", "output 64x128", "exact per-group loop")
+    for step in steps:
         assert re.search(rf"^{re.escape(step)}\s+\d+\.\d\d\s+\d+\.\d\d", out, re.M), step
     diff = re.search(r"max rel\. diff batched vs exact: dot_val (\S+),", out)
     assert diff is not None and float(diff.group(1)) < 1e-2  # bf16 round-off, not an error
+    for step in ("output exact", "output 64x128"):  # ranks like the full gradient's cosines
+        rho = re.search(rf"of {step}: Spearman ([+-]\d\.\d+) with the full", out)
+        assert rho is not None and -1 <= float(rho.group(1)) <= 1, step
     assert re.search(r"^qwen-tiny\s+hf\s+\d+\.\d\d\s+\d", out, re.M)
     assert "qwen-tiny     vLLM: not measured (not installed, or no CUDA GPU)" in out
 

@@ -169,6 +169,17 @@ class SelectConfig(Section):
     val_aggregate: ValAggregate = doc("sum", "g_V = sum of g_v, or of unit g_v")
     scale_advantages: bool = doc(False, "divide scoring advantages by the group std")
     params: str = doc("all", "scored parameters: 'all', 'lora' or 'last:N' blocks")
+    features: Literal["full", "output"] = doc(
+        "full",
+        "what g_p is: 'full' = the gradient of the scored parameters (select.params, one "
+        "backward); 'output' = the LM head's gradient, from the forward pass alone, of the "
+        "head's use only (tied or frozen heads included: docs/output-features.md)",
+    )
+    output_dims: str = doc(
+        "exact",
+        "select.features=output: 'exact' (the V x d head gradient, one group's at a time) or "
+        "'AxB', its seeded two-sided random projection to A x B numbers per problem (64x128)",
+    )
     scorer: Literal["batched", "exact"] = doc(
         "batched",
         "gradient scorer: one batched backward (default) or 'exact', one backward per group",

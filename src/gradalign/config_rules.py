@@ -96,6 +96,39 @@ def check_select(s: SelectConfig) -> None:
             )
     elif s.params not in ("all", "lora"):
         raise ConfigError(f"select.params: expected 'all', 'lora' or 'last:N', got {s.params!r}")
+    _check_features(s)
+
+
+def _check_features(s: SelectConfig) -> None:
+    """``select.features=output`` reads the LM head's gradient off the forward pass: the
+    options of the full-gradient scorer do not apply to it, and are refused."""
+    from gradalign.core.common import parse_output_dims
+
+    try:
+        parse_output_dims(s.output_dims)
+    except ValueError as err:
+        raise ConfigError(f"select.output_dims: {err}") from None
+    if s.features == "full":
+        if s.output_dims != "exact":
+            raise ConfigError(
+                f"select.output_dims: {s.output_dims!r} projects the output-layer feature; "
+                "set select.features=output too, or leave output_dims at 'exact'"
+            )
+        return
+    refused = {
+        "select.scorer": (s.scorer, "batched", "it chooses how full gradients are computed"),
+        "select.params": (s.params, "all", "the feature is the LM head's gradient"),
+        "select.precondition": (s.precondition, "none", "LESS scaling needs the head's Adam "
+                                "state, which a LoRA or frozen head has not"),
+        "select.project_dim": (s.project_dim, 0, "it sketches full gradients; project the "
+                               "feature with select.output_dims=AxB"),
+    }  # fmt: skip
+    for name, (value, default, why) in refused.items():
+        if value != default:
+            raise ConfigError(
+                f"{name}: {value!r} does not apply with select.features=output ({why}); "
+                f"leave it at {default!r} or set select.features=full"
+            )
 
 
 def check_budget(s: SelectConfig, r: RolloutConfig) -> None:
@@ -117,6 +150,11 @@ def _check_fields(cfg: Config) -> None:
         )
     if s.params == "lora" and m.lora_r == 0:
         raise ConfigError("select.params: 'lora' needs LoRA adapters; set model.lora_r > 0")
+    if s.features == "output" and m.lora_r and "lm_head" in m.lora_targets:
+        raise ConfigError(
+            "model.lora_targets: select.features=output reads the plain LM head; "
+            "remove 'lm_head' from the LoRA targets or set select.features=full"
+        )
     if cfg.train.fsdp:
         _check_fsdp(cfg)
 
@@ -139,6 +177,11 @@ def _check_fsdp(cfg: Config) -> None:
         raise ConfigError(
             "train.fsdp: rollout.backend=vllm loads the whole policy into one engine per rank; "
             "use rollout.backend=hf"
+        )
+    if cfg.select.features == "output":
+        raise ConfigError(
+            "train.fsdp: select.features=output reads the whole LM head on each rank; "
+            "use select.features=full (the sharded batched scorer)"
         )
 
 

@@ -106,11 +106,21 @@ def _transfer(setup: Any, scored: RoundScores, eligible: np.ndarray, labels: lis
     if len(keep) < 2:
         return math.nan
     s = setup.cfg.select
-    params = scored_parameters(setup.model, s.params)
     batch = scored.rollouts[0].to_batch(setup.tokenizer.pad_token_id, s.scale_advantages)
     batch = batch.take_groups(keep).to(next(setup.model.parameters()).device)
+    halves = split_halves(len(keep))
+    if s.features == "output":  # the transfer cosine of the feature that is scored
+        from gradalign.core.common import parse_output_dims
+        from gradalign.scoring.output_features import HeadFeature, distributed_feature_halves
+
+        feature = HeadFeature(parse_output_dims(s.output_dims), setup.cfg.seed)
+        a, b = distributed_feature_halves(
+            setup.model, batch, halves, feature, "sum", s.groups_per_micro
+        )
+        return cosine(a, b)
+    params = scored_parameters(setup.model, s.params)
     a, b = dd.distributed_validation_halves(
-        setup.model, params, batch, split_halves(len(keep)), "sum", s.groups_per_micro
+        setup.model, params, batch, halves, "sum", s.groups_per_micro
     )
     return cosine(a, b)
 

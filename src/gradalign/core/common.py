@@ -19,3 +19,15 @@ def check_val_aggregate(aggregate: str) -> None:
     if aggregate not in VAL_AGGREGATES:
         expected = " or ".join(f"'{a}'" for a in VAL_AGGREGATES)
         raise ValueError(f"val_aggregate='{aggregate}': expected {expected}")
+
+
+def parse_output_dims(text: str) -> tuple[int, int] | None:
+    """``select.output_dims``: 'exact' -> None; 'AxB' (A, B >= 1) -> (A, B); else ValueError."""
+    if text == "exact":
+        return None
+    a, sep, b = text.partition("x")
+    if not (sep and a.isascii() and a.isdigit() and b.isascii() and b.isdigit()):
+        raise ValueError(f"{text!r}: expected 'exact' or 'AxB' with whole numbers, e.g. 64x128")
+    if int(a) < 1 or int(b) < 1:
+        raise ValueError(f"{text!r}: both dimensions must be >= 1")
+    return int(a), int(b)

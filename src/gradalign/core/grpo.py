@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradalign.core.logprobs import token_logprobs as chunked_logprobs
+
 
 @dataclass(frozen=True)
 class SequenceBatch:
@@ -119,13 +121,12 @@ def zero_variance_groups(rewards: Tensor, group: Tensor, num_groups: int) -> Ten
     return hi == lo
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """log pi(x_{t+1} | x_{<=t}) for every position. # [N, L] -> [N, T]"""
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).logits  # [N, L, V]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, T, V]
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [N, T]
+def token_logprobs(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, head_module: bool = False
+) -> Tensor:
+    """log pi(x_{t+1} | x_{<=t}) for every position, computed in chunks of tokens (never the
+    whole [N, T, V] in fp32: `logprobs.token_logprobs`). # [N, L] -> [N, T]"""
+    return chunked_logprobs(model, input_ids, attention_mask, head_module=head_module)
 
 
 def group_losses(

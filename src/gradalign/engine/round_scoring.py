@@ -38,6 +38,7 @@ import torch
 from gradalign.config import RolloutConfig, SelectConfig
 from gradalign.core import alignment
 from gradalign.core.alignment import GroupAlignment, Progress, direction_norm
+from gradalign.core.common import parse_output_dims
 from gradalign.core.diagnostics import cosine, split_halves
 from gradalign.core.grpo import SequenceBatch
 from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
@@ -45,7 +46,7 @@ from gradalign.data.problems import Problem, Stream, round_seed
 from gradalign.engine.budget import halving_rollouts
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
-from gradalign.scoring import precondition, sharded
+from gradalign.scoring import output_features, precondition, sharded
 from gradalign.scoring.pieces import Direction, unit_pieces
 
 Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TRL row (callback)
@@ -181,10 +182,14 @@ def _gradient_scores(
     the batched scorer or the exact reference; the split-half validation cosine; optional
     projection features [P, project_dim]."""
     sharded.reshard(model)  # FSDP2: the root's weights back into shards after generation
-    params = alignment.scored_parameters(model, s.params)
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
     val_batch = val.to_batch(pad, s.scale_advantages).to(device)
+    if s.features == "output":
+        model.eval()
+        with bar("scoring", cand.num_groups) as advance:
+            return (*output_scores(model, cand_batch, val_batch, s, seed, advance), None)
+    params = alignment.scored_parameters(model, s.params)
     exp_avg_sq = None
     if s.precondition == "adam" and optimizer is not None and optimizer.state:
         exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
@@ -225,6 +230,29 @@ def _sharded_scores(
             model, params, cand_batch, s.project_dim, seed, s.groups_per_micro, exp_avg_sq
         )
     return al, split, features
+
+
+def output_scores(
+    model: torch.nn.Module,
+    cand_batch: SequenceBatch,
+    val_batch: SequenceBatch,
+    s: SelectConfig,
+    seed: int,
+    advance: Progress,
+) -> tuple[GroupAlignment, float]:
+    """``select.features=output``: dot_val, dot_chunk (mode `align`) and norm of every
+    candidate's LM-head gradient feature against the validation set's (`output_features`,
+    seeded by `seed` when projected), and the split-half cosine of the feature."""
+    feature = output_features.HeadFeature(parse_output_dims(s.output_dims), seed)
+    a, b = output_features.distributed_feature_halves(
+        model, val_batch, split_halves(val_batch.num_groups), feature, s.val_aggregate,
+        s.groups_per_micro,
+    )  # fmt: skip
+    direction = unit_pieces([x + y for x, y in zip(a, b)])
+    al = output_features.distributed_feature_alignment(
+        model, cand_batch, direction, feature, s.groups_per_micro, s.mode == "align", advance
+    )
+    return al, split_half_cosine(a, b)
 
 
 def validation_direction(

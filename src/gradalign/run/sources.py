@@ -248,9 +248,16 @@ def with_lora(model: Any, cfg: Config) -> Any:
 
 
 def check_scored_params(cfg: Config, model: Any) -> None:
-    """``select.params`` must pick parameters of this model ('last:N': at most its blocks)."""
+    """``select.params`` must pick parameters of this model ('last:N': at most its blocks);
+    ``select.features=output`` needs a head `logprobs.split_head` can read."""
     from gradalign.core.alignment import scored_parameters
+    from gradalign.core.logprobs import split_head
 
+    if cfg.select.features == "output" and split_head(model) is None:
+        raise ConfigError(
+            f"select.features: 'output' needs logits that are a plain linear head on the last "
+            f"hidden state, which {type(model).__name__} is not known to have; use 'full'"
+        )
     try:
         scored_parameters(model, cfg.select.params)
     except ValueError as err:

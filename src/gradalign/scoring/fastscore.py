@@ -28,6 +28,7 @@ raises, it is never silently mis-scored. Options: seeded sketches S g_p (`projec
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from gradalign.core import alignment
 from gradalign.core.alignment import GroupAlignment, Progress
 from gradalign.core.common import EPS, ValAggregate, check_val_aggregate
 from gradalign.core.grpo import SequenceBatch, group_losses, token_logprobs
+from gradalign.core.logprobs import uses_head
 from gradalign.scoring.capture import Capture, collect
 from gradalign.scoring.pieces import Direction, Pieces, as_pieces, unit_pieces, zero_pieces
 from gradalign.scoring.precondition import adam_scale
@@ -63,13 +65,34 @@ class _Job:
     backward: Callable | None = None  # (cap, job, sub) -> as `_backward`; FSDP2: `sharded`
 
 
+@contextmanager
+def grad_only_for(model: nn.Module, params: Sequence[Tensor]) -> Iterator[None]:
+    """Every other parameter frozen for the block: autograd then records no graph, and keeps
+    no activations, below the first scored layer (``select.params=last:N``)."""
+    keep = {id(q) for q in params}
+    frozen = [q for q in model.parameters() if q.requires_grad and id(q) not in keep]
+    for q in frozen:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q in frozen:
+            q.requires_grad_(True)
+
+
 def _backward(cap: Capture, job: _Job, sub: SequenceBatch):
     """One forward and backward of a micro-batch: each parameter's uses and local group
     gradients, and (while `job.verify`) the self-check against autograd."""
+    with grad_only_for(job.model, job.params):
+        return _backward_scored(cap, job, sub)
+
+
+def _backward_scored(cap: Capture, job: _Job, sub: SequenceBatch):
     p = sub.num_groups
     cap.calls, cap.active = [], True
     try:
-        logp = token_logprobs(job.model, sub.input_ids, sub.attention_mask)  # [N, T]
+        head = uses_head(job.model, job.params)  # its hooks must see the head module run
+        logp = token_logprobs(job.model, sub.input_ids, sub.attention_mask, head)  # [N, T]
     finally:
         cap.active = False
     losses = group_losses(logp, sub.completion_mask, sub.advantages, sub.group, p)  # [P]
@@ -170,11 +193,14 @@ def batched_summed_gradient(
     micro-batches of whole groups -- the floor any per-group scorer is measured against."""
     total = zero_pieces(params)
     for ids, sub in _micro_batches(batch, groups_per_micro):
-        logp = token_logprobs(model, sub.input_ids, sub.attention_mask)
-        losses = group_losses(logp, sub.completion_mask, sub.advantages, sub.group, sub.num_groups)
-        if weights is not None:
-            losses = losses * torch.as_tensor(weights[ids.cpu().numpy()]).to(losses)
-        grads = torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
+        with grad_only_for(model, params):
+            logp = token_logprobs(model, sub.input_ids, sub.attention_mask)
+            losses = group_losses(
+                logp, sub.completion_mask, sub.advantages, sub.group, sub.num_groups
+            )
+            if weights is not None:
+                losses = losses * torch.as_tensor(weights[ids.cpu().numpy()]).to(losses)
+            grads = torch.autograd.grad(losses.sum(), list(params), allow_unused=True)
         for acc, g in zip(total, grads):
             if g is not None:
                 acc += g
