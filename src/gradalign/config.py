@@ -78,6 +78,13 @@ class ModelConfig(Section):
         "last operator: a content flaw) or 'none' (see docs/testbed.md)",
     )
     warmstart_flaw_frac: float = doc(0.6, "share of warm-start targets with the flaw, in [0, 1]")
+    warmstart_family_flaws: list[str] = doc(
+        [],
+        "per-family warm-start flaws, each 'family:flaw' or 'family:flaw:share' (e.g. "
+        "addition:lastdigit:0.4, countdown2:junk2): each listed family of data.families gets "
+        "its own flaw (junk, junk2, lead, lastdigit, none), the others warmstart_flaw and "
+        "warmstart_flaw_frac (see docs/testbed.md)",
+    )
     lora_r: int = doc(0, "LoRA rank (0 = full fine-tuning); with LoRA, scoring uses the adapters")
     lora_alpha: int = doc(16, "LoRA alpha")
     lora_targets: list[str] = doc(
