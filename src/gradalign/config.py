@@ -98,8 +98,9 @@ class DataConfig(Section):
     prefix: ClassVar[str] = "data."
     families: list[str] = doc(
         ["addition", "countdown"],
-        "built-in task families in every set: addition, countdown, addition_steps (a "
-        "column-addition scratchpad then the sum; needs rollout.max_new_tokens >= 20)",
+        "built-in task families in every set: addition, countdown, countdown2 (two numbers "
+        "from 1..99), addition_steps (a column-addition scratchpad then the sum; needs "
+        "rollout.max_new_tokens >= 20)",
     )
     pool_size: int = doc(1024, "candidate training problems in the pool")
     val_size: int = doc(32, "trusted validation problems (gradient reference, never trained on)")
