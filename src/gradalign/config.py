@@ -74,8 +74,9 @@ class ModelConfig(Section):
     warmstart_flaw: Flaw = doc(
         "junk",
         "systematic flaw in a share of the warm-start targets, which GRPO then repairs: 'junk' "
-        "(a character before EOS that the reward rejects), 'lastdigit' (a wrong last digit / "
-        "last operator: a content flaw) or 'none' (see docs/testbed.md)",
+        "(a character before EOS that the reward rejects; 'junk2' another one), 'lead' (a "
+        "character before the answer), 'lastdigit' (a wrong last digit / last operator: a "
+        "content flaw) or 'none' (see docs/testbed.md)",
     )
     warmstart_flaw_frac: float = doc(0.6, "share of warm-start targets with the flaw, in [0, 1]")
     warmstart_family_flaws: list[str] = doc(
