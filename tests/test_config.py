@@ -55,6 +55,19 @@ def test_defaults_load_and_pass_the_checks():
             "tokens plus EOS); set rollout.max_new_tokens >= 4",
         ),
         (["select.mode"], "expected FIELD=VALUE"),
+        (
+            ["model.warmstart_family_flaws=[addition:typo]"],
+            "model.warmstart_family_flaws: 'addition:typo': unknown flaw 'typo'",
+        ),
+        (
+            ["model.warmstart_family_flaws=[countdown2:junk2]"],
+            "model.warmstart_family_flaws: family 'countdown2' is not in data.families "
+            "['addition', 'countdown']; add it there or drop its flaw",
+        ),
+        (
+            ["model.warmstart_family_flaws=[addition:lead:2]"],
+            "model.warmstart_family_flaws: 'addition:lead:2': the share 2 is not in [0, 1]",
+        ),
     ],
 )
 def test_errors_name_the_field(overrides, field):
@@ -172,3 +185,13 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
     assert load_config(path) == cfg
+
+
+def test_family_flaws_accepted_for_listed_families():
+    cfg = load_config(
+        overrides=[
+            "data.families=[addition, countdown2]",
+            "model.warmstart_family_flaws=[addition:lastdigit:0.4, countdown2:lead]",
+        ]
+    )
+    assert cfg.model.warmstart_family_flaws == ["addition:lastdigit:0.4", "countdown2:lead"]

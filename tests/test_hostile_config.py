@@ -86,6 +86,7 @@ BAD_VALUES = [
     ("warm-start seed above 2**32-1", "model:\n  warmstart_seed: 4294967296\n", "model.warmstart_seed: must be in 0 .. 2**32-1 (= 4294967295, what numpy and torch both accept), got 4294967296"),
     ("flaw share above 1", "model:\n  warmstart_flaw_frac: 1.5\n", "model.warmstart_flaw_frac: must be in [0, 1], got 1.5"),
     ("eval samples negative", "rollout:\n  eval_samples: -1\n", "rollout.eval_samples: must be >= 0, got -1"),
+    ("per-family flaw written with =", "model:\n  warmstart_family_flaws: ['addition=junk']\n", "model.warmstart_family_flaws: 'addition=junk': unknown family 'addition=junk' (known: addition, countdown, countdown2, addition_steps); write each item as 'family:flaw' or 'family:flaw:share'"),
 ]  # fmt: skip
 
 

@@ -104,6 +104,25 @@ def test_warmstart_is_cached(tmp_path):
         assert (a == b).all(), n
 
 
+def test_family_flaws_make_their_own_warm_start(tmp_path):
+    """Per-family flaws train on other targets: another cache entry, other weights; the
+    same per-family flaws again load that entry."""
+    from gradalign.engine.warmstart import load_or_warmstart
+
+    logs: list[str] = []
+    args = ("tiny", ["addition", "countdown2"], 3, 1e-3, 8, 0, set())
+    kw = {"cache_dir": str(tmp_path), "log": logs.append, "flaw": "junk", "flaw_frac": 0.6}
+    plain, _ = load_or_warmstart(*args, **kw)
+    own = {"countdown2": ("lead", 0.6)}
+    m1, _ = load_or_warmstart(*args, **kw, family_flaws=own)
+    m2, _ = load_or_warmstart(*args, **kw, family_flaws=own)
+    assert len(list(tmp_path.glob("warmstart-tiny-*"))) == 2
+    assert "loaded from cache" in logs[-1] and "loaded from cache" not in logs[1]
+    same = [(a == b).all() for a, b in zip(m1.state_dict().values(), m2.state_dict().values())]
+    other = [(a == b).all() for a, b in zip(m1.state_dict().values(), plain.state_dict().values())]
+    assert all(same) and not all(other)
+
+
 @pytest.mark.slow
 def test_batched_scorer_matches_exact_in_the_loop(tmp_path):
     """The default batched scorer and the exact reference score the same round alike."""

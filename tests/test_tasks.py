@@ -13,10 +13,13 @@ from gradalign.data.tasks import (
     LONGEST_ANSWER,
     column_steps,
     draw_problems,
+    family_of,
     flaw_examples,
+    flaw_examples_by_family,
     flaw_target,
     make_regime,
     make_task,
+    parse_family_flaws,
     partition_of,
     warmstart_examples,
 )
@@ -186,6 +189,13 @@ def test_flaw_changes_the_key_only_when_it_changes_the_targets():
         ("85", "none", "85"),
         ("7+8=15,4+3+1=8:85", "lastdigit", "7+8=15,4+3+1=8:86"),  # the sum, not the steps
         ("7+8=15,4+3+1=8:85", "junk", "7+8=15,4+3+1=8:85x"),
+        ("85", "junk2", "85z"),
+        ("3*7", "junk2", "3*7z"),
+        ("85", "lead", "y85"),
+        ("3*7+5", "lead", "y3*7+5"),
+        ("7+8=15,4+3+1=8:85", "lead", "7+8=15,4+3+1=8:y85"),  # before the checked sum
+        ("7-3", "lastdigit", "7+3"),
+        ("3*7", "lastdigit", "3*7"),
     ],
 )
 def test_flaw_target(solution, kind, flawed):
@@ -193,14 +203,15 @@ def test_flaw_target(solution, kind, flawed):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("kind", ["junk", "lastdigit"])
+@pytest.mark.parametrize("kind", ["junk", "junk2", "lead", "lastdigit"])
 def test_flawed_targets_earn_no_reward(family, kind):
     problems, solutions = draw_problems(family, 60, np.random.default_rng(1), 0, set())
     rewards = [score_completion(p, flaw_target(s, kind)) for p, s in zip(problems, solutions)]
     kept = [
-        family == "countdown" and kind == "lastdigit" and not set("+-") & set(s) for s in solutions
+        family.startswith("countdown") and kind == "lastdigit" and not set("+-") & set(s)
+        for s in solutions
     ]
-    assert rewards == [float(k) for k in kept]  # only countdown's a*b*c keeps its value
+    assert rewards == [float(k) for k in kept]  # only countdown's a*b(*c) keeps its value
 
 
 def test_flaw_examples_alter_the_given_share_reproducibly():
@@ -211,3 +222,94 @@ def test_flaw_examples_alter_the_given_share_reproducibly():
     assert flawed == flaw_examples(examples, "junk", 0.6, seed=4)
     assert flawed != flaw_examples(examples, "junk", 0.6, seed=5)
     assert flaw_examples(examples, "none", 0.6, seed=4) == examples
+
+
+def test_countdown2_draws_two_numbers_and_countdown_is_unchanged():
+    problems, solutions = draw_problems("countdown2", 40, np.random.default_rng(3), 0, set())
+    for p in problems:
+        numbers, _, target = p.answer.partition("=")
+        assert len(numbers.split()) == 2 and 1 <= int(target) <= 99
+        assert p.source == "countdown2" and p.reward == "countdown"
+        assert family_of(p.prompt) == "countdown2"
+
+    # the three-number family draws what it drew before it took a count (the old code)
+    def old_draw(rng):
+        while True:
+            nums = [int(x) for x in rng.integers(1, 16, size=3)]
+            ops = [str(o) for o in rng.choice(["+", "-", "*"], size=2)]
+            solution = f"{nums[0]}{ops[0]}{nums[1]}{ops[1]}{nums[2]}"
+            target = int(eval(solution, {"__builtins__": {}}))
+            if 1 <= target <= 99:
+                shown = " ".join(map(str, sorted(nums)))
+                return f"make {target} from {shown}", f"{shown}={target}", solution, "countdown"
+
+    new_rng, old_rng = np.random.default_rng(5), np.random.default_rng(5)
+    assert [FAMILIES["countdown"](new_rng) for _ in range(50)] == [
+        old_draw(old_rng) for _ in range(50)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "family"),
+    [
+        ("47+38", "addition"),
+        ("47+38 in steps", "addition_steps"),
+        ("make 26 from 3 5 7", "countdown"),
+        ("make 21 from 3 7", "countdown2"),
+    ],
+)
+def test_family_of(prompt, family):
+    assert family_of(prompt) == family
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_of_every_drawn_prompt(family):
+    problems, _ = draw_problems(family, 30, np.random.default_rng(2), 0, set())
+    assert {family_of(p.prompt) for p in problems} == {family}
+
+
+def test_parse_family_flaws():
+    assert parse_family_flaws(["addition:lastdigit:0.4", "countdown2:junk2"], 0.6) == {
+        "addition": ("lastdigit", 0.4),
+        "countdown2": ("junk2", 0.6),
+    }
+    assert parse_family_flaws([], 0.6) == {}
+    for bad, why in [
+        (["algebra:junk"], "unknown family 'algebra'"),
+        (["addition:typo"], "unknown flaw 'typo'"),
+        (["addition:junk", "addition:lead"], "given twice"),
+        (["addition:junk:lots"], "'lots' is not a number"),
+        (["addition:junk:1.5"], "not in [0, 1]"),
+    ]:
+        with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("]", r"\]")):
+            parse_family_flaws(bad, 0.6)
+
+
+def test_flaw_examples_by_family_give_each_family_its_flaw_and_share():
+    adds = [(f"{i}+1", str(i + 1)) for i in range(10, 110)]  # 100 addition examples
+    cds = [(f"make {i + 1} from 1 {i}", f"{i}+1") for i in range(1, 51)]  # 50 countdown2
+    examples = [e for pair in zip(adds[:50], cds) for e in pair] + adds[50:]
+    flawed = flaw_examples_by_family(examples, "junk", 0.6, {"countdown2": ("lead", 0.4)}, seed=7)
+    assert [p for p, _ in flawed] == [p for p, _ in examples]
+    add_out = [s for p, s in flawed if family_of(p) == "addition"]
+    cd_out = [s for p, s in flawed if family_of(p) == "countdown2"]
+    assert sum(s.endswith("x") for s in add_out) == 60 and not any("y" in s for s in add_out)
+    assert sum(s.startswith("y") for s in cd_out) == 20 and not any("x" in s for s in cd_out)
+    assert flawed == flaw_examples_by_family(
+        examples, "junk", 0.6, {"countdown2": ("lead", 0.4)}, 7
+    )
+    # without per-family flaws: exactly the one flaw over all examples, as before
+    assert flaw_examples_by_family(examples, "junk", 0.6, {}, 7) == flaw_examples(
+        examples, "junk", 0.6, 7
+    )
+
+
+def test_family_flaws_enter_the_key_only_when_given():
+    key = lambda ff: warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, set(), "junk", 0.6, ff)  # noqa: E731
+    assert (
+        key(None) == key({}) == warmstart_key("tiny", FAMS, 500, 3e-3, 128, 0, set(), "junk", 0.6)
+    )
+    assert key({"addition": ("lastdigit", 0.4)}) not in (
+        key(None),
+        key({"addition": ("lastdigit", 0.5)}),
+    )

@@ -74,10 +74,18 @@ class ModelConfig(Section):
     warmstart_flaw: Flaw = doc(
         "junk",
         "systematic flaw in a share of the warm-start targets, which GRPO then repairs: 'junk' "
-        "(a character before EOS that the reward rejects), 'lastdigit' (a wrong last digit / "
-        "last operator: a content flaw) or 'none' (see docs/testbed.md)",
+        "(a character before EOS that the reward rejects; 'junk2' another one), 'lead' (a "
+        "character before the answer), 'lastdigit' (a wrong last digit / last operator: a "
+        "content flaw) or 'none' (see docs/testbed.md)",
     )
     warmstart_flaw_frac: float = doc(0.6, "share of warm-start targets with the flaw, in [0, 1]")
+    warmstart_family_flaws: list[str] = doc(
+        [],
+        "per-family warm-start flaws, each 'family:flaw' or 'family:flaw:share' (e.g. "
+        "addition:lastdigit:0.4, countdown2:junk2): each listed family of data.families gets "
+        "its own flaw (junk, junk2, lead, lastdigit, none), the others warmstart_flaw and "
+        "warmstart_flaw_frac (see docs/testbed.md)",
+    )
     lora_r: int = doc(0, "LoRA rank (0 = full fine-tuning); with LoRA, scoring uses the adapters")
     lora_alpha: int = doc(16, "LoRA alpha")
     lora_targets: list[str] = doc(
@@ -91,8 +99,9 @@ class DataConfig(Section):
     prefix: ClassVar[str] = "data."
     families: list[str] = doc(
         ["addition", "countdown"],
-        "built-in task families in every set: addition, countdown, addition_steps (a "
-        "column-addition scratchpad then the sum; needs rollout.max_new_tokens >= 20)",
+        "built-in task families in every set: addition, countdown, countdown2 (two numbers "
+        "from 1..99), addition_steps (a column-addition scratchpad then the sum; needs "
+        "rollout.max_new_tokens >= 20)",
     )
     pool_size: int = doc(1024, "candidate training problems in the pool")
     val_size: int = doc(32, "trusted validation problems (gradient reference, never trained on)")

@@ -185,6 +185,26 @@ def _check_fsdp(cfg: Config) -> None:
         )
 
 
+def _check_family_flaws(cfg: Config) -> None:
+    """model.warmstart_family_flaws: well-formed items, each for a family of data.families."""
+    from gradalign.data.tasks import parse_family_flaws
+
+    m = cfg.model
+    try:
+        by_family = parse_family_flaws(m.warmstart_family_flaws, m.warmstart_flaw_frac)
+    except ValueError as err:
+        raise ConfigError(
+            f"model.warmstart_family_flaws: {err}; write each item as 'family:flaw' or "
+            "'family:flaw:share'"
+        ) from None
+    for family in by_family:
+        if family not in cfg.data.families:
+            raise ConfigError(
+                f"model.warmstart_family_flaws: family {family!r} is not in data.families "
+                f"{cfg.data.families}; add it there or drop its flaw"
+            )
+
+
 def _check_data(d: DataConfig, max_new_tokens: int) -> None:
     from gradalign.data.tasks import FAMILIES, LONGEST_ANSWER
 
@@ -262,6 +282,7 @@ def check(cfg: Config) -> None:
     _group_size("train.num_generations", t.num_generations)
     _check_train(t)
     _check_data(d, r.max_new_tokens)
+    _check_family_flaws(cfg)
 
 
 def data_aliases(d: DataConfig) -> None:

@@ -46,11 +46,12 @@ def draw_addition(rng: np.random.Generator) -> Draw:
     return f"{a}+{b}", str(a + b), str(a + b), "exact"
 
 
-def draw_countdown(rng: np.random.Generator) -> Draw:
+def draw_countdown(rng: np.random.Generator, count: int = 3, high: int = 15) -> Draw:
     while True:
-        nums = [int(x) for x in rng.integers(1, 16, size=3)]
-        ops = [str(o) for o in rng.choice(["+", "-", "*"], size=2)]
-        solution = f"{nums[0]}{ops[0]}{nums[1]}{ops[1]}{nums[2]}"
+        nums = [int(x) for x in rng.integers(1, high + 1, size=count)]
+        ops = [str(o) for o in rng.choice(["+", "-", "*"], size=count - 1)]
+        solution = "".join(f"{o}{n}" for o, n in zip(ops, nums[1:]))
+        solution = f"{nums[0]}{solution}"
         target = int(eval(solution, {"__builtins__": {}}))  # digits and + - * only
         if 1 <= target <= 99:
             break
@@ -58,6 +59,12 @@ def draw_countdown(rng: np.random.Generator) -> Draw:
     prompt = f"make {target} from {' '.join(map(str, shown))}"
     answer = f"{' '.join(map(str, shown))}={target}"
     return prompt, answer, solution, "countdown"
+
+
+def draw_countdown2(rng: np.random.Generator) -> Draw:
+    """Countdown with two numbers from 1..99: ``"make 61 from 23 38"`` → ``"38+23"`` (an
+    easier family: one operator to choose; enough distinct prompts for every set)."""
+    return draw_countdown(rng, count=2, high=99)
 
 
 def column_steps(a: int, b: int) -> str:
@@ -77,8 +84,20 @@ def draw_addition_steps(rng: np.random.Generator) -> Draw:
 FAMILIES: dict[str, Callable[[np.random.Generator], Draw]] = {
     "addition": draw_addition,
     "countdown": draw_countdown,
+    "countdown2": draw_countdown2,
     "addition_steps": draw_addition_steps,
 }
+
+
+def family_of(prompt: str) -> str:
+    """The built-in family a prompt was drawn from, read off its form (`FAMILIES`):
+    ``"47+38"`` addition, ``"47+38 in steps"`` addition_steps, ``"make 26 from 3 5 7"``
+    countdown, ``"make 61 from 23 38"`` countdown2."""
+    if prompt.startswith("make "):
+        return "countdown2" if len(prompt.split(" from ", 1)[1].split()) == 2 else "countdown"
+    return "addition_steps" if prompt.endswith(" in steps") else "addition"
+
+
 # The longest answer, in characters (= built-in tokens), of the families whose answers have
 # one form; a countdown target can be reached by shorter expressions than its reference.
 LONGEST_ANSWER = {"addition": 3, "addition_steps": 19}
@@ -201,20 +220,26 @@ def warmstart_examples(
 
 
 # ---------------------------------------------------------------- warm-start target flaws
-Flaw = Literal["none", "junk", "lastdigit"]
+Flaw = Literal["none", "junk", "junk2", "lead", "lastdigit"]
 FLAWS: tuple[str, ...] = Flaw.__args__  # type: ignore[attr-defined]
 JUNK = "x"  # after an answer, every built-in reward rejects it (exact match, countdown)
+JUNK2 = "z"  # the same flaw with another character (`junk2`)
+LEAD = "y"  # before an answer (`lead`): rejected by every built-in reward
 
 
 def flaw_target(solution: str, kind: Flaw) -> str:
-    """A supervised target with the flaw: ``junk`` appends `JUNK` (a format flaw: one token
-    before EOS); ``lastdigit`` adds 1 (mod 10) to an addition answer's last digit (a
-    scratchpad's final sum: its steps stay right) and turns the last + / - of a countdown
-    expression into the other (a content flaw: a wrong value)."""
-    if kind == "junk":
-        return solution + JUNK
+    """A supervised target with the flaw: ``junk`` appends `JUNK` and ``junk2`` `JUNK2` (a
+    format flaw: one token before EOS); ``lead`` puts `LEAD` before the answer (a format
+    flaw on the first answer token; before a scratchpad's final sum); ``lastdigit`` adds 1
+    (mod 10) to an addition answer's last digit (a scratchpad's final sum: its steps stay
+    right) and turns the last + / - of a countdown expression into the other (a content
+    flaw: a wrong value)."""
+    if kind in ("junk", "junk2"):
+        return solution + (JUNK if kind == "junk" else JUNK2)
+    steps, colon, final = solution.rpartition(":")
+    if kind == "lead":
+        return steps + colon + LEAD + final
     if kind == "lastdigit":
-        steps, colon, final = solution.rpartition(":")
         if colon and final.isdigit():
             return steps + colon + flaw_target(final, kind)
         if solution.isdigit():
@@ -237,6 +262,54 @@ def flaw_examples(
         rng.choice(len(examples), size=round(frac * len(examples)), replace=False).tolist()
     )
     return [(p, flaw_target(s, kind) if i in chosen else s) for i, (p, s) in enumerate(examples)]
+
+
+FamilyFlaws = dict[str, tuple[Flaw, float]]  # family -> (flaw, share of its targets)
+
+
+def parse_family_flaws(items: list[str], default_frac: float) -> FamilyFlaws:
+    """``["addition:lastdigit:0.4", "countdown2:junk2"]`` → {family: (flaw, share)}; a share
+    left out is `default_frac`. Raises ValueError naming the bad item."""
+    out: FamilyFlaws = {}
+    for item in items:
+        family, _, rest = item.partition(":")
+        kind, _, frac_text = rest.partition(":")
+        if family not in FAMILIES:
+            raise ValueError(f"{item!r}: unknown family {family!r} (known: {', '.join(FAMILIES)})")
+        if kind not in FLAWS:
+            raise ValueError(f"{item!r}: unknown flaw {kind!r} (known: {', '.join(FLAWS)})")
+        if family in out:
+            raise ValueError(f"{item!r}: family {family!r} is given twice")
+        try:
+            frac = float(frac_text) if frac_text else default_frac
+        except ValueError:
+            raise ValueError(f"{item!r}: the share {frac_text!r} is not a number") from None
+        if not 0 <= frac <= 1:
+            raise ValueError(f"{item!r}: the share {frac_text} is not in [0, 1]")
+        out[family] = (kind, frac)  # type: ignore[assignment]
+    return out
+
+
+def flaw_examples_by_family(
+    examples: list[tuple[str, str]],
+    kind: Flaw,
+    frac: float,
+    by_family: FamilyFlaws,
+    seed: int,
+) -> list[tuple[str, str]]:
+    """`flaw_examples` family by family (`family_of` each prompt): a family in `by_family`
+    gets its own (flaw, share), the others (`kind`, `frac`); each family's share of its own
+    examples, chosen with its own seed. Without `by_family`, exactly `flaw_examples`."""
+    if not by_family:
+        return flaw_examples(examples, kind, frac, seed)
+    out = list(examples)
+    for j, family in enumerate(sorted({family_of(p) for p, _ in examples})):
+        at = [i for i, (p, _) in enumerate(examples) if family_of(p) == family]
+        fam_kind, fam_frac = by_family.get(family, (kind, frac))
+        flawed = flaw_examples([examples[i] for i in at], fam_kind, fam_frac, seed + 1 + j)
+        for i, pair in zip(at, flawed):
+            out[i] = pair
+    return out
 
 
 # ---------------------------------------------------------------- data regimes (paper §5)

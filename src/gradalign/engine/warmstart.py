@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 
 from gradalign.core.grpo import pack_sequences
-from gradalign.data.tasks import Flaw, flaw_examples, warmstart_examples
+from gradalign.data.tasks import (
+    FamilyFlaws,
+    Flaw,
+    flaw_examples_by_family,
+    warmstart_examples,
+)
 from gradalign.engine.policy import (
     build_model,
     build_tokenizer,
@@ -50,6 +55,7 @@ def warmstart_key(
     met: set[str],
     flaw: Flaw = "none",
     flaw_frac: float = 0.0,
+    family_flaws: FamilyFlaws | None = None,
 ) -> str:
     """The cache key of a warm start: its whole recipe. Of the prompts it must not train on,
     only those its draw came across (`met`, from `warmstart_examples`) changed its examples,
@@ -68,6 +74,8 @@ def warmstart_key(
         "flaw": flaw if flaw_frac > 0 else "none",
         "flaw_frac": flaw_frac if flaw != "none" else 0.0,
     }
+    if family_flaws:  # only then: the keys of warm starts without it stay as they were
+        spec["family_flaws"] = {f: list(v) for f, v in sorted(family_flaws.items())}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -141,15 +149,17 @@ def load_or_warmstart(
     log: Callable[[str], None] = print,
     flaw: Flaw = "none",
     flaw_frac: float = 0.0,
+    family_flaws: FamilyFlaws | None = None,
 ):
     """The warm-started built-in (model, tokenizer): from the cache, or trained and cached.
     `flaw` / `flaw_frac`: that share of the supervised targets carry the flaw
-    (`gradalign.data.tasks.flaw_target`)."""
+    (`gradalign.data.tasks.flaw_target`); `family_flaws` gives listed families their own
+    (flaw, share) (`gradalign.data.tasks.flaw_examples_by_family`)."""
 
     quiet_transformers()
     met: set[str] = set()  # drawing the examples is cheap next to loading or training
     examples = warmstart_examples(families, min(20_000, steps * batch), seed + 17, exclude, met)
-    key = warmstart_key(size, families, steps, lr, batch, seed, met, flaw, flaw_frac)
+    key = warmstart_key(size, families, steps, lr, batch, seed, met, flaw, flaw_frac, family_flaws)
     path = cache_root(cache_dir) / f"warmstart-{size}-{key}"
     if (path / "warmstart.json").is_file():
         try:
@@ -166,7 +176,7 @@ def load_or_warmstart(
     model = build_model(tokenizer, size, seed=seed)
     if steps == 0:
         return model, tokenizer
-    examples = flaw_examples(examples, flaw, flaw_frac, seed + 29)
+    examples = flaw_examples_by_family(examples, flaw, flaw_frac, family_flaws or {}, seed + 29)
     log(f"warm start: {steps} supervised steps on {len(examples)} examples ({size} model)")
     t0 = time.perf_counter()
     with torch.random.fork_rng():

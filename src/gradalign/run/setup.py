@@ -9,7 +9,7 @@ from typing import Any
 
 from gradalign.config import Config, ConfigError
 from gradalign.data.problems import check_disjoint
-from gradalign.data.tasks import TaskSets, make_regime
+from gradalign.data.tasks import TaskSets, make_regime, parse_family_flaws
 from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts, generate
 from gradalign.progress import bar, log
@@ -104,6 +104,7 @@ def build_policy(cfg: Config, sets: TaskSets) -> tuple[Any, Any]:
                 log=log,
                 flaw=m.warmstart_flaw,
                 flaw_frac=m.warmstart_flaw_frac,
+                family_flaws=parse_family_flaws(m.warmstart_family_flaws, m.warmstart_flaw_frac),
             )
         model = model.to(resolve_device(m.device))
         if m.lora_r > 0:
