@@ -30,6 +30,7 @@ def test_fsdp_on_a_gpu_config_loads_and_sets_trls_fsdp_v2():
         (["model.lora_r=8"], "train.fsdp: not with LoRA (model.lora_r > 0)"),
         (["select.scorer=exact"], "train.fsdp: select.scorer=exact needs the whole flat"),
         (["rollout.backend=vllm"], "train.fsdp: rollout.backend=vllm loads the whole policy"),
+        (["select.features=output"], "train.fsdp: select.features=output reads the whole LM"),
     ],
 )
 def test_fsdp_refused_with(extra: list[str], message: str):
