@@ -125,7 +125,7 @@ def training(
 ) -> dict[str, list[dict[str, float]]]:
     """Part 2: `rounds` rounds of the loop per strategy and seed."""
     from gradalign.run.loop import run
-    from gradalign.rundir import read_json
+    from gradalign.storage import read_json
 
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in STRATEGIES}
     for seed in seeds:

@@ -20,7 +20,7 @@ from gradalign.engine.policy import apply_lora, build_model, build_tokenizer, fo
 from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.run import loop
 from gradalign.run.sources import policy_from_config, sets_from_files
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "qwen2.5-math-1.5b.yaml"

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from gradalign.analysis.report import build_report, collect, mean_ci, t_quantile
 from gradalign.config import load_config
-from gradalign.rundir import read_json, write_json, write_yaml
+from gradalign.storage import read_json, write_json, write_yaml
 
 FINAL = {
     "sim": [0.1, 0.2, 0.3],

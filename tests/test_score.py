@@ -23,7 +23,7 @@ from gradalign.config import ConfigError, config_from_dict
 from gradalign.run import score as score_module
 from gradalign.run.checkpoint import ResumeError
 from gradalign.run.setup import build_setup
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 SYSTEM = {"role": "system", "content": "Add the numbers."}
 

@@ -23,7 +23,7 @@ from gradalign.core.selection import Mode, ZeroVariance
 from gradalign.data.rewards_style import RewardStyle
 from gradalign.data.tasks import Flaw
 from gradalign.messages import show
-from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
+from gradalign.storage import DuplicateKeyError, read_yaml, yaml_reason
 
 
 class ConfigError(ValueError):

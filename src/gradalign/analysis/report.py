@@ -31,7 +31,7 @@ import yaml
 
 from gradalign.config import BENCH_FIELDS, LOCATION_FIELDS, differing_fields, flatten_config
 from gradalign.core.selection import MODES
-from gradalign.rundir import read_json, write_json, write_text
+from gradalign.storage import read_json, write_json, write_text
 
 REGIME_ORDER = ("noisy", "imbalance", "lowutility", "clean")
 # t_{0.975, df} for df = 1..30 (two-sided 95%); beyond, a Cornish-Fisher expansion

@@ -19,8 +19,8 @@ from gradalign.data.tasks import TaskSets
 from gradalign.engine.round_scoring import RoundScores
 from gradalign.progress import log
 from gradalign.run.checkpoint import crash_point
-from gradalign.rundir import read_json, write_json, write_jsonl, write_npy
 from gradalign.scoring import distributed as dd
+from gradalign.storage import read_json, write_json, write_jsonl, write_npy
 
 
 def is_bad(p: Problem) -> bool:

@@ -46,8 +46,8 @@ from gradalign.config import (
     flatten_config,
     upgrade_saved,
 )
-from gradalign.rundir import StorageError, write_bytes, write_json
 from gradalign.scoring import distributed as dd
+from gradalign.storage import StorageError, write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
 KILL_ENV = "GRADALIGN_KILL_AT"

@@ -55,8 +55,8 @@ from gradalign.run.checkpoint import (
 from gradalign.run.export import save_final
 from gradalign.run.setup import Setup, build_setup
 from gradalign.run.tracking import Tracker, check_trackers, write_metrics_lines
-from gradalign.rundir import write_json, write_jsonl, write_yaml
 from gradalign.scoring import distributed as dd
+from gradalign.storage import write_json, write_jsonl, write_yaml
 
 
 def sample(

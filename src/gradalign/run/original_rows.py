@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gradalign.config import ConfigError
 from gradalign.data.problems import Problem, ProblemError, jsonl_lines
-from gradalign.rundir import write_bytes
+from gradalign.storage import write_bytes
 
 
 def write_selected(out: Path, chosen: list[Problem]) -> list[Path]:

@@ -46,8 +46,8 @@ from gradalign.progress import bar, log
 from gradalign.run.checkpoint import ResumeError, RunLock, from_main
 from gradalign.run.original_rows import write_selected
 from gradalign.run.setup import Setup, build_setup
-from gradalign.rundir import read_json, read_jsonl, write_json, write_jsonl
 from gradalign.scoring import distributed as dd
+from gradalign.storage import read_json, read_jsonl, write_json, write_jsonl
 
 STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
 

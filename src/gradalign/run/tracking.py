@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from gradalign.config import Config, ConfigError, flatten_config
-from gradalign.rundir import write_jsonl
+from gradalign.storage import write_jsonl
 
 PACKAGES = {
     "tensorboard": "tensorboard",
