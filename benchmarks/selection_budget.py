@@ -31,7 +31,6 @@ AUC, overlap and accuracy are exact functions of the seeds.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 from pathlib import Path
@@ -78,14 +77,12 @@ def config(base: list[str], name: str, seed: int, extra: list[str] = ()) -> Conf
 
 def chunk_measures(setup: Any, cfg: Config, r: int, rollout_seed: int) -> dict[str, Any]:
     """Score and select chunk r of cfg's pool on setup's (untrained) policy."""
-    from gradalign.run.loop import sample
-
     pool = setup.sets.pool
     chunk = [pool[i] for i in ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed).chunk(r)]
     ids = np.array([p.id for p in chunk])
     scored = score_chunk(
         setup.model, setup.tokenizer, chunk, ids, setup.sets.validation, cfg.rollout,
-        cfg.select, rollout_seed, r, functools.partial(sample, setup),
+        cfg.select, rollout_seed, r, setup.sample,
     )  # fmt: skip
     sel = select_chunk(scored, cfg.select, rollout_seed, r, ids)
     bad = np.array([is_bad(p) for p in chunk])

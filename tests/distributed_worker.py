@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from scoring_batches import make_batch
 
-from gradalign.core.alignment import scored_parameters
+from gradalign import ranks
 from gradalign.core.selection import Candidates, select
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore
 
@@ -71,8 +71,8 @@ def run_case(name: str, model: torch.nn.Module) -> dict[str, Any]:
     mode = {"sum": "sim", "mean_of_unit": "sim", "sum_no_chunk": "dot"}.get(name, "align")
     n = 1 if name == "one_group" else 3
     rng = np.random.default_rng(0)
-    sel = dd.broadcast_object(
-        select(mode, candidates(rewards, al), n, rng) if dd.is_main() else None
+    sel = ranks.broadcast_object(
+        select(mode, candidates(rewards, al), n, rng) if ranks.is_main() else None
     )
     return {"al": al, "groups": sum(done), "selected": sel.ids.tolist()}
 
@@ -85,20 +85,20 @@ def run_cases() -> dict[str, Any]:
         model, scored_parameters(model), cand, project_dim=16, seed=5, groups_per_micro=2
     )
     # every rank draws with its own seed here, and still gets rank 0's draw
-    drawn = select("rand", Candidates(np.arange(50)), 5, np.random.default_rng(dd.world()[0]))
-    out["rand"] = dd.broadcast_object(drawn).ids.tolist()
+    drawn = select("rand", Candidates(np.arange(50)), 5, np.random.default_rng(ranks.world()[0]))
+    out["rand"] = ranks.broadcast_object(drawn).ids.tolist()
     val, params = make_batch(VAL_REWARDS, seed=2), scored_parameters(model)
     for aggregate in ("sum", "mean_of_unit"):  # halves across the shards (3 + 2): 0-1 | 2-4
         halves = dd.distributed_validation_halves(
             model, params, val, [range(2), range(2, 5)], aggregate, groups_per_micro=2
         )
         out[f"halves_{aggregate}"] = [[t.clone() for t in h] for h in halves]
-    out["world"] = dd.world()
+    out["world"] = ranks.world()
     return out
 
 
 if __name__ == "__main__":
-    rank, size = dd.init_from_env("cpu")
+    rank, size = ranks.init_from_env("cpu")
     torch.set_num_threads(1)
     result = run_cases()
     Path(sys.argv[1], f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

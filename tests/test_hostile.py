@@ -646,9 +646,10 @@ def test_scorers_report_the_validation_norm_and_selection_falls_back(
     import torch
 
     from gradalign.core import alignment
+    from gradalign.engine import policy
     from gradalign.scoring import fastscore, precondition
 
-    params = alignment.scored_parameters(tiny_model)
+    params = policy.scored_parameters(tiny_model)
     cand, val = scoring_batch([[1, 0, 0], [1, 1, 0], [0, 1, 1]], 0), scoring_batch(val_rewards, 1)
     zero = all(len(set(rs)) == 1 for rs in val_rewards)  # every validation advantage is 0
     exact = alignment.exact_alignment(

@@ -16,14 +16,13 @@ from gradalign.config import RolloutConfig, SelectConfig
 from gradalign.core.alignment import (
     GroupAlignment,
     iter_group_gradients,
-    scored_parameters,
     unit,
     validation_direction,
 )
 from gradalign.core.selection import SelectionWarning
 from gradalign.data.problems import Problem
 from gradalign.engine import round_scoring
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.engine.rollout import Rollouts
 from gradalign.scoring.pieces import flatten_pieces
 

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gradalign.config import Config, ConfigError, field_docs, load_config
 from gradalign.progress import console
-from gradalign.scoring.distributed import is_main, shutdown
+from gradalign.ranks import is_main, shutdown
 from gradalign.storage import StorageError, describe
 
 T = TypeVar("T")

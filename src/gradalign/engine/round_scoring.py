@@ -43,6 +43,7 @@ from gradalign.core.grpo import SequenceBatch
 from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
 from gradalign.data.problems import Problem, Stream, round_seed
 from gradalign.engine.budget import halving_rollouts
+from gradalign.engine.policy import scored_parameters
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import precondition
@@ -180,7 +181,7 @@ def _gradient_scores(
     """<g_p, g^_V>, <g_p, g^_C> (mode `align` only) and ||g_p|| of every candidate group, with
     the batched scorer or the exact reference; the split-half validation cosine; optional
     projection features [P, project_dim]."""
-    params = alignment.scored_parameters(model, s.params)
+    params = scored_parameters(model, s.params)
     device, pad = next(model.parameters()).device, tokenizer.pad_token_id
     cand_batch = cand.to_batch(pad, s.scale_advantages).to(device)
     val_batch = val.to_batch(pad, s.scale_advantages).to(device)

@@ -43,7 +43,7 @@ def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> t
 def per_rank_batch(batch_size: int) -> int:
     """Problems per optimizer step on each rank: train.batch_size is the global batch, so a
     run under torchrun takes the same steps as one process."""
-    from gradalign.scoring.distributed import world
+    from gradalign.ranks import world
 
     size = world()[1]
     if batch_size % size:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from gradalign import ranks
 from gradalign.config import Config
 from gradalign.core.diagnostics import selection_auc
 from gradalign.core.selection import Candidates, Selection
@@ -19,7 +20,6 @@ from gradalign.data.tasks import TaskSets
 from gradalign.engine.round_scoring import RoundScores
 from gradalign.progress import log
 from gradalign.run.checkpoint import crash_point
-from gradalign.scoring import distributed as dd
 from gradalign.storage import read_json, write_json, write_jsonl, write_npy
 
 
@@ -169,7 +169,7 @@ def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: flo
             for k in sorted({k for m in history for k in m if k.startswith("time/")})
         },
     }
-    if dd.is_main():
+    if ranks.is_main():
         write_json(out / "summary.json", summary)
     return summary
 

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from gradalign import ranks
 from gradalign.config import (
     RESUMABLE_FIELDS,
     Config,
@@ -46,7 +47,6 @@ from gradalign.config import (
     flatten_config,
     upgrade_saved,
 )
-from gradalign.scoring import distributed as dd
 from gradalign.storage import StorageError, write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
@@ -69,12 +69,12 @@ def from_main(fn: Callable[[], T]) -> T:
     refusal (locked run directory, other config, storage) is raised on every rank, so none
     waits for the others."""
     value, error = None, None
-    if dd.is_main():
+    if ranks.is_main():
         try:
             value = fn()
         except (RunLocked, ResumeError, StorageError) as err:
             error = err
-    value, error = dd.broadcast_object((value, error))
+    value, error = ranks.broadcast_object((value, error))
     if error is not None:
         raise error
     return value  # type: ignore[return-value]  (fn's result: it returned, nothing raised)

@@ -24,7 +24,6 @@ AUC 0.50–0.59.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import Any
@@ -54,7 +53,6 @@ def label(p: Problem) -> str:
 def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
     """Score the first `chunks` chunks of cfg's pool on the starting policy; the measures and
     the verdict as a JSON-ready dict."""
-    from gradalign.run.loop import sample
     from gradalign.run.setup import build_setup
 
     s = cfg.select if RULES[cfg.select.mode].uses_validation else None
@@ -73,7 +71,7 @@ def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
             scored = score_chunk(
                 setup.model, setup.tokenizer, chunk, np.array([p.id for p in chunk]),
                 setup.sets.validation, cfg.rollout, s, cfg.seed, r,
-                functools.partial(sample, setup), bar=bar,
+                setup.sample, bar=bar,
             )  # fmt: skip
         for w in caught:
             log(f"warning: chunk {r + 1}: {w.message}")
@@ -99,7 +97,7 @@ def _chunk_measures(setup: Any, chunk: list[Problem], scored: RoundScores) -> di
 def _transfer(setup: Any, scored: RoundScores, eligible: np.ndarray, labels: list[str]) -> float:
     """cos of the summed GRPO gradients of the two halves of the chunk's eligible (clean,
     where labelled) candidates; NaN with fewer than 2 such candidates."""
-    from gradalign.core.alignment import scored_parameters
+    from gradalign.engine.policy import scored_parameters
     from gradalign.scoring import distributed as dd
 
     keep = [j for j in range(len(labels)) if eligible[j] and labels[j] == "clean"]

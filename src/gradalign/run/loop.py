@@ -8,20 +8,20 @@ import functools
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gradalign import ranks
 from gradalign.config import Config, check
 from gradalign.core.selection import Selection, SelectionWarning
 from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
-from gradalign.engine.policy import format_prompt, resolve_device
+from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
 from gradalign.engine.round_scoring import (
     RoundScores,
-    sampling_config,
     score_chunk,
     select_chunk,
     selection_metrics,
@@ -55,59 +55,18 @@ from gradalign.run.checkpoint import (
 from gradalign.run.export import save_final
 from gradalign.run.setup import Setup, build_setup
 from gradalign.run.tracking import Tracker, check_trackers, write_metrics_lines
-from gradalign.scoring import distributed as dd
 from gradalign.storage import write_json, write_jsonl, write_yaml
-
-
-def sample(
-    setup: Setup,
-    problems: Sequence[Problem],
-    group_size: int,
-    seed: int,
-    what: str,
-    greedy: bool = False,
-) -> Rollouts:
-    """`group_size` seeded rollouts per problem (k_r, k_v, or 1 for eval). Under torchrun
-    the prompt batches are shared out over the ranks and gathered: every rank gets the
-    rollouts one process would sample."""
-    from gradalign.engine.rollout import num_batches, sample_completions, score_rollouts
-
-    sampling = sampling_config(setup.cfg.rollout)
-    problems = list(problems)
-    rank, size = dd.world()
-    salt = f"{what}:{seed}"
-    with bar(what, len(problems)) as advance:
-        if size == 1:
-            return setup.generate(  # HF generate, or the vLLM engine build_setup installed
-                setup.model,
-                setup.tokenizer,
-                problems,
-                group_size,
-                sampling,
-                seed,
-                greedy=greedy,
-                salt=salt,
-                progress=advance,
-            )
-        prompt_ids = [format_prompt(setup.tokenizer, p.chat) for p in problems]
-        mine = dd.shard(num_batches(len(problems), sampling), rank, size)
-        part = sample_completions(
-            setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
-            advance, mine,
-        )  # fmt: skip
-        completions = [c for ranked in dd.gather_objects(part) for c in ranked]
-        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, group_size, salt)
 
 
 def evaluate(setup: Setup, seed: int, sampled: bool = False) -> dict[str, float]:
     """Greedy pass@1 on the eval set, overall and per source; with `sampled`, also the mean
     reward of `rollout.eval_samples` samples per problem (mean@k)."""
-    ro = sample(setup, setup.sets.eval, 1, seed, "eval", greedy=True)
+    ro = setup.sample(setup.sets.eval, 1, seed, "eval", greedy=True)
     out = {"eval/accuracy": float(ro.rewards.mean()), "eval/bad_rewards": ro.bad_rewards}
     out |= per_source(ro, "eval/accuracy")
     samples = setup.cfg.rollout.eval_samples
     if sampled and samples > 0:
-        ro = sample(setup, setup.sets.eval, samples, seed + 1, f"eval mean@{samples}")
+        ro = setup.sample(setup.sets.eval, samples, seed + 1, f"eval mean@{samples}")
         out["eval/mean_at_k"] = float(ro.rewards.mean())
         out |= per_source(ro, "eval/mean_at_k")
         out["eval/bad_rewards"] += ro.bad_rewards
@@ -129,7 +88,7 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     the same checkpoint, samples and scores its share and trains through TRL's DDP."""
     check(cfg)  # again: a Config's fields may have been changed after it was built
     out = Path(cfg.out_dir)
-    dd.init_from_env(resolve_device(cfg.model.device))
+    ranks.init_from_env(resolve_device(cfg.model.device))
     check_trackers(cfg)  # before any model loads: the trackers' packages, TRL's fields
     check_grpo_config(
         cfg.train, cfg.rollout.max_new_tokens, cfg.seed, resolve_device(cfg.model.device)
@@ -163,7 +122,7 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
     from gradalign.engine.training import GRPOTraining, TrainingDiverged
 
-    main = dd.is_main()
+    main = ranks.is_main()
     done = ckpt.round + 1 if ckpt else 0
     if main:
         write_yaml(out / "config.yaml", cfg.to_dict())
@@ -196,7 +155,7 @@ def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -
         chunk = [pool[i] for i in schedule.chunk(r)]
         staged = None
         if r == done:  # rank 0 reads what a crash left of this round
-            staged = dd.broadcast_object(
+            staged = ranks.broadcast_object(
                 read_stage(round_dir(out, r), chunk, by_id) if main else None
             )
         if staged is None:
@@ -294,11 +253,11 @@ def score_and_select(
         scored, sel = _score_and_select(setup, chunk, r, timings, trainer)
     for w in caught:
         log(f"warning: round {r + 1}: {w.message}")
-    sel = dd.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
+    sel = ranks.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
     chosen = [by_id[int(i)] for i in sel.ids]
     metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
     metrics |= selection_quality(chunk, scored.candidates, sel) | timings
-    if dd.is_main():
+    if ranks.is_main():
         write_stage(round_dir(out, r), r, chunk, scored, sel, metrics, by_id)
     return chosen, metrics
 
@@ -317,7 +276,7 @@ def _score_and_select(
         cfg.select,
         cfg.seed,
         r,
-        functools.partial(sample, setup),
+        setup.sample,
         optimizer=trainer.optimizer,
         timings=timings,
         stage_done=lambda stage: crash_point(stage, r),

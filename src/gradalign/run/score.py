@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from gradalign import ranks
 from gradalign.config import RESUMABLE_FIELDS, Config, ConfigError, differing_fields, load_config
 from gradalign.core.selection import Candidates, SelectionWarning, select
 from gradalign.data.problems import Problem, Stream, provenance, round_seed
@@ -46,7 +47,6 @@ from gradalign.progress import bar, log
 from gradalign.run.checkpoint import ResumeError, RunLock, from_main
 from gradalign.run.original_rows import write_selected
 from gradalign.run.setup import Setup, build_setup
-from gradalign.scoring import distributed as dd
 from gradalign.storage import read_json, read_jsonl, write_json, write_jsonl
 
 STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
@@ -85,7 +85,7 @@ def score(
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ConfigError(f"--fraction: expected a share in (0, 1], got {fraction}")
     out = Path(out_dir)
-    dd.init_from_env(resolve_device(cfg.model.device))
+    ranks.init_from_env(resolve_device(cfg.model.device))
     with contextlib.ExitStack() as stack:
         setup = setup or build_setup(cfg)
         pool, size = setup.sets.pool, cfg.select.chunk_size
@@ -100,13 +100,13 @@ def score(
         n = len(pool) if fraction is None else round(fraction * len(pool))
         n = max(1, min(top if top is not None else n, len(pool)))
         scores, order = _rank(cfg, pool, stats, n)
-        ranks = {pos: r for r, pos in enumerate(order)}
+        rank_of = {pos: r for r, pos in enumerate(order)}
         chosen = [pool[j] for j in order[:n]] if top is not None or fraction is not None else []
         selected: list[Path] = []
-        if dd.is_main():
+        if ranks.is_main():
             write_jsonl(
                 out / "scores.jsonl",
-                (_row(p, stats, scores, ranks.get(j), j) for j, p in enumerate(pool)),
+                (_row(p, stats, scores, rank_of.get(j), j) for j, p in enumerate(pool)),
             )
             if chosen:
                 selected = write_selected(out, chosen)
@@ -174,10 +174,8 @@ def _score_chunks(
     setup: Setup, out: Path, chunks: list[list[Problem]], done: dict[int, dict]
 ) -> dict[str, np.ndarray]:
     """Every chunk's statistics (finished ones read back), concatenated in pool order."""
-    from gradalign.run.loop import sample
-
     cfg = setup.cfg
-    draw = functools.partial(_validation_once(functools.partial(sample, setup)), config=cfg)
+    draw = functools.partial(_validation_once(setup.sample), config=cfg)
     parts = []
     shown: set[str] = set()  # one g^_V for every chunk: its warnings are shown once
     with bar("chunks", len(chunks)) as advance:
@@ -214,7 +212,7 @@ def _score_one(setup: Setup, out: Path, c: int, chunk: list[Problem], draw: Any)
         for name in STATS
     }
     stats["val_norm"] = [cand.val_norm] * len(chunk)
-    if dd.is_main():  # the metrics first: the rows mark the chunk finished
+    if ranks.is_main():  # the metrics first: the rows mark the chunk finished
         write_json(out / "chunks" / f"{c:04d}.metrics.json", scored.metrics)
         rows = [{"id": p.id, **{k: v[j] for k, v in stats.items()}} for j, p in enumerate(chunk)]
         write_jsonl(out / "chunks" / f"{c:04d}.jsonl", rows)

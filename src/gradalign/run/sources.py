@@ -249,7 +249,7 @@ def with_lora(model: Any, cfg: Config) -> Any:
 
 def check_scored_params(cfg: Config, model: Any) -> None:
     """``select.params`` must pick parameters of this model ('last:N': at most its blocks)."""
-    from gradalign.core.alignment import scored_parameters
+    from gradalign.engine.policy import scored_parameters
 
     try:
         scored_parameters(model, cfg.select.params)
