@@ -19,8 +19,10 @@ import torch
 from scoring_batches import make_batch
 
 from gradalign import ranks
+from gradalign.config import SelectConfig
 from gradalign.core.selection import Candidates, select
 from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
+from gradalign.engine.round_scoring import direction_with_split_half
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore
 
@@ -62,9 +64,12 @@ def run_case(name: str, model: torch.nn.Module) -> dict[str, Any]:
     fastscore.MAX_KEEP_BYTES = 0 if name == "two_pass" else keep  # g_C reduced before the scan
     done: list[int] = []
     try:
-        al = dd.distributed_alignment(
-            model, params, cand, val, aggregate, groups_per_micro=2,
-            chunk=name != "sum_no_chunk", exp_avg_sq=exp_avg_sq, progress=done.append,
+        # the loop's path: g^_V from the validation set's two halves, then the candidates
+        s = SelectConfig(val_aggregate=aggregate, groups_per_micro=2)
+        direction, _ = direction_with_split_half(model, params, val, s)
+        al = dd.distributed_group_alignment(
+            model, params, cand, list(direction), 2, name != "sum_no_chunk", exp_avg_sq,
+            done.append,
         )  # fmt: skip
     finally:
         fastscore.MAX_KEEP_BYTES = keep

@@ -23,11 +23,12 @@ import pytest
 import torch
 
 from gradalign import ranks
+from gradalign.core.diagnostics import split_halves
 from gradalign.core.selection import Candidates, select
 from gradalign.engine.policy import scored_parameters
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore
-from gradalign.scoring.pieces import flatten_pieces
+from gradalign.scoring.pieces import flatten_pieces, unit_pieces
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,12 +75,17 @@ def test_shard_batch_keeps_the_groups_rows() -> None:
 
 
 def test_one_process_is_the_fastscore_path(one_process: dict[str, Any]) -> None:
-    """Without a process group: batched_validation_direction + batched_alignment, bit for bit."""
+    """Without a process group: g^_V = unit(sum of the validation halves'
+    batched_validation_sum), then batched_alignment, bit for bit."""
     model = worker.build_model(worker.build_tokenizer(), "tiny", seed=3).eval()
     params = scored_parameters(model)
     cand = worker.make_batch(worker.CAND_REWARDS, seed=1)
     val = worker.make_batch(worker.VAL_REWARDS, seed=2)
-    direction = fastscore.batched_validation_direction(model, params, val, "mean_of_unit", 2)
+    a, b = (
+        fastscore.batched_validation_sum(model, params, val.take_groups(h), "mean_of_unit", 2)
+        for h in split_halves(val.num_groups)
+    )
+    direction = unit_pieces([x + y for x, y in zip(a, b)])
     want = fastscore.batched_alignment(model, params, cand, direction, 2)
     got = one_process["mean_of_unit"]["al"]
     for f in ("dot_val", "dot_chunk", "norm"):

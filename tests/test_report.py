@@ -19,7 +19,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from gradalign.analysis.report import build_report, collect, mean_ci, t_quantile
+from gradalign.analysis.report import build_report
+from gradalign.analysis.runs import collect, mean_ci, t_quantile
 from gradalign.config import load_config
 from gradalign.storage import read_json, write_json, write_yaml
 

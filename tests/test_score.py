@@ -105,7 +105,7 @@ def test_verl_parquet_scored_and_exported_with_its_schema(data, parquet_setup, t
         list(range(0, 8)), list(range(8, 16)), list(range(16, 20))
     ]  # fmt: skip
     for r in rows:  # sim: cos(g_p, g^_V) = dot / (norm + 1e-5), 0 for zero-variance groups
-        want = 0.0 if r["zero_variance"] else r["dot"] / (r["norm"] + 1e-5)
+        want = 0.0 if r["zero_variance"] else r["dot_val"] / (r["norm"] + 1e-5)
         assert r["score"] == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert any(r["score"] != 0 for r in rows)
     best = sorted(rows, key=lambda r: (-r["score"], r["id"]))
@@ -257,7 +257,7 @@ def test_two_processes_score_as_one(tmp_path):
     )
     assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 48
     assert [r["pass_rate"] for r in a] == [r["pass_rate"] for r in b]
-    for key in ("score", "dot", "norm"):
+    for key in ("score", "dot_val", "norm"):
         x, y = (np.array([r[key] for r in rows], dtype=float) for rows in (a, b))
         assert np.abs(x).max() > 0
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7 * np.abs(x).max())

@@ -1,4 +1,4 @@
-"""The split-half validation cosine (`round_scoring.validation_direction`) against a plain
+"""The split-half validation cosine (`round_scoring.direction_with_split_half`) against a plain
 autograd reference, for both scorers and both aggregates, and its warning in `score_chunk`."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_split_half_cosine_is_the_cosine_of_the_two_halves(
     params = scored_parameters(tiny, subset)
     val = make_batch(VAL_REWARDS, seed=2)
     s = SelectConfig(scorer=scorer, val_aggregate=aggregate, groups_per_micro=2)  # type: ignore[arg-type]
-    direction, split = round_scoring.validation_direction(tiny, params, val, s)
+    direction, split = round_scoring.direction_with_split_half(tiny, params, val, s)
     # reference: one backward per validation group, halves summed by hand
     g = list(iter_group_gradients(tiny, params, val))
     terms = g if aggregate == "sum" else [unit(x) if x.norm() > 0 else x for x in g]
@@ -65,7 +65,7 @@ def test_one_validation_problem_has_no_split_half_cosine(tiny, scorer: str) -> N
     params = scored_parameters(tiny)
     val = make_batch(VAL_REWARDS[:1], seed=2)
     s = SelectConfig(scorer=scorer)  # type: ignore[arg-type]
-    direction, split = round_scoring.validation_direction(tiny, params, val, s)
+    direction, split = round_scoring.direction_with_split_half(tiny, params, val, s)
     assert math.isnan(split)
     flat = direction if isinstance(direction, torch.Tensor) else flatten_pieces(direction)
     assert float(flat.norm()) == pytest.approx(1.0, abs=1e-4)
@@ -76,7 +76,7 @@ def test_a_half_without_gradient_has_no_split_half_cosine(tiny, scorer: str) -> 
     params = scored_parameters(tiny)
     val = make_batch([[1, 0, 1], [1, 1, 1], [0, 0]], seed=2)  # halves 0-1 | 2: g_2 = 0
     s = SelectConfig(scorer=scorer)  # type: ignore[arg-type]
-    direction, split = round_scoring.validation_direction(tiny, params, val, s)
+    direction, split = round_scoring.direction_with_split_half(tiny, params, val, s)
     assert math.isnan(split)
     flat = direction if isinstance(direction, torch.Tensor) else flatten_pieces(direction)
     assert float(flat.norm()) == pytest.approx(1.0, abs=1e-4)

@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gradalign.config import Config, ConfigError, field_docs, load_config
+from gradalign.config import Config, ConfigError, field_docs, field_help, load_config
 from gradalign.progress import console
 from gradalign.ranks import is_main, shutdown
 from gradalign.storage import StorageError, describe
@@ -47,7 +47,7 @@ SetOpt = Annotated[
 ]
 ScorerOpt = Annotated[
     str | None,
-    typer.Option(help="gradient scorer: batched (default) or exact (the reference path)"),
+    typer.Option(help=f"select.scorer: {field_help('select.scorer')}"),
 ]
 
 

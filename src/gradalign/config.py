@@ -18,6 +18,15 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from gradalign.config_rules import (  # noqa: F401 - the checks and ConfigError, re-exported
+    SEED_MAX,
+    ConfigError,
+    check,
+    check_budget,
+    check_rollout,
+    check_select,
+    data_aliases,
+)
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
 from gradalign.data.rewards_style import RewardStyle
@@ -26,17 +35,12 @@ from gradalign.messages import show
 from gradalign.storage import DuplicateKeyError, read_yaml, yaml_reason
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
-SEED_MAX = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL, transformers) accepts
 INT_MAX = 2**63 - 1  # every integer field must fit an int64 (torch, numpy)
 
 
@@ -245,7 +249,7 @@ class Config(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self)  # gradalign.config_rules, imported below
+        check(self)  # gradalign.config_rules
 
     @property
     def n_select(self) -> int:
@@ -413,19 +417,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(name, default, help) of every field, for `gradalign fields`."""
+    """(name, default, help) of every field, for `gradalign fields`; a `Literal` field's help
+    ends with its choices."""
     rows = []
     cfg = Config()
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
+            hints = _hints(type(value))
             for g in dataclasses.fields(value):
-                rows.append(
-                    (f"{f.name}.{g.name}", repr(getattr(value, g.name)), g.metadata["help"])
-                )
+                help_ = _with_choices(g.metadata["help"], hints[g.name])
+                rows.append((f"{f.name}.{g.name}", repr(getattr(value, g.name)), help_))
         else:
-            rows.append((f.name, repr(value), f.metadata["help"]))
+            help_ = _with_choices(f.metadata["help"], _hints(Config)[f.name])
+            rows.append((f.name, repr(value), help_))
     return rows
+
+
+def _with_choices(help_: str, typ: Any) -> str:
+    if typing.get_origin(typ) is not Literal:
+        return help_
+    return f"{help_} (one of: {', '.join(map(str, typing.get_args(typ)))})"
+
+
+def field_help(name: str) -> str:
+    """The help text of field `name` ("section.field"), as `gradalign fields` prints it: the
+    one place a field is documented, for the CLI options that set it."""
+    return next(h for n, _, h in field_docs() if n == name)
 
 
 # ---------------------------------------------------------------- comparing configs
@@ -475,12 +493,3 @@ def differing_fields(
         if any(v != values[0] for v in values[1:]):
             out[name] = values
     return out
-
-
-from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they need ConfigError
-    check,
-    check_budget,
-    check_rollout,
-    check_select,
-    data_aliases,
-)

@@ -53,13 +53,18 @@ class Candidates:
     val_norm: float | None = None  # ||g^_V||: ~1, 0 when g_V = 0; None: not checked
 
 
+# The per-candidate statistics of `Candidates`, under these names wherever they are written
+# (a run's rounds/NNNN/scores.jsonl, `gradalign score`'s scores.jsonl).
+STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
+
+
 @dataclass(frozen=True)
 class Selection:
     ids: np.ndarray  # int [n], chosen problem ids in rank (or draw) order
     scores: np.ndarray  # float [P], each candidate's score (NaN for sampled modes and skipped)
     excluded: int = 0  # candidates removed by zero_variance="exclude"
     skipped_nonfinite: int = 0  # candidates skipped for a NaN / Inf input
-    fallback: str | None = None  # "zero_validation_gradient" when the mode fell back to rand
+    fallback: str | None = None  # "zero_validation_gradient": fell back to rand; "empty_selection"
 
 
 class SelectionWarning(UserWarning):

@@ -14,7 +14,7 @@ import numpy as np
 from gradalign import ranks
 from gradalign.config import Config
 from gradalign.core.diagnostics import selection_auc
-from gradalign.core.selection import Candidates, Selection
+from gradalign.core.selection import STATS, Candidates, Selection
 from gradalign.data.problems import Problem, provenance
 from gradalign.data.tasks import TaskSets
 from gradalign.engine.round_scoring import RoundScores
@@ -59,7 +59,7 @@ def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[d
     for j, p in enumerate(chunk):
         row: dict[str, Any] = {"id": p.id, "source": p.source, **provenance(p)}
         row["score"] = sel.scores[j]
-        for name in ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm"):
+        for name in STATS:
             value = getattr(cand, name)
             row[name] = None if value is None else value[j]
         rows.append(row)

@@ -1,7 +1,7 @@
 """`gradalign diagnose`: can gradient alignment select well for this model and data?
 
 On the starting policy, without training, the first `chunks` chunks of the pool are scored
-as a run's first rounds would score them (`round_scoring.score_chunk`, the loop's path, with
+as a run's first rounds would score them (`round_scoring.ChunkScorer`, the loop's path, with
 the `sim` score whatever `select.mode` says), and the measures of `core.diagnostics` are
 read off:
 
@@ -32,9 +32,9 @@ import numpy as np
 
 from gradalign.config import Config
 from gradalign.core.diagnostics import cosine, mean_by, selection_auc, split_halves
-from gradalign.core.selection import RULES, SelectionWarning
+from gradalign.core.selection import RULES, SelectionWarning, score_sim
 from gradalign.data.problems import ChunkSchedule, Problem
-from gradalign.engine.round_scoring import RoundScores, score_chunk
+from gradalign.engine.round_scoring import ChunkScorer, RoundScores
 from gradalign.progress import bar, log
 
 SPLIT_OK = 0.2  # split-half validation cosine above which g^_V is a usable direction
@@ -62,17 +62,17 @@ def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
     pool = setup.sets.pool
     schedule = ChunkSchedule(len(pool), s.chunk_size, cfg.seed)
     n = min(chunks, schedule.chunks_per_pass)
+    scorer = ChunkScorer(
+        setup.model, setup.tokenizer, setup.sets.validation, cfg.rollout, s, cfg.seed,
+        setup.sample, bar=bar,
+    )  # fmt: skip
     per_chunk = []
     for r in range(n):
         chunk = [pool[i] for i in schedule.chunk(r)]
         log(f"diagnose: chunk {r + 1}/{n} ({len(chunk)} candidates)")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SelectionWarning)
-            scored = score_chunk(
-                setup.model, setup.tokenizer, chunk, np.array([p.id for p in chunk]),
-                setup.sets.validation, cfg.rollout, s, cfg.seed, r,
-                setup.sample, bar=bar,
-            )  # fmt: skip
+            scored = scorer.score(chunk, np.array([p.id for p in chunk]), r)
         for w in caught:
             log(f"warning: chunk {r + 1}: {w.message}")
         per_chunk.append(_chunk_measures(setup, chunk, scored))
@@ -81,7 +81,7 @@ def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
 
 def _chunk_measures(setup: Any, chunk: list[Problem], scored: RoundScores) -> dict[str, Any]:
     c = scored.candidates
-    cos = c.dot_val / (c.norm + 1e-5)
+    cos = score_sim(c)  # cos(g_p, g^_V), as mode `sim` ranks
     eligible = ~c.zero_variance
     labels = [label(p) for p in chunk]
     return {

@@ -30,7 +30,7 @@ from gradalign.core.common import ValAggregate
 from gradalign.core.grpo import SequenceBatch
 from gradalign.ranks import all_reduce_sum, gather_groups, shard, world
 from gradalign.scoring import fastscore
-from gradalign.scoring.pieces import Pieces, unit_pieces, zero_pieces
+from gradalign.scoring.pieces import Pieces, zero_pieces
 
 
 def shard_batch(batch: SequenceBatch, groups: range) -> SequenceBatch | None:
@@ -38,29 +38,6 @@ def shard_batch(batch: SequenceBatch, groups: range) -> SequenceBatch | None:
     if len(groups) == 0:
         return None
     return batch.take_groups(groups)
-
-
-def distributed_validation_direction(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    val_batch: SequenceBatch,
-    aggregate: ValAggregate = "sum",
-    groups_per_micro: int = 16,
-) -> Pieces:
-    """g^_V = unit(g_V), each rank summing g_V over its shard of the validation groups and one
-    all_reduce adding the parts; `fastscore.batched_validation_direction` in one process."""
-    rank, size = world()
-    if size == 1:
-        return fastscore.batched_validation_direction(
-            model, params, val_batch, aggregate, groups_per_micro
-        )
-    val = shard_batch(val_batch, shard(val_batch.num_groups, rank, size))
-    g_v = (
-        fastscore.batched_validation_sum(model, params, val, aggregate, groups_per_micro)
-        if val is not None
-        else zero_pieces(params)
-    )
-    return unit_pieces(all_reduce_sum(g_v))
 
 
 def distributed_validation_halves(
@@ -73,7 +50,7 @@ def distributed_validation_halves(
 ) -> list[Pieces]:
     """g_V summed over each of `halves` (disjoint validation group ranges covering the set),
     each rank summing over its shard's groups in each half and one all_reduce per half adding
-    the parts: the halves add up to `distributed_validation_direction`'s g_V."""
+    the parts: the halves add up to g_V (`fastscore.batched_validation_sum` in one process)."""
     rank, size = world()
     mine = set(shard(val_batch.num_groups, rank, size))
     out = []
@@ -124,28 +101,6 @@ def distributed_group_alignment(
         [local.dot_val, local.dot_chunk, local.norm], cand_batch.num_groups
     )
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
-
-
-def distributed_alignment(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    cand_batch: SequenceBatch,
-    val_batch: SequenceBatch,
-    aggregate: ValAggregate = "sum",
-    groups_per_micro: int = 16,
-    chunk: bool = True,
-    exp_avg_sq: Mapping | None = None,
-    progress: Progress | None = None,
-) -> GroupAlignment:
-    """`distributed_group_alignment` against `distributed_validation_direction`: equal to
-    `fastscore.batched_alignment` against `fastscore.batched_validation_direction` (exactly
-    that in a single process). Call it on every rank with the same batches."""
-    direction = distributed_validation_direction(
-        model, params, val_batch, aggregate, groups_per_micro
-    )
-    return distributed_group_alignment(
-        model, params, cand_batch, direction, groups_per_micro, chunk, exp_avg_sq, progress
-    )
 
 
 def distributed_projected_gradients(
