@@ -3,7 +3,7 @@ with no built-in regime, no corrupted-share table and no "noisy" title."""
 
 from __future__ import annotations
 
-from test_report import write_run
+from report_runs import write_run
 
 from gradalign.analysis.report import build_report
 from gradalign.analysis.runs import load_run

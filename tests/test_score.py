@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import gradalign
 from gradalign.cli import app
 from gradalign.config import ConfigError, config_from_dict
-from gradalign.run import score as score_module
+from gradalign.engine.round_scoring import ChunkScorer
 from gradalign.run.checkpoint import ResumeError
 from gradalign.run.setup import build_setup
 from gradalign.storage import read_json, read_jsonl
@@ -142,16 +142,16 @@ def test_every_chunk_is_scored_against_one_validation_direction(data, parquet_se
 def test_interrupted_score_resumes_from_finished_chunks(data, parquet_setup, tmp_path, monkeypatch):
     cfg = parquet_setup.cfg
     gradalign.score(cfg, tmp_path / "whole", top=4, setup=parquet_setup)
-    real = score_module.score_chunk
+    real = ChunkScorer.score
     calls = []
 
-    def crash_at_chunk_1(*args, **kwargs):  # the first time chunk 1 is scored
-        calls.append(args[8])
+    def crash_at_chunk_1(self, chunk, ids, round_, timings=None):  # chunk 1's first scoring
+        calls.append(round_)
         if calls == [0, 1]:
             raise RuntimeError("killed")
-        return real(*args, **kwargs)
+        return real(self, chunk, ids, round_, timings)
 
-    monkeypatch.setattr(score_module, "score_chunk", crash_at_chunk_1)
+    monkeypatch.setattr(ChunkScorer, "score", crash_at_chunk_1)
     with pytest.raises(RuntimeError, match="killed"):
         gradalign.score(cfg, tmp_path / "cut", top=4, setup=parquet_setup)
     assert calls == [0, 1]
@@ -172,7 +172,7 @@ def test_another_config_in_the_same_directory_is_refused(
     trained = _cfg(data, data["parquet"])
     trained.train.learning_rate = 1e-3  # training fields do not change scores: resumed
     calls = []
-    monkeypatch.setattr(score_module, "score_chunk", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(ChunkScorer, "score", lambda self, *a, **k: calls.append(a))
     gradalign.score(trained, tmp_path, setup=parquet_setup)
     assert calls == []
     other = _cfg(data, data["parquet"], mode="dot")

@@ -1,5 +1,5 @@
 """The split-half validation cosine (`round_scoring.direction_with_split_half`) against a plain
-autograd reference, for both scorers and both aggregates, and its warning in `score_chunk`."""
+autograd reference, for both scorers and both aggregates, and its warning in `ChunkScorer.score`."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _rollouts(n: int) -> Rollouts:
 
 
 @pytest.mark.parametrize(("split", "warns"), [(-0.25, True), (0.0, True), (0.4, False)])
-def test_score_chunk_records_and_warns_about_the_split_half_cosine(
+def test_chunk_scorer_records_and_warns_about_the_split_half_cosine(
     monkeypatch: pytest.MonkeyPatch, split: float, warns: bool
 ) -> None:
     def fake_scores(*args, **kwargs):  # noqa: ANN002, ANN003
@@ -102,10 +102,11 @@ def test_score_chunk_records_and_warns_about_the_split_half_cosine(
     chunk = _rollouts(4).problems
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scored = round_scoring.score_chunk(
-            None, None, chunk, np.arange(4), chunk[:2], RolloutConfig(), SelectConfig(mode="sim"),
-            0, 0, lambda items, k, seed, what: _rollouts(len(items)),
+        scorer = round_scoring.ChunkScorer(
+            None, None, chunk[:2], RolloutConfig(), SelectConfig(mode="sim"), 0,
+            lambda items, k, seed, what: _rollouts(len(items)),
         )  # fmt: skip
+        scored = scorer.score(chunk, np.arange(4), 0)
     assert scored.metrics["val/split_half_cos"] == split
     mine = [w for w in caught if w.category is SelectionWarning]
     if warns:

@@ -13,8 +13,8 @@ Layers, each importing only from those above it in this list:
 - `gradalign.integrations`: the TRL callback, its train sampler and TRL rows;
 - `gradalign.analysis`: benchmarks and reports.
 
-The method they implement: docs/method.md. The public names below are re-exported lazily: ``import gradalign`` imports neither torch
-nor TRL until one of them is used.
+The method they implement: docs/method.md. The public names below are re-exported lazily: ``import
+gradalign`` imports neither torch nor TRL until one of them is used.
 """
 
 from __future__ import annotations

@@ -357,7 +357,8 @@ def _sampled_cells(s: dict) -> list[str]:
 
 # ---------------------------------------------------------------- bench and report
 
-from gradalign.analysis import bench  # noqa: E402 - light (config, storage); its constants feed the help
+# light (config, storage); its constants feed the help
+from gradalign.analysis import bench  # noqa: E402
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks over modes, regimes and seeds.")
 app.add_typer(bench_app, name="bench")

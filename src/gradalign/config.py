@@ -7,14 +7,13 @@ A bad value is rejected at load time with a message naming the field, the value 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import yaml
 
@@ -52,9 +51,9 @@ class Section:
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(cast(Any, self)):  # every Section is a dataclass
             name, value, typ = f"{self.prefix}{f.name}", getattr(self, f.name), hints[f.name]
-            if dataclasses.is_dataclass(typ):
+            if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 if not isinstance(value, typ):
                     raise ConfigError(f"{name}: expected a {typ.__name__}, got {show(value)}")
             else:
@@ -263,9 +262,14 @@ class Config(Section):
 # ---------------------------------------------------------------- loading and checking
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved field types of a Section class (cached)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _number(value: Any, typ: type, name: str) -> int | float:
@@ -348,7 +352,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         typ = hints[name]
         kwargs[name] = (
-            _build(typ, value, f"{prefix}{name}.") if dataclasses.is_dataclass(typ) else value
+            _build(typ, value, f"{prefix}{name}.")
+            if isinstance(typ, type) and dataclasses.is_dataclass(typ)
+            else value
         )
     return cls(**kwargs)
 
@@ -422,7 +428,7 @@ def field_docs() -> list[tuple[str, str, str]]:
     rows = []
     cfg = Config()
     for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
+        value: Any = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             hints = _hints(type(value))
             for g in dataclasses.fields(value):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gradalign.messages import show
 
@@ -55,8 +55,8 @@ def _positive(cfg: Config) -> None:
             )
 
 
-def _positive_fields(section: str, obj: object) -> None:
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+def _positive_fields(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -78,9 +78,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     """`src`'s object on every rank (a pickle); the object itself in a single process."""
     if world()[1] == 1:
         return obj
-    box = [obj if world()[0] == src else None]
+    box: list[Any] = [obj if world()[0] == src else None]
     dist.broadcast_object_list(box, src=src)
-    return box[0]  # type: ignore[return-value]
+    return box[0]  # src's obj
 
 
 def gather_objects(obj: T) -> list[T]:

@@ -4,6 +4,7 @@ mean over seeds with a 95% CI band."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from gradalign.analysis.runs import REGIME_ORDER, SHARES, Run, mean_ci, mode_order, order_key
 
 
-def _band(ax, x: list[int], rows: list[list[float | None]], label: str) -> None:
+def _band(ax, x: list[int], rows: Sequence[Sequence[float | None]], label: str) -> None:
     """Mean over rows (seeds) of the finite values at each point, with a 95% CI band where
     n >= 2 (values in [0, 1])."""
     length = min(len(x), *map(len, rows))

@@ -20,7 +20,7 @@ denominator); undefined ("n/a") for n = 1. Only finished runs (``summary.json``)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ PAPER_NOTE = (
     "Paper reference (Yang et al. 2026, arXiv 2602.21492, unreliable-reward regime): about "
     "18% (start) to 30% (step 100) of GradAlign's picks are corrupted, over 80% of AccGreedy's."
 )
-def _stat(values: dict[int, float]) -> dict[str, Any]:
+def _stat(values: Mapping[int, float | None]) -> dict[str, Any]:
     mean, half, n = mean_ci(list(values.values()))
     return {"mean": mean, "ci95": half, "n": n, "seeds": {str(k): v for k, v in values.items()}}
 
@@ -71,7 +71,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def _per_round_mean(rows: list[list[float | None]]) -> list[float | None]:
+def _per_round_mean(rows: Sequence[Sequence[float | None]]) -> list[float | None]:
     """Mean over runs (seeds) per round of the finite values, up to the shortest run."""
     length = min(map(len, rows))
     return [_mean([row[i] for row in rows]) for i in range(length)]
@@ -128,7 +128,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     }
 
 
-def _positive_share(rows: list[list[float | None]]) -> float | None:
+def _positive_share(rows: Sequence[Sequence[float | None]]) -> float | None:
     values = [v for row in rows for v in row if v is not None]
     return sum(v > 0 for v in values) / len(values) if values else None
 

@@ -51,8 +51,8 @@ def t_quantile(df: int) -> float:
     )
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-    """(mean, 95% CI half-width or None when n < 2, n)."""
+def mean_ci(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, 95% CI half-width or None when n < 2, n); a None counts as NaN."""
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
         return None, None, 0
@@ -104,7 +104,7 @@ def _round_shares(m: dict[str, Any], minority: str) -> dict[str, float]:
 def load_run(path: Path) -> Run:
     """Read one run directory (finished, failed or incomplete)."""
     record = read_json(path / "bench-run.json") if (path / "bench-run.json").is_file() else {}
-    cfg = {}
+    cfg: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
         cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     data = cfg.get("data", {})

@@ -123,7 +123,11 @@ def validation_sum(
     check_val_aggregate(aggregate)
     if aggregate == "sum":
         return summed_gradient(model, params, batch)
-    return sum(unit(g) for g in iter_group_gradients(model, params, batch))  # type: ignore[return-value]
+    total = None
+    for g in iter_group_gradients(model, params, batch):
+        total = unit(g) if total is None else total + unit(g)
+    assert total is not None
+    return total
 
 
 def exact_alignment(

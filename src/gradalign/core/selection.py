@@ -24,6 +24,7 @@ is skipped and counted; a zero or non-finite validation direction falls back to 
 
 from __future__ import annotations
 
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ Mode = Literal[
     "sim", "dot", "norm", "align", "negsim", "simacc", "accgreedy", "acc", "rand", "none"
 ]
 ZeroVariance = Literal["zero", "last", "exclude"]
-MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
+MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,8 @@ def select(
     """Choose n of the chunk's problems under `mode`.
 
     Non-finite inputs: a candidate with a NaN or Inf among the inputs its mode reads
-    (`ModeRule.inputs`: dot_val, dot_chunk, norm, pass_rate) is skipped -- score NaN, never ranked or
-    drawn, so fewer than n may be chosen -- and counted in `Selection.skipped_nonfinite`; the
+    (`ModeRule.inputs`: dot_val, dot_chunk, norm, pass_rate) is skipped -- score NaN, never ranked
+    or drawn, so fewer than n may be chosen -- and counted in `Selection.skipped_nonfinite`; the
     other candidates' scores are unaffected. A `SelectionWarning` names the first ids.
 
     Zero validation gradient (documented fallback): the modes that read dot_val (`sim`, `dot`,

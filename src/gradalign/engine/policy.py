@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -168,7 +169,8 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     with quiet_libraries():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = model.to(device)
     _set_generation_ids(model, tokenizer)
     if "token_type_ids" not in inspect.signature(model.forward).parameters:
         # a causal LM takes none, and transformers 4's generate refuses them (through TRL)

@@ -3,8 +3,8 @@
 Notation: P chunk problems (candidates) · V validation problems · D scored parameters.
 
 `ChunkScorer.score` runs, as the mode needs (`selection.needs`): k_r rollouts per candidate, k_v per
-validation problem, the validation direction g^_V (`direction_with_split_half`, the one place
-a round computes it) and every candidate's alignment statistics (`group_alignment`), and returns them
+validation problem, the validation direction g^_V (`direction_with_split_half`, the one place a
+round computes it) and every candidate's alignment statistics (`group_alignment`), and returns them
 as a `RoundScores` record with the round's metrics. `select_chunk` then chooses with the
 round's seeded generator. The caller brings the rollouts (`Sample`: the loop's sharded HF or
 vLLM sampling and problem rewards; the callback's TRL prompts and reward functions) and keeps
@@ -75,7 +75,15 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 @contextmanager
 def no_bar(description: str, total: int) -> Iterator[Progress]:
-    yield lambda n=1: None
+    yield no_progress
+
+
+def no_progress(n: int = 1) -> None:
+    """`no_bar`'s advance: counts nothing."""
+
+
+def no_stage(stage: str, round_: int) -> None:
+    """`ChunkScorer.stage_done` by default: nothing to mark."""
 
 
 def sampling_config(r: RolloutConfig) -> SamplingConfig:
@@ -102,7 +110,7 @@ class ChunkScorer:
     seed: int
     sample: Sample
     optimizer: torch.optim.Optimizer | None = None
-    stage_done: Callable[[str, int], None] = lambda stage, round_: None
+    stage_done: Callable[[str, int], None] = no_stage
     bar: Bar = no_bar
 
     def score(
@@ -236,6 +244,9 @@ def direction_with_split_half(
     extra backward: flat [D] with the exact scorer, pieces (summed over ranks' shards) with
     the batched one."""
     halves = split_halves(val_batch.num_groups)
+    a: Direction
+    b: Direction
+    direction: Direction
     if s.scorer == "exact":
         a, b = (
             alignment.validation_sum(model, params, val_batch.take_groups(h), s.val_aggregate)
@@ -243,7 +254,7 @@ def direction_with_split_half(
             else torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
             for h in halves
         )
-        direction: Direction = alignment.unit(a + b)
+        direction = alignment.unit(a + b)
     else:
         a, b = dd.distributed_validation_halves(
             model, params, val_batch, halves, s.val_aggregate, s.groups_per_micro
@@ -309,7 +320,7 @@ def select_chunk(
 
 
 def selection_metrics(
-    chosen: Sequence[int],
+    chosen: Sequence[int] | np.ndarray,
     cand: Candidates,
     sel: Selection,
     problems: Sequence[Problem] | None = None,

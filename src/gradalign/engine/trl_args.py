@@ -70,7 +70,7 @@ def trl_kwargs(given: dict[str, Any], fields: Collection[str]) -> dict[str, Any]
     """`given` (train.trl_args) in the installed GRPOConfig's names (`RENAMED`)."""
     out = {}
     for name, value in given.items():
-        new = RENAMED.get(name)
+        new = RENAMED.get(name, name)
         out[new if name not in fields and new in fields else name] = value
     return out
 
@@ -152,7 +152,8 @@ def check_trl_args(t: TrainConfig) -> None:
 
 
 def build_grpo_config(t: TrainConfig, own: dict[str, Any]) -> Any:
-    """GRPOConfig(**own | t.trl_args): `own` is what gradalign sets (`grpo_settings`). A value GRPOConfig refuses is a ConfigError naming train.trl_args."""
+    """GRPOConfig(**own | t.trl_args): `own` is what gradalign sets (`grpo_settings`). A value
+    GRPOConfig refuses is a ConfigError naming train.trl_args."""
     with quiet_libraries():
         from trl import GRPOConfig
 

@@ -82,6 +82,7 @@ def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
 def _chunk_measures(setup: Any, chunk: list[Problem], scored: RoundScores) -> dict[str, Any]:
     c = scored.candidates
     cos = score_sim(c)  # cos(g_p, g^_V), as mode `sim` ranks
+    assert c.zero_variance is not None  # mode sim computed the rollouts
     eligible = ~c.zero_variance
     labels = [label(p) for p in chunk]
     return {
@@ -125,7 +126,9 @@ def summarise(per_chunk: list[dict[str, Any]], cfg: Config, n: int) -> dict[str,
     labelled = any(x != "clean" for x in labels)
     out: dict[str, Any] = {
         "model": cfg.model.name,
-        "data": ", ".join(cfg.data.pool_files) if cfg.data.pool_files else cfg.data.regime,
+        "data": ", ".join(str(f.get("path")) for f in cfg.data.pool_files)
+        if cfg.data.pool_files
+        else cfg.data.regime,
         "chunks": n,
         "candidates": len(cos),
         "k_r": cfg.rollout.k_r,
@@ -192,7 +195,10 @@ def verdict(d: dict[str, Any]) -> str:
         if auc >= AUC_OK:
             return f"yes: the GradAlign score ranks clean above corrupted problems (AUC {auc:.2f})"
         if auc >= AUC_WEAK:
-            return f"weak: the GradAlign score separates clean from corrupted only partly (AUC {auc:.2f})"
+            return (
+                "weak: the GradAlign score separates clean from corrupted only partly "
+                f"(AUC {auc:.2f})"
+            )
         return f"no: the GradAlign score does not separate clean from corrupted (AUC {auc:.2f})"
     if split >= SPLIT_OK:
         return (

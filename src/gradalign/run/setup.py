@@ -14,7 +14,7 @@ from gradalign.data.tasks import TaskSets, make_regime
 from gradalign.engine.policy import format_prompt, resolve_device
 from gradalign.engine.rollout import Rollouts, generate
 from gradalign.engine.round_scoring import sampling_config
-from gradalign.progress import bar, log
+from gradalign.progress import Advance, bar, log
 
 
 @dataclass
@@ -182,7 +182,7 @@ def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> Task
     return TaskSets(**kept)
 
 
-def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
+def warmstart_progress(advance: Advance, step: int, loss: float, total: int) -> None:
     """One warm-start step: its loss goes into the progress lines of a log (`progress.bar`)."""
-    advance.note = f"loss {loss:.3f}"  # type: ignore[attr-defined]
+    advance.note = f"loss {loss:.3f}"
     advance(1)

@@ -93,6 +93,7 @@ class Layout:
 def _row_grads(module: nn.Module, names: list[str], x: Tensor, b: Tensor) -> dict[str, Tensor]:
     """Per-row gradients of `module`'s own parameters by autograd of the module alone.
     # x [N, ...], b [N, ...] -> {name: [N, *shape]}"""
+    # names are the module's own parameters (`Capture.owners`), never None
     own = {n: module._parameters[n].detach() for n in names}  # type: ignore[union-attr]
 
     def inner(p: dict[str, Tensor], xr: Tensor, br: Tensor) -> Tensor:
@@ -128,5 +129,6 @@ def collect(
             for name, j in cap.owners[m]:
                 r = rows[name].float()
                 g = r.new_zeros((p, *r.shape[1:])).index_add_(0, sub.group, r)  # [P, *shape]
-                local[j] = g if local[j] is None else local[j] + g  # type: ignore[operator]
+                prev = local[j]
+                local[j] = g if prev is None else prev + g
     return uses, local, lay.tm
