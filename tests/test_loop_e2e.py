@@ -1,4 +1,4 @@
-"""End-to-end: a 2-round run at tiny sizes writes the run directory (README: Run directory)."""
+"""End-to-end: a 2-round run at tiny sizes writes the run directory (docs/run-directory.md)."""
 
 from __future__ import annotations
 

@@ -117,7 +117,7 @@ class DataConfig(Section):
         [],
         "problem files for the pool (replaces the built-in task); each {path, count, "
         "prompt_field, answer_field, answer_extractor, source, reward, template, offset, "
-        "limit, fraction, seed, take} (README: problem files)",
+        "limit, fraction, seed, take} (docs/real-models.md: problem files)",
     )
     validation_files: list[dict] = doc(
         [],
@@ -129,7 +129,7 @@ class DataConfig(Section):
         "auto",
         "how a 'module:function' reward is called: auto (by its parameter names), gradalign "
         "(problem, completion), verl (data_source, solution_str, ground_truth, extra_info) or "
-        "trl (completions, **kwargs); README: rewards",
+        "trl (completions, **kwargs); docs/real-models.md: rewards",
     )
     val_files: list[dict] = doc([], "deprecated name of validation_files (warns)")
 

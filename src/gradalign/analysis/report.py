@@ -211,7 +211,18 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
         "`> 0` = share of all rounds with a positive cosine.",
         "{:+.2f}",
     )
-    out += ["", "## Per run", ""]
+    out += _per_run_sections(runs)
+    out += ["", "## Plots", "", "![eval accuracy](accuracy.png)", ""]
+    if res["shares"]:
+        out += ["![selected shares](shares.png)", ""]
+    if res["auc_clean"]:
+        out += ["![AUC per round](auc.png)", ""]
+    return "\n".join(out) + "\n"
+
+
+def _per_run_sections(runs: list[Run]) -> list[str]:
+    """Every run's line, then each failed run's stderr tail."""
+    out = ["", "## Per run", ""]
     out += _md_table(
         ["regime", "mode", "seed", "data seed", "status", "initial", "final", "GRPO steps", "wall s"],
         [
@@ -227,12 +238,7 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
         for r in failed:
             out += [f"### {r.regime}/{r.mode}/seed{r.seed} (exit {r.returncode})", "",
                     f"`{r.path}`", "", "```text", r.stderr_tail, "```", ""]  # fmt: skip
-    out += ["", "## Plots", "", "![eval accuracy](accuracy.png)", ""]
-    if res["shares"]:
-        out += ["![selected shares](shares.png)", ""]
-    if res["auc_clean"]:
-        out += ["![AUC per round](auc.png)", ""]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _paired_section(

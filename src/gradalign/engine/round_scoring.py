@@ -10,16 +10,9 @@ round's seeded generator. The caller brings the rollouts (`Sample`: the loop's s
 vLLM sampling and problem rewards; the callback's TRL prompts and reward functions) and keeps
 what is its own (run directory, checkpoints, TRL's sampler).
 
-Metrics (stable names, shared by the run directory and the callback's ``gradalign/*`` logs):
-``select/chunk_pass_rate``, ``select/chunk_zero_variance_frac``, ``rollouts/bad_rewards``,
-``rollouts/candidates``, ``rollouts/validation`` (rollouts generated), ``select/stopped_frac``
-(``select.budget=halving``: candidates stopped after the first stage, `budget`),
-``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``val/split_half_cos``
-(a `SelectionWarning` when <= 0), ``score/cos_mean``,
-``score/val_norm``, then from `selection_metrics` ``select/n``, ``select/excluded``,
-``select/skipped_nonfinite``, ``select/fallback``, ``select/pass_rate`` (and, for problems
-with provenance, ``select/source_mix``, ``select/corrupted_share``,
-``select/low_utility_share``), and the ``time/*_s`` of each phase.
+Metrics: stable names, shared by the run directory, `gradalign score` and the callback's
+``gradalign/*`` logs, each defined once in docs/metrics.md (``select/*``, ``rollouts/*``,
+``val/*``, ``score/*`` and the ``time/*_s`` of each phase are computed here).
 """
 
 from __future__ import annotations
