@@ -178,7 +178,12 @@ def test_batch_over_the_pool_with_mode_none_names_the_pool():
     with pytest.raises(ConfigError) as err:
         load_config(
             None,
-            ["select.mode=none", "data.pool_size=48", "select.chunk_size=16", "train.batch_size=64"],
+            [
+                "select.mode=none",
+                "data.pool_size=48",
+                "select.chunk_size=16",
+                "train.batch_size=64",
+            ],
         )
     assert str(err.value) == (
         "train.batch_size (64) exceeds the 48 problems trained on per round (data.pool_size "

@@ -19,7 +19,6 @@ def good(i: int) -> bytes:
     return b'{"question": "what is %d + 1?", "answer": "%d"}' % (i, i + 1)
 
 
-
 # --- configuration ---------------------------------------------------------------------------
 
 # (case, YAML bytes, message fragment); "{path}" is the config file
@@ -123,5 +122,3 @@ def test_cli_unusable_data_file_exits_2_naming_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     text = " ".join(result.output.split())
     assert "data.pool_files: no usable problems" in text and "Traceback" not in result.output
-
-

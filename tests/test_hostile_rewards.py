@@ -102,5 +102,3 @@ def test_score_rollouts_counts_bad_rewards_and_never_returns_nan(user_rewards: s
         warnings.simplefilter("error")
         clean = score_rollouts(FakeTokenizer(), problems[:1], [[1]], [[0], [1]], 2, "cand")
     assert clean.bad_rewards == 0
-
-

@@ -136,5 +136,3 @@ def test_scorers_report_the_validation_norm_and_selection_falls_back(
         sel = select("sim", c, 1, np.random.default_rng(0))
     assert sel.fallback == ("zero_validation_gradient" if zero else None)
     assert len(caught) == int(zero)
-
-

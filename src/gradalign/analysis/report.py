@@ -34,6 +34,8 @@ PAPER_NOTE = (
     "Paper reference (Yang et al. 2026, arXiv 2602.21492, unreliable-reward regime): about "
     "18% (start) to 30% (step 100) of GradAlign's picks are corrupted, over 80% of AccGreedy's."
 )
+
+
 def _stat(values: Mapping[int, float | None]) -> dict[str, Any]:
     mean, half, n = mean_ci(list(values.values()))
     return {"mean": mean, "ci95": half, "n": n, "seeds": {str(k): v for k, v in values.items()}}

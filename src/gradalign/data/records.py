@@ -29,6 +29,7 @@ class RecordSpec(Protocol):
     @property
     def source(self) -> str | None: ...
 
+
 _PROMPT_FIELDS = ("prompt", "question", "problem")
 _ANSWER_FIELDS = ("reward_model.ground_truth", "answer")
 _GSM8K_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -158,9 +158,7 @@ class GRPOTraining:
         self.trainer.remove_callback(PrinterCallback)
         self.trainer.remove_callback(ProgressCallback)
 
-    def reward(
-        self, completions: list[Any], problem_id: list[int], **_: Any
-    ) -> list[float | None]:
+    def reward(self, completions: list[Any], problem_id: list[int], **_: Any) -> list[float | None]:
         """TRL's reward function: each completion scored by its problem's reward, salted by
         the round and the call (so a resumed round draws the same coin flips)."""
         call = next(self._calls)
