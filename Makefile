@@ -1,9 +1,10 @@
-# Quick start: `make demo` runs the demo, `make test` runs the tests (each creates .venv).
+# Quick start: `make demo` runs the demo, `make test` runs the checks and the tests, `make docs`
+# serves the documentation site (each creates .venv).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean-cache
+.PHONY: demo test lint docs bench
 
 $(BIN)/gradalign: pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,13 +17,20 @@ $(BIN)/gradalign: pyproject.toml requirements.txt
 demo: $(BIN)/gradalign
 	$(BIN)/gradalign demo
 
-test: $(BIN)/gradalign
-	$(BIN)/ruff check src tests benchmarks
+# lint, the import contracts (pyproject.toml: importlinter), types, the docs site (broken
+# links and references fail), then the tests, end-to-end runs included
+test: lint
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/gradalign
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+
+docs: $(BIN)/gradalign
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: $(BIN)/gradalign
 	$(BIN)/python benchmarks/scoring.py

@@ -42,12 +42,12 @@ import psutil
 import torch
 from qwen_shapes import DTYPES, SHAPES, build_qwen, synthetic_rollouts
 
-from gradalign.core.alignment import exact_alignment, scored_parameters
+from gradalign.core.alignment import exact_alignment
 from gradalign.core.common import parse_output_dims
 from gradalign.core.diagnostics import split_halves
 from gradalign.core.grpo import token_logprobs
 from gradalign.data.tasks import draw_problems
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
 from gradalign.scoring.fastscore import (
     batched_alignment,

@@ -5,7 +5,7 @@ strategy side by side in one run, over several seeds (run seed = data seed, so t
 varies; one warm start, shared through the cache):
 
 1. on the starting policy (no training), the first `--chunks` chunks of each seed's pool are
-   scored and selected as a run's first rounds would be (`round_scoring.score_chunk` and
+   scored and selected as a run's first rounds would be (`round_scoring.ChunkScorer` and
    `select_chunk`, the loop's path), and per chunk:
    - rollouts: candidate + validation rollouts generated (``rollouts/candidates`` +
      ``rollouts/validation``), and its ratio to the full budget's;
@@ -31,7 +31,6 @@ AUC, overlap and accuracy are exact functions of the seeds.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import time
 from pathlib import Path
@@ -39,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from gradalign.analysis.report import mean_ci
+from gradalign.analysis.runs import mean_ci
 from gradalign.config import Config, load_config
 from gradalign.core.diagnostics import selection_auc
 from gradalign.data.problems import ChunkSchedule
-from gradalign.engine.round_scoring import score_chunk, select_chunk
+from gradalign.engine.round_scoring import ChunkScorer, select_chunk
 from gradalign.run.artifacts import is_bad, selection_quality
 
 STRATEGIES: dict[str, list[str]] = {
@@ -82,15 +81,14 @@ def config(base: list[str], name: str, seed: int, extra: list[str] = ()) -> Conf
 
 def chunk_measures(setup: Any, cfg: Config, r: int, rollout_seed: int) -> dict[str, Any]:
     """Score and select chunk r of cfg's pool on setup's (untrained) policy."""
-    from gradalign.run.loop import sample
-
     pool = setup.sets.pool
     chunk = [pool[i] for i in ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed).chunk(r)]
     ids = np.array([p.id for p in chunk])
-    scored = score_chunk(
-        setup.model, setup.tokenizer, chunk, ids, setup.sets.validation, cfg.rollout,
-        cfg.select, rollout_seed, r, functools.partial(sample, setup),
+    scorer = ChunkScorer(
+        setup.model, setup.tokenizer, setup.sets.validation, cfg.rollout, cfg.select,
+        rollout_seed, setup.sample,
     )  # fmt: skip
+    scored = scorer.score(chunk, ids, r)
     sel = select_chunk(scored, cfg.select, rollout_seed, r, ids)
     bad = np.array([is_bad(p) for p in chunk])
     picked = set(sel.ids.tolist())
@@ -129,7 +127,7 @@ def training(
 ) -> dict[str, list[dict[str, float]]]:
     """Part 2: `rounds` rounds of the loop per strategy and seed."""
     from gradalign.run.loop import run
-    from gradalign.rundir import read_json
+    from gradalign.storage import read_json
 
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in STRATEGIES}
     for seed in seeds:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,29 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """`reward_module(name, source)` writes a user reward module `name` into tmp_path and makes
+    it importable (on sys.path, or with ``cwd=True`` only as the working directory, as
+    `resolve_reward` finds it there); afterwards the module and the rewards resolved from it
+    are forgotten (`rewards.forget_rewards`)."""
+    from gradalign.data.rewards import forget_rewards
+
+    made: list[str] = []
+
+    def write(name: str, source: str, cwd: bool = False) -> str:
+        (tmp_path / f"{name}.py").write_text(source)
+        if cwd:
+            monkeypatch.chdir(tmp_path)
+            monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+        else:
+            monkeypatch.syspath_prepend(str(tmp_path))
+        made.append(name)
+        return name
+
+    yield write
+    for name in made:
+        sys.modules.pop(name, None)
+        forget_rewards(name)

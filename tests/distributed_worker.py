@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from scoring_batches import make_batch
 
-from gradalign.core.alignment import scored_parameters
+from gradalign import ranks
+from gradalign.config import SelectConfig
 from gradalign.core.selection import Candidates, select
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
+from gradalign.engine.round_scoring import direction_with_split_half
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore, output_features
 from gradalign.scoring.pieces import unit_pieces
@@ -63,17 +65,20 @@ def run_case(name: str, model: torch.nn.Module) -> dict[str, Any]:
     fastscore.MAX_KEEP_BYTES = 0 if name == "two_pass" else keep  # g_C reduced before the scan
     done: list[int] = []
     try:
-        al = dd.distributed_alignment(
-            model, params, cand, val, aggregate, groups_per_micro=2,
-            chunk=name != "sum_no_chunk", exp_avg_sq=exp_avg_sq, progress=done.append,
+        # the loop's path: g^_V from the validation set's two halves, then the candidates
+        s = SelectConfig(val_aggregate=aggregate, groups_per_micro=2)
+        direction, _ = direction_with_split_half(model, params, val, s)
+        al = dd.distributed_group_alignment(
+            model, params, cand, list(direction), 2, name != "sum_no_chunk", exp_avg_sq,
+            done.append,
         )  # fmt: skip
     finally:
         fastscore.MAX_KEEP_BYTES = keep
     mode = {"sum": "sim", "mean_of_unit": "sim", "sum_no_chunk": "dot"}.get(name, "align")
     n = 1 if name == "one_group" else 3
     rng = np.random.default_rng(0)
-    sel = dd.broadcast_object(
-        select(mode, candidates(rewards, al), n, rng) if dd.is_main() else None
+    sel = ranks.broadcast_object(
+        select(mode, candidates(rewards, al), n, rng) if ranks.is_main() else None
     )
     return {"al": al, "groups": sum(done), "selected": sel.ids.tolist()}
 
@@ -86,8 +91,8 @@ def run_cases() -> dict[str, Any]:
         model, scored_parameters(model), cand, project_dim=16, seed=5, groups_per_micro=2
     )
     # every rank draws with its own seed here, and still gets rank 0's draw
-    drawn = select("rand", Candidates(np.arange(50)), 5, np.random.default_rng(dd.world()[0]))
-    out["rand"] = dd.broadcast_object(drawn).ids.tolist()
+    drawn = select("rand", Candidates(np.arange(50)), 5, np.random.default_rng(ranks.world()[0]))
+    out["rand"] = ranks.broadcast_object(drawn).ids.tolist()
     val, params = make_batch(VAL_REWARDS, seed=2), scored_parameters(model)
     for aggregate in ("sum", "mean_of_unit"):  # halves across the shards (3 + 2): 0-1 | 2-4
         halves = dd.distributed_validation_halves(
@@ -106,12 +111,12 @@ def run_cases() -> dict[str, Any]:
         )
         kept = [[t.clone() for t in h] for h in halves]
         out[name] = {"al": al, "groups": sum(done), "halves": kept}
-    out["world"] = dd.world()
+    out["world"] = ranks.world()
     return out
 
 
 if __name__ == "__main__":
-    rank, size = dd.init_from_env("cpu")
+    rank, size = ranks.init_from_env("cpu")
     torch.set_num_threads(1)
     result = run_cases()
     Path(sys.argv[1], f"rank{rank}.pkl").write_bytes(pickle.dumps(result))

@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 from scoring_batches import make_batch
 
+from gradalign import ranks
 from gradalign.config import Config
 from gradalign.core.grpo import group_losses, token_logprobs
 from gradalign.engine.policy import build_model, build_tokenizer
 from gradalign.run import sharded_state
 from gradalign.run.checkpoint import checkpoint_dir, read_checkpoint, restore, save_checkpoint
 from gradalign.run.export import save_policy
-from gradalign.scoring import distributed as dd
 from gradalign.scoring import sharded
 
 BATCH = make_batch([[1, 0, 1], [0, 1, 1, 0]], seed=4)
@@ -60,7 +60,7 @@ def main() -> dict:
     step(model, opt)
     full = sharded_state.full_state(model, opt)
     assert full is not None
-    weights, optim = dd.broadcast_object(full)  # rank 0's, as a resumed run reads it
+    weights, optim = ranks.broadcast_object(full)  # rank 0's, as a resumed run reads it
     copy, copy_opt = sharded_pair(4)
     differed = any(
         not torch.equal(a, b) for a, b in zip(whole(model).values(), whole(copy).values())
@@ -81,7 +81,7 @@ def main() -> dict:
     sharded.reshard(model)  # the root's weights, whole after the no-grad forward, sharded again
     out["held"] = sum(p.to_local().numel() for p in model.parameters())
     out |= through_the_run_directory(model, opt, Path(sys.argv[1]))
-    if dd.is_main():  # export: whole weights into an unsharded model
+    if ranks.is_main():  # export: whole weights into an unsharded model
         plain = build_model(build_tokenizer(), "tiny", seed=5)
         plain.load_state_dict(sharded_state.full_weights(model) or weights, strict=False)
         out["export_logits"] = logits(plain)
@@ -97,7 +97,7 @@ def through_the_run_directory(model: torch.nn.Module, opt: torch.optim.Optimizer
     initial = {"eval/accuracy": 0.0}
     state = {"config": Config().to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
     whole_state = sharded_state.full_state(model, opt)  # every rank gathers
-    if dd.is_main():
+    if ranks.is_main():
         save_checkpoint(out / "run", 0, model, opt, sched, state, whole_state)
     dist.barrier()
     ckpt = read_checkpoint(checkpoint_dir(out / "run", 0))
@@ -109,7 +109,7 @@ def through_the_run_directory(model: torch.nn.Module, opt: torch.optim.Optimizer
     final = sharded_state.full_weights(model)  # every rank gathers
     res = {"restored": restored, "restored_stepped": whole(third), "stepped": whole(model)}
     res["sharded_logits"] = logits(model)
-    if dd.is_main():
+    if ranks.is_main():
         save_policy(model, build_tokenizer(), out / "final", Config(), merge=False, whole=final)
         from transformers import AutoModelForCausalLM
 

@@ -23,14 +23,13 @@ import torch.distributed as dist
 from distributed_worker import CAND_REWARDS, VAL_REWARDS, candidates
 from scoring_batches import make_batch
 
+from gradalign import ranks
 from gradalign.config import SelectConfig
-from gradalign.core.alignment import scored_parameters
 from gradalign.core.selection import select
 from gradalign.data.problems import Problem
 from gradalign.engine import round_scoring
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.engine.rollout import SamplingConfig, generate
-from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore, sharded
 
 CASES = ["sum", "mean_of_unit", "sum_no_chunk", "adam", "one_group"]
@@ -56,7 +55,7 @@ def _setup(name: str, params: list) -> tuple[Any, Any, dict | None, list]:
 def _selected(name: str, rewards: list, al: Any) -> list[int]:
     n = 1 if name == "one_group" else 3
     chosen = select(MODE[name], candidates(rewards, al), n, np.random.default_rng(0))
-    return dd.broadcast_object(chosen if dd.is_main() else None).ids.tolist()
+    return ranks.broadcast_object(chosen if ranks.is_main() else None).ids.tolist()
 
 
 def reference() -> dict[str, Any]:
@@ -110,7 +109,7 @@ def sharded_cases() -> dict[str, Any]:
         refused_whole = str(err)
     sharded.reshard(model)
     params = scored_parameters(model)
-    out: dict[str, Any] = {"world": dd.world(), "is_sharded": sharded.is_sharded(model)}
+    out: dict[str, Any] = {"world": ranks.world(), "is_sharded": sharded.is_sharded(model)}
     out["refused_whole"] = refused_whole
     for name in CASES:
         cand, val, exp_avg_sq, rewards = _setup(name, params)

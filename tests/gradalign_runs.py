@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from gradalign.run.checkpoint import read_checkpoint
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 # The round arithmetic every small test run shares: chunks of 16 with 4 selected, 2 GRPO steps
 # of 2 problems x 4 completions, 4 rollouts of at most 8 tokens per candidate.

@@ -16,12 +16,12 @@ from gradalign.core.alignment import (
     exact_alignment,
     flat_grad,
     iter_group_gradients,
-    scored_parameters,
     summed_gradient,
     validation_direction,
 )
 from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences, scoring_loss
 from gradalign.core.selection import Candidates, select
+from gradalign.engine.policy import scored_parameters
 
 EOS = 1
 # three groups of unequal sizes and lengths; group 1 has equal rewards (zero variance)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from gradalign.analysis import bench
 from gradalign.config import load_config
-from gradalign.rundir import read_json, write_json, write_yaml
+from gradalign.storage import read_json, write_json, write_yaml
 
 TINY = [
     *ROUND,

@@ -104,9 +104,10 @@ def _score(tiny, s: SelectConfig, sample) -> round_scoring.RoundScores:  # noqa:
         )  # fmt: skip
 
     ids = np.array([p.id for p in PROBLEMS])
-    return round_scoring.score_chunk(
-        model, tok, PROBLEMS, ids, val, RolloutConfig(k_r=5, k_v=4), s, SEED, ROUND, with_val
+    scorer = round_scoring.ChunkScorer(
+        model, tok, val, RolloutConfig(k_r=5, k_v=4), s, SEED, with_val
     )
+    return scorer.score(PROBLEMS, ids, ROUND)
 
 
 @pytest.mark.parametrize("scorer", ["batched", "exact"])
@@ -146,10 +147,8 @@ def test_halving_is_deterministic(tiny) -> None:
 
 def test_halving_without_gradients_gives_pass_rates_from_all_rollouts() -> None:
     s = SelectConfig(mode="accgreedy", budget="halving", k_r0=2, k=2, chunk_size=5)
-    scored = round_scoring.score_chunk(
-        None, None, PROBLEMS, np.arange(10, 15), [], RolloutConfig(k_r=5), s, SEED, ROUND,
-        FakeSample(),
-    )  # fmt: skip
+    scorer = round_scoring.ChunkScorer(None, None, [], RolloutConfig(k_r=5), s, SEED, FakeSample())
+    scored = scorer.score(PROBLEMS, np.arange(10, 15), ROUND)
     assert scored.candidates.pass_rate.tolist() == [0.0, 0.6, 1.0, 0.2, 0.0]
     assert select("accgreedy", scored.candidates, 1, np.random.default_rng(0)).ids.tolist() == [11]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from gradalign.config import Config, ConfigError, apply_overrides, check, load_config
+from gradalign.config import Config, ConfigError, apply_overrides, check, field_docs, load_config
 
 
 def test_defaults_load_and_pass_the_checks():
@@ -195,3 +195,27 @@ def test_family_flaws_accepted_for_listed_families():
         ]
     )
     assert cfg.model.warmstart_family_flaws == ["addition:lastdigit:0.4", "countdown2:lead"]
+
+
+def test_batch_over_the_pool_with_mode_none_names_the_pool():
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            None,
+            [
+                "select.mode=none",
+                "data.pool_size=48",
+                "select.chunk_size=16",
+                "train.batch_size=64",
+            ],
+        )
+    assert str(err.value) == (
+        "train.batch_size (64) exceeds the 48 problems trained on per round (data.pool_size "
+        "with select.mode=none); lower batch_size or grow the pool"
+    )
+
+
+def test_fields_prints_the_choices_of_a_literal_field():
+    docs = {name: help_ for name, _, help_ in field_docs()}
+    assert docs["select.scorer"].endswith("(one of: batched, exact)")
+    assert docs["select.zero_variance"].endswith("(one of: zero, last, exclude)")
+    assert "one of" not in docs["select.k"]

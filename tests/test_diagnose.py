@@ -10,10 +10,10 @@ import pytest
 from gradalign_runs import SCORED
 from typer.testing import CliRunner
 
-from gradalign.analysis.diagnose import summarise, verdict
 from gradalign.cli import app
 from gradalign.config import load_config
-from gradalign.rundir import read_json
+from gradalign.run.diagnose import summarise, verdict
+from gradalign.storage import read_json
 
 runner = CliRunner()
 

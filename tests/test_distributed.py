@@ -22,11 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from gradalign.core.alignment import scored_parameters
+from gradalign import ranks
+from gradalign.core.diagnostics import split_halves
 from gradalign.core.selection import Candidates, select
+from gradalign.engine.policy import scored_parameters
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import fastscore
-from gradalign.scoring.pieces import flatten_pieces
+from gradalign.scoring.pieces import flatten_pieces, unit_pieces
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def one_process() -> dict[str, Any]:
-    assert dd.world() == (0, 1)
+    assert ranks.world() == (0, 1)
     return worker.run_cases()
 
 
@@ -50,16 +52,16 @@ def two_processes(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, An
 
 
 def test_shard_is_balanced_contiguous_and_complete() -> None:
-    assert [dd.shard(7, r, 2) for r in range(2)] == [range(0, 4), range(4, 7)]
-    assert [len(dd.shard(10, r, 4)) for r in range(4)] == [3, 3, 2, 2]
-    assert [len(dd.shard(2, r, 3)) for r in range(3)] == [1, 1, 0]
+    assert [ranks.shard(7, r, 2) for r in range(2)] == [range(0, 4), range(4, 7)]
+    assert [len(ranks.shard(10, r, 4)) for r in range(4)] == [3, 3, 2, 2]
+    assert [len(ranks.shard(2, r, 3)) for r in range(3)] == [1, 1, 0]
     for n in range(12):
         for size in range(1, 6):
-            parts = [dd.shard(n, r, size) for r in range(size)]
+            parts = [ranks.shard(n, r, size) for r in range(size)]
             assert [i for part in parts for i in part] == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError, match="rank 2 outside"):
-        dd.shard(5, 2, 2)
+        ranks.shard(5, 2, 2)
 
 
 def test_shard_batch_keeps_the_groups_rows() -> None:
@@ -73,12 +75,17 @@ def test_shard_batch_keeps_the_groups_rows() -> None:
 
 
 def test_one_process_is_the_fastscore_path(one_process: dict[str, Any]) -> None:
-    """Without a process group: batched_validation_direction + batched_alignment, bit for bit."""
+    """Without a process group: g^_V = unit(sum of the validation halves'
+    batched_validation_sum), then batched_alignment, bit for bit."""
     model = worker.build_model(worker.build_tokenizer(), "tiny", seed=3).eval()
     params = scored_parameters(model)
     cand = worker.make_batch(worker.CAND_REWARDS, seed=1)
     val = worker.make_batch(worker.VAL_REWARDS, seed=2)
-    direction = fastscore.batched_validation_direction(model, params, val, "mean_of_unit", 2)
+    a, b = (
+        fastscore.batched_validation_sum(model, params, val.take_groups(h), "mean_of_unit", 2)
+        for h in split_halves(val.num_groups)
+    )
+    direction = unit_pieces([x + y for x, y in zip(a, b)])
     want = fastscore.batched_alignment(model, params, cand, direction, 2)
     got = one_process["mean_of_unit"]["al"]
     for f in ("dot_val", "dot_chunk", "norm"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gradalign_runs import SCORED, gradalign_run
 
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 SETTINGS = ["rounds=2", *SCORED, "rollout.prompts_per_batch=4"]  # 4 batches a chunk: 2 a rank
 

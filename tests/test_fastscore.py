@@ -18,12 +18,11 @@ from gradalign.core.alignment import (
     GroupAlignment,
     exact_alignment,
     iter_group_gradients,
-    scored_parameters,
     validation_direction,
 )
 from gradalign.core.grpo import SequenceBatch, token_logprobs
 from gradalign.core.selection import RULES, Candidates, select_ranked
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.scoring import fastscore as fs
 from gradalign.scoring.pieces import flatten_pieces
 from gradalign.scoring.precondition import adam_exp_avg_sq, exact_preconditioned_alignment

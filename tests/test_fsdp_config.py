@@ -6,8 +6,12 @@ from __future__ import annotations
 import pytest
 
 from gradalign.config import ConfigError, load_config
-from gradalign.engine.training import FSDP2_SETTINGS, grpo_settings
-from gradalign.engine.trl_args import build_grpo_config, check_trl_args
+from gradalign.engine.trl_args import (
+    FSDP2_SETTINGS,
+    build_grpo_config,
+    check_trl_args,
+    grpo_settings,
+)
 from gradalign.run import sharded_state
 from gradalign.run.loop import run as gradalign_run
 

@@ -5,9 +5,8 @@ from Python), never in a traceback or a hang; what was valid around it is kept."
 from __future__ import annotations
 
 import json
-import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from gradalign.config import (
     TrainConfig,
     load_config,
 )
-from gradalign.data import problems, rewards
+from gradalign.data import problems
 from gradalign.data.files import FileSpec, load_file
 from gradalign.data.problems import MAX_LINE_BYTES, Problem, ProblemError
 from gradalign.data.rewards import checked_reward
@@ -286,13 +285,8 @@ def interrupted(problem, completion):
 
 
 @pytest.fixture
-def hostile_rewards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    (tmp_path / "ga_hostile_rewards2.py").write_text(HOSTILE_REWARDS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield "ga_hostile_rewards2"
-    sys.modules.pop("ga_hostile_rewards2", None)
-    for name in [n for n in rewards._USER_REWARDS if n.startswith("ga_hostile_rewards2:")]:
-        del rewards._USER_REWARDS[name]
+def hostile_rewards(reward_module) -> str:
+    return reward_module("ga_hostile_rewards2", HOSTILE_REWARDS)
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from gradalign.data import problems
 from gradalign.data.files import FileSpec, load_file
 from gradalign.data.rewards import RewardWarning
 from gradalign.run.checkpoint import read_checkpoint
-from gradalign.rundir import read_json
+from gradalign.storage import read_json
 
 runner = CliRunner()
 LABELS = ("config error: ", "storage error: ", "training diverged: ")  # _fail's labels

@@ -1,4 +1,4 @@
-"""End-to-end: a 2-round run at tiny sizes writes the run directory (README: Run directory)."""
+"""End-to-end: a 2-round run at tiny sizes writes the run directory (docs/run-directory.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from gradalign_runs import TWO_ROUNDS
 from gradalign.config import load_config
 from gradalign.run.loop import run
 from gradalign.run.setup import build_setup
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 TINY = TWO_ROUNDS
 

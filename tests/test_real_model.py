@@ -15,12 +15,12 @@ import torch
 from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core import alignment
 from gradalign.data.problems import PROVENANCE, Problem, provenance
-from gradalign.engine import vllm_backend
+from gradalign.engine import policy, vllm_backend
 from gradalign.engine.policy import apply_lora, build_model, build_tokenizer, format_prompt
 from gradalign.engine.rollout import SamplingConfig, generate
 from gradalign.run import loop
 from gradalign.run.sources import policy_from_config, sets_from_files
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "qwen2.5-math-1.5b.yaml"
@@ -298,7 +298,7 @@ def test_lora_leaves_only_adapters_trainable_and_scored(qwen_dir, files, tmp_pat
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 4 * 2  # (A, B) x 4 projections x 2 layers
     assert all("lora_A" in n or "lora_B" in n for n, _ in trainable)
-    scored = alignment.scored_parameters(model, "lora")
+    scored = policy.scored_parameters(model, "lora")
     assert [id(p) for p in scored] == [id(p) for _, p in trainable]
     a = dict(trainable)["base_model.model.model.layers.0.self_attn.k_proj.lora_A.default.weight"]
     assert a.shape == (4, 64)
@@ -352,7 +352,7 @@ def test_exact_alignment_over_adapters_matches_autograd(qwen_dir, files, tmp_pat
     # hand-set rewards: group 1 has zero variance, so its gradient is exactly 0
     cand = dataclasses.replace(cand, rewards=np.array([1, 0, 0, 1, 1, 1, 0, 1, 1], float))
     val = dataclasses.replace(val, rewards=np.array([0, 1, 0, 1, 0, 0], float))
-    params = alignment.scored_parameters(model, "lora")
+    params = policy.scored_parameters(model, "lora")
     pad = tokenizer.pad_token_id
     direction = alignment.validation_direction(model, params, val.to_batch(pad))
     got = alignment.exact_alignment(model, params, cand.to_batch(pad), direction)

@@ -3,9 +3,10 @@ with no built-in regime, no corrupted-share table and no "noisy" title."""
 
 from __future__ import annotations
 
-from test_report import write_run
+from report_runs import write_run
 
-from gradalign.analysis.report import build_report, load_run
+from gradalign.analysis.report import build_report
+from gradalign.analysis.runs import load_run
 
 FILES = [
     "data.pool_files=[{path: pool.jsonl}]",

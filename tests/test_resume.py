@@ -28,7 +28,7 @@ from gradalign.run.checkpoint import (
     restore,
     save_checkpoint,
 )
-from gradalign.rundir import read_json
+from gradalign.storage import read_json
 
 TINY = ["rounds=3", *SCORED]
 

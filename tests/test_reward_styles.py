@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from gradalign.data import rewards
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import RewardError, checked_reward, resolve_reward
 from gradalign.data.rewards_style import SIGNATURES, detect
@@ -61,15 +58,9 @@ def pair(a, b):
 
 
 @pytest.fixture
-def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def user_module(reward_module) -> str:
     """ga_styled_rewards.py in a fresh working directory, importable only as the cwd."""
-    (tmp_path / "ga_styled_rewards.py").write_text(MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    yield "ga_styled_rewards"
-    sys.modules.pop("ga_styled_rewards", None)
-    for name in [n for n in rewards._USER_REWARDS if n.startswith("ga_styled_rewards:")]:
-        del rewards._USER_REWARDS[name]
+    return reward_module("ga_styled_rewards", MODULE, cwd=True)
 
 
 def problem(reward: str, answer: str = "7", **meta) -> Problem:

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 import gradalign
 from gradalign.cli import app
 from gradalign.config import ConfigError, config_from_dict
-from gradalign.run import score as score_module
+from gradalign.engine.round_scoring import ChunkScorer
 from gradalign.run.checkpoint import ResumeError
 from gradalign.run.setup import build_setup
-from gradalign.rundir import read_json, read_jsonl
+from gradalign.storage import read_json, read_jsonl
 
 SYSTEM = {"role": "system", "content": "Add the numbers."}
 
@@ -105,7 +105,7 @@ def test_verl_parquet_scored_and_exported_with_its_schema(data, parquet_setup, t
         list(range(0, 8)), list(range(8, 16)), list(range(16, 20))
     ]  # fmt: skip
     for r in rows:  # sim: cos(g_p, g^_V) = dot / (norm + 1e-5), 0 for zero-variance groups
-        want = 0.0 if r["zero_variance"] else r["dot"] / (r["norm"] + 1e-5)
+        want = 0.0 if r["zero_variance"] else r["dot_val"] / (r["norm"] + 1e-5)
         assert r["score"] == pytest.approx(want, rel=1e-9, abs=1e-12)
     assert any(r["score"] != 0 for r in rows)
     best = sorted(rows, key=lambda r: (-r["score"], r["id"]))
@@ -142,16 +142,16 @@ def test_every_chunk_is_scored_against_one_validation_direction(data, parquet_se
 def test_interrupted_score_resumes_from_finished_chunks(data, parquet_setup, tmp_path, monkeypatch):
     cfg = parquet_setup.cfg
     gradalign.score(cfg, tmp_path / "whole", top=4, setup=parquet_setup)
-    real = score_module.score_chunk
+    real = ChunkScorer.score
     calls = []
 
-    def crash_at_chunk_1(*args, **kwargs):  # the first time chunk 1 is scored
-        calls.append(args[8])
+    def crash_at_chunk_1(self, chunk, ids, round_, timings=None):  # chunk 1's first scoring
+        calls.append(round_)
         if calls == [0, 1]:
             raise RuntimeError("killed")
-        return real(*args, **kwargs)
+        return real(self, chunk, ids, round_, timings)
 
-    monkeypatch.setattr(score_module, "score_chunk", crash_at_chunk_1)
+    monkeypatch.setattr(ChunkScorer, "score", crash_at_chunk_1)
     with pytest.raises(RuntimeError, match="killed"):
         gradalign.score(cfg, tmp_path / "cut", top=4, setup=parquet_setup)
     assert calls == [0, 1]
@@ -172,7 +172,7 @@ def test_another_config_in_the_same_directory_is_refused(
     trained = _cfg(data, data["parquet"])
     trained.train.learning_rate = 1e-3  # training fields do not change scores: resumed
     calls = []
-    monkeypatch.setattr(score_module, "score_chunk", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(ChunkScorer, "score", lambda self, *a, **k: calls.append(a))
     gradalign.score(trained, tmp_path, setup=parquet_setup)
     assert calls == []
     other = _cfg(data, data["parquet"], mode="dot")
@@ -257,7 +257,7 @@ def test_two_processes_score_as_one(tmp_path):
     )
     assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 48
     assert [r["pass_rate"] for r in a] == [r["pass_rate"] for r in b]
-    for key in ("score", "dot", "norm"):
+    for key in ("score", "dot_val", "norm"):
         x, y = (np.array([r[key] for r in rows], dtype=float) for rows in (a, b))
         assert np.abs(x).max() > 0
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7 * np.abs(x).max())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradalign.core.selection import MODES, Candidates, needs, rank_top, select
+from gradalign.core.selection import MODES, Candidates, SelectionWarning, needs, rank_top, select
 
 #                 id   norm  dot_val  dot_chunk  a      zero-variance
 TABLE = [
@@ -224,3 +224,21 @@ def test_needs_and_mode_list():
     assert needs("sim") == needs("simacc") == {"rollouts", "gradients"}
     assert needs("acc") == needs("accgreedy") == {"rollouts"}
     assert needs("rand") == needs("none") == set()
+
+
+def test_an_empty_selection_trains_on_the_whole_chunk_in_the_loop_and_the_callback():
+    """zero_variance=exclude with every group zero-variance leaves nothing: select_chunk, the
+    one path of the loop and the TRL callback, falls back to the chunk in chunk order."""
+    from gradalign.config import SelectConfig
+    from gradalign.engine.round_scoring import RoundScores, select_chunk
+
+    ids = np.array([7, 3, 5, 1])
+    cand = Candidates(
+        ids, np.array([0.0, 1.0, 1.0, 0.0]), np.ones(4, dtype=bool),
+        np.zeros(4), np.zeros(4), np.zeros(4), val_norm=1.0,
+    )  # fmt: skip
+    s = SelectConfig(mode="sim", chunk_size=4, k=2, zero_variance="exclude")
+    with pytest.warns(SelectionWarning, match="left none of the 4 candidates"):
+        sel = select_chunk(RoundScores(cand, [], {}), s, 0, 0, np.arange(10))
+    assert sel.ids.tolist() == [7, 3, 5, 1]
+    assert sel.fallback == "empty_selection" and sel.excluded == 4

@@ -1,5 +1,5 @@
-"""The split-half validation cosine (`round_scoring.validation_direction`) against a plain
-autograd reference, for both scorers and both aggregates, and its warning in `score_chunk`."""
+"""The split-half validation cosine (`round_scoring.direction_with_split_half`) against a plain
+autograd reference, for both scorers and both aggregates, and its warning in `ChunkScorer.score`."""
 
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ from gradalign.config import RolloutConfig, SelectConfig
 from gradalign.core.alignment import (
     GroupAlignment,
     iter_group_gradients,
-    scored_parameters,
     unit,
     validation_direction,
 )
 from gradalign.core.selection import SelectionWarning
 from gradalign.data.problems import Problem
 from gradalign.engine import round_scoring
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.engine.rollout import Rollouts
 from gradalign.scoring.pieces import flatten_pieces
 
@@ -47,7 +46,7 @@ def test_split_half_cosine_is_the_cosine_of_the_two_halves(
     params = scored_parameters(tiny, subset)
     val = make_batch(VAL_REWARDS, seed=2)
     s = SelectConfig(scorer=scorer, val_aggregate=aggregate, groups_per_micro=2)  # type: ignore[arg-type]
-    direction, split = round_scoring.validation_direction(tiny, params, val, s)
+    direction, split = round_scoring.direction_with_split_half(tiny, params, val, s)
     # reference: one backward per validation group, halves summed by hand
     g = list(iter_group_gradients(tiny, params, val))
     terms = g if aggregate == "sum" else [unit(x) if x.norm() > 0 else x for x in g]
@@ -66,7 +65,7 @@ def test_one_validation_problem_has_no_split_half_cosine(tiny, scorer: str) -> N
     params = scored_parameters(tiny)
     val = make_batch(VAL_REWARDS[:1], seed=2)
     s = SelectConfig(scorer=scorer)  # type: ignore[arg-type]
-    direction, split = round_scoring.validation_direction(tiny, params, val, s)
+    direction, split = round_scoring.direction_with_split_half(tiny, params, val, s)
     assert math.isnan(split)
     flat = direction if isinstance(direction, torch.Tensor) else flatten_pieces(direction)
     assert float(flat.norm()) == pytest.approx(1.0, abs=1e-4)
@@ -77,7 +76,7 @@ def test_a_half_without_gradient_has_no_split_half_cosine(tiny, scorer: str) -> 
     params = scored_parameters(tiny)
     val = make_batch([[1, 0, 1], [1, 1, 1], [0, 0]], seed=2)  # halves 0-1 | 2: g_2 = 0
     s = SelectConfig(scorer=scorer)  # type: ignore[arg-type]
-    direction, split = round_scoring.validation_direction(tiny, params, val, s)
+    direction, split = round_scoring.direction_with_split_half(tiny, params, val, s)
     assert math.isnan(split)
     flat = direction if isinstance(direction, torch.Tensor) else flatten_pieces(direction)
     assert float(flat.norm()) == pytest.approx(1.0, abs=1e-4)
@@ -92,7 +91,7 @@ def _rollouts(n: int) -> Rollouts:
 
 
 @pytest.mark.parametrize(("split", "warns"), [(-0.25, True), (0.0, True), (0.4, False)])
-def test_score_chunk_records_and_warns_about_the_split_half_cosine(
+def test_chunk_scorer_records_and_warns_about_the_split_half_cosine(
     monkeypatch: pytest.MonkeyPatch, split: float, warns: bool
 ) -> None:
     def fake_scores(*args, **kwargs):  # noqa: ANN002, ANN003
@@ -103,10 +102,11 @@ def test_score_chunk_records_and_warns_about_the_split_half_cosine(
     chunk = _rollouts(4).problems
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scored = round_scoring.score_chunk(
-            None, None, chunk, np.arange(4), chunk[:2], RolloutConfig(), SelectConfig(mode="sim"),
-            0, 0, lambda items, k, seed, what: _rollouts(len(items)),
+        scorer = round_scoring.ChunkScorer(
+            None, None, chunk[:2], RolloutConfig(), SelectConfig(mode="sim"), 0,
+            lambda items, k, seed, what: _rollouts(len(items)),
         )  # fmt: skip
+        scored = scorer.score(chunk, np.arange(4), 0)
     assert scored.metrics["val/split_half_cos"] == split
     mine = [w for w in caught if w.category is SelectionWarning]
     if warns:

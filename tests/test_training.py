@@ -7,7 +7,8 @@ import pytest
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
 from gradalign.engine.policy import build_model, build_tokenizer
-from gradalign.engine.training import GRPOTraining, micro_batching
+from gradalign.engine.training import GRPOTraining
+from gradalign.engine.trl_args import micro_batching
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,14 @@ from typer.testing import CliRunner
 
 from gradalign.cli import app
 from gradalign.config import ConfigError, TrainConfig, load_config
-from gradalign.engine.trl_args import check_grpo_config, check_trl_args
+from gradalign.engine.trl_args import (
+    DECIDED_BY_GRADALIGN,
+    SET_BY_GRADALIGN,
+    TRL_DEFAULTS,
+    check_grpo_config,
+    check_trl_args,
+    grpo_settings,
+)
 from gradalign.integrations.trl_version import TESTED_TRL, TRLVersionWarning, check_trl
 
 
@@ -22,6 +29,15 @@ def test_set_reaches_trl_args_with_yaml_values():
     t = train("train.trl_args.epsilon=0.3", "train.trl_args.num_iterations=2")
     assert t.trl_args == {"epsilon": 0.3, "num_iterations": 2}
     check_trl_args(t)
+
+
+def test_one_list_of_the_fields_gradalign_sets():
+    """grpo_settings passes exactly SET_BY_GRADALIGN's fields (plus the overridable
+    TRL_DEFAULTS), and every one of them is refused in train.trl_args."""
+    own = grpo_settings(TrainConfig(), 12, 0, "cpu", False, "/tmp/unused")
+    assert set(own) == set(SET_BY_GRADALIGN) | set(TRL_DEFAULTS)
+    assert set(SET_BY_GRADALIGN) < set(DECIDED_BY_GRADALIGN)
+    assert not set(TRL_DEFAULTS) & set(DECIDED_BY_GRADALIGN)
 
 
 def test_a_field_gradalign_sets_is_refused_naming_the_field_to_use():

@@ -13,10 +13,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from gradalign.config import Config, ConfigError, field_docs, load_config
+from gradalign.config import Config, ConfigError, field_docs, field_help, load_config
 from gradalign.progress import console
-from gradalign.rundir import StorageError, describe
-from gradalign.scoring.distributed import is_main, shutdown
+from gradalign.ranks import is_main, shutdown
+from gradalign.storage import StorageError, describe
 
 T = TypeVar("T")
 
@@ -47,7 +47,7 @@ SetOpt = Annotated[
 ]
 ScorerOpt = Annotated[
     str | None,
-    typer.Option(help="gradient scorer: batched (default) or exact (the reference path)"),
+    typer.Option(help=f"select.scorer: {field_help('select.scorer')}"),
 ]
 
 
@@ -246,14 +246,14 @@ def diagnose(
     starting policy (no training) and prints the split-half validation cosine, the transfer
     cosine between problems, the distribution of candidate cosines, the zero-variance share,
     the mean cosine per source and (built-in regimes) the AUC, with a one-line verdict."""
-    from gradalign.analysis.diagnose import diagnose as run_diagnose
+    from gradalign.run.diagnose import diagnose as run_diagnose
 
     cfg = _load(config, set_)
     result = _guarded(run_diagnose, cfg, chunks)
     console.print(diagnosis_table(result))
     console.print(f"verdict: {result['verdict']}", markup=False)
     if json_out is not None and is_main():  # under torchrun every rank holds the same result
-        from gradalign.rundir import write_json
+        from gradalign.storage import write_json
 
         try:
             write_json(json_out, result)
@@ -357,7 +357,8 @@ def _sampled_cells(s: dict) -> list[str]:
 
 # ---------------------------------------------------------------- bench and report
 
-from gradalign.analysis import bench  # noqa: E402 - light (config, rundir); its constants feed the help
+# light (config, storage); its constants feed the help
+from gradalign.analysis import bench  # noqa: E402
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks over modes, regimes and seeds.")
 app.add_typer(bench_app, name="bench")

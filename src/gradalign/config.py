@@ -7,27 +7,31 @@ A bad value is rejected at load time with a message naming the field, the value 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 import typing
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import yaml
 
+from gradalign.config_rules import (  # noqa: F401 - the checks and ConfigError, re-exported
+    SEED_MAX,
+    ConfigError,
+    check,
+    check_budget,
+    check_rollout,
+    check_select,
+    data_aliases,
+)
 from gradalign.core.common import ValAggregate
 from gradalign.core.selection import Mode, ZeroVariance
 from gradalign.data.rewards_style import RewardStyle
 from gradalign.data.tasks import Flaw
 from gradalign.messages import show
-from gradalign.rundir import DuplicateKeyError, read_yaml, yaml_reason
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
+from gradalign.storage import DuplicateKeyError, read_yaml, yaml_reason
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
@@ -36,7 +40,6 @@ def doc(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best here
     return field(default=default, metadata={"help": help})
 
 
-SEED_MAX = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL, transformers) accepts
 INT_MAX = 2**63 - 1  # every integer field must fit an int64 (torch, numpy)
 
 
@@ -48,9 +51,9 @@ class Section:
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(cast(Any, self)):  # every Section is a dataclass
             name, value, typ = f"{self.prefix}{f.name}", getattr(self, f.name), hints[f.name]
-            if dataclasses.is_dataclass(typ):
+            if isinstance(typ, type) and dataclasses.is_dataclass(typ):
                 if not isinstance(value, typ):
                     raise ConfigError(f"{name}: expected a {typ.__name__}, got {show(value)}")
             else:
@@ -123,7 +126,7 @@ class DataConfig(Section):
         [],
         "problem files for the pool (replaces the built-in task); each {path, count, "
         "prompt_field, answer_field, answer_extractor, source, reward, template, offset, "
-        "limit, fraction, seed, take} (README: problem files)",
+        "limit, fraction, seed, take} (docs/real-models.md: problem files)",
     )
     validation_files: list[dict] = doc(
         [],
@@ -135,7 +138,7 @@ class DataConfig(Section):
         "auto",
         "how a 'module:function' reward is called: auto (by its parameter names), gradalign "
         "(problem, completion), verl (data_source, solution_str, ground_truth, extra_info) or "
-        "trl (completions, **kwargs); README: rewards",
+        "trl (completions, **kwargs); docs/real-models.md: rewards",
     )
     val_files: list[dict] = doc([], "deprecated name of validation_files (warns)")
 
@@ -272,7 +275,7 @@ class Config(Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self)  # gradalign.config_rules, imported below
+        check(self)  # gradalign.config_rules
 
     @property
     def n_select(self) -> int:
@@ -286,9 +289,14 @@ class Config(Section):
 # ---------------------------------------------------------------- loading and checking
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved field types of a Section class (cached)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _number(value: Any, typ: type, name: str) -> int | float:
@@ -371,7 +379,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         typ = hints[name]
         kwargs[name] = (
-            _build(typ, value, f"{prefix}{name}.") if dataclasses.is_dataclass(typ) else value
+            _build(typ, value, f"{prefix}{name}.")
+            if isinstance(typ, type) and dataclasses.is_dataclass(typ)
+            else value
         )
     return cls(**kwargs)
 
@@ -440,19 +450,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(name, default, help) of every field, for `gradalign fields`."""
+    """(name, default, help) of every field, for `gradalign fields`; a `Literal` field's help
+    ends with its choices."""
     rows = []
     cfg = Config()
     for f in dataclasses.fields(Config):
-        value = getattr(cfg, f.name)
+        value: Any = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
+            hints = _hints(type(value))
             for g in dataclasses.fields(value):
-                rows.append(
-                    (f"{f.name}.{g.name}", repr(getattr(value, g.name)), g.metadata["help"])
-                )
+                help_ = _with_choices(g.metadata["help"], hints[g.name])
+                rows.append((f"{f.name}.{g.name}", repr(getattr(value, g.name)), help_))
         else:
-            rows.append((f.name, repr(value), f.metadata["help"]))
+            help_ = _with_choices(f.metadata["help"], _hints(Config)[f.name])
+            rows.append((f.name, repr(value), help_))
     return rows
+
+
+def _with_choices(help_: str, typ: Any) -> str:
+    if typing.get_origin(typ) is not Literal:
+        return help_
+    return f"{help_} (one of: {', '.join(map(str, typing.get_args(typ)))})"
+
+
+def field_help(name: str) -> str:
+    """The help text of field `name` ("section.field"), as `gradalign fields` prints it: the
+    one place a field is documented, for the CLI options that set it."""
+    return next(h for n, _, h in field_docs() if n == name)
 
 
 # ---------------------------------------------------------------- comparing configs
@@ -502,12 +526,3 @@ def differing_fields(
         if any(v != values[0] for v in values[1:]):
             out[name] = values
     return out
-
-
-from gradalign.config_rules import (  # noqa: E402, F401 - re-exported; they need ConfigError
-    check,
-    check_budget,
-    check_rollout,
-    check_select,
-    data_aliases,
-)

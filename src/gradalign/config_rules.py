@@ -10,13 +10,19 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from gradalign.config import SEED_MAX, ConfigError
 from gradalign.messages import show
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the types only: `gradalign.config` imports this module
     from gradalign.config import Config, DataConfig, RolloutConfig, SelectConfig, TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+SEED_MAX = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL, transformers) accepts
 
 # Fields for which 0 is a valid value; every other number must be > 0.
 _ZERO_OK = (
@@ -49,8 +55,8 @@ def _positive(cfg: Config) -> None:
             )
 
 
-def _positive_fields(section: str, obj: object) -> None:
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+def _positive_fields(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
@@ -273,9 +279,14 @@ def check(cfg: Config) -> None:
     check_select(s)
     trained_on = d.pool_size if s.mode == "none" else cfg.n_select
     if t.batch_size > trained_on and not (d.pool_files and s.mode == "none"):
+        per_round, fix = (
+            ("data.pool_size with select.mode=none", "or grow the pool")
+            if s.mode == "none"
+            else (f"chunk_size // k = {s.chunk_size} // {s.k}", "or k")
+        )
         raise ConfigError(
             f"train.batch_size ({t.batch_size}) exceeds the {trained_on} problems trained on per "
-            f"round (chunk_size // k = {s.chunk_size} // {s.k}); lower batch_size or k"
+            f"round ({per_round}); lower batch_size {fix}"
         )
     check_rollout(r)
     check_budget(s, r)

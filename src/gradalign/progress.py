@@ -17,9 +17,17 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 # under torchrun / accelerate launch only rank 0 shows progress, logs and tables
 QUIET = int(os.environ.get("RANK", "0")) != 0
@@ -98,8 +106,16 @@ def _heartbeat(progress: LineProgress, every_s: float = 1.0) -> Iterator[None]:
         thread.join()
 
 
+class Advance(Protocol):
+    """What `bar` yields: `advance(n)` counts n steps done; `note` is shown in log lines."""
+
+    note: str
+
+    def __call__(self, n: int = 1) -> None: ...
+
+
 class _RichAdvance:
-    def __init__(self, progress: Progress, task: int) -> None:
+    def __init__(self, progress: Progress, task: TaskID) -> None:
         self.progress, self.task, self.note = progress, task, ""
 
     def __call__(self, n: int = 1) -> None:
@@ -114,7 +130,7 @@ class _Silent:
 
 
 @contextmanager
-def bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+def bar(description: str, total: int) -> Iterator[Advance]:
     """A transient progress bar on a terminal, progress lines in a log; yields `advance(n)`
     (with a settable `note` string shown in the log lines)."""
     if QUIET:

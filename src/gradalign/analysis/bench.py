@@ -45,7 +45,7 @@ from gradalign.config import (
     upgrade_saved,
 )
 from gradalign.progress import bar, console
-from gradalign.rundir import read_json, write_json
+from gradalign.storage import read_json, write_json
 
 BENCH_REGIMES = ("noisy", "imbalance", "lowutility")
 BENCH_MODES = ("sim", "dot", "align", "accgreedy", "rand", "none")

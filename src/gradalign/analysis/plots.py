@@ -4,14 +4,15 @@ mean over seeds with a 95% CI band."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from gradalign.analysis.report import REGIME_ORDER, SHARES, Run, _modes, _order, mean_ci
+from gradalign.analysis.runs import REGIME_ORDER, SHARES, Run, mean_ci, mode_order, order_key
 
 
-def _band(ax, x: list[int], rows: list[list[float | None]], label: str) -> None:
+def _band(ax, x: list[int], rows: Sequence[Sequence[float | None]], label: str) -> None:
     """Mean over rows (seeds) of the finite values at each point, with a 95% CI band where
     n >= 2 (values in [0, 1])."""
     length = min(len(x), *map(len, rows))
@@ -32,12 +33,12 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     done = [r for r in runs if r.status == "done"]
-    regimes = sorted({r.regime for r in done}, key=lambda g: _order(g, REGIME_ORDER))
+    regimes = sorted({r.regime for r in done}, key=lambda g: order_key(g, REGIME_ORDER))
     paths = []
     panels = regimes or ["no finished runs"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, regime in zip(axes[0], panels):
-        for mode in _modes(r.mode for r in done if r.regime == regime):
+        for mode in mode_order(r.mode for r in done if r.regime == regime):
             sel = [r for r in done if r.regime == regime and r.mode == mode]
             _band(ax, [0, *sel[0].steps], [[r.initial, *r.accuracy] for r in sel], mode)
         ax.set(title=regime, xlabel="cumulative GRPO steps", ylabel="eval accuracy")
@@ -56,7 +57,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
         )
         for ax, (name, regime, title) in zip(axes[0], share_panels):
             sel = [r for r in done if r.regime == regime and r.shares.get(name)]
-            for mode in _modes(r.mode for r in sel):
+            for mode in mode_order(r.mode for r in sel):
                 rows = [r.shares[name] for r in sel if r.mode == mode]
                 _band(ax, list(range(1, len(rows[0]) + 1)), rows, mode)
             if sel[0].pool_shares:
@@ -85,7 +86,7 @@ def _auc_plot(done: list[Run], regimes: list[str]):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, regime in zip(axes[0], panels):
         sel = [r for r in done if r.regime == regime and _has(r.auc)]
-        for mode in _modes(r.mode for r in sel):
+        for mode in mode_order(r.mode for r in sel):
             rows = [r.auc for r in sel if r.mode == mode]
             _band(ax, list(range(1, len(rows[0]) + 1)), rows, mode)
         ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")

@@ -45,36 +45,6 @@ class GroupAlignment:
         return self.dot_chunk / (self.norm + EPS)
 
 
-def scored_parameters(model: torch.nn.Module, subset: str = "all") -> list[torch.nn.Parameter]:
-    """Parameters whose gradient is scored.
-
-    ``all``: every trainable parameter; ``lora``: LoRA adapter weights only;
-    ``last:N``: the last N transformer blocks plus the final norm (and an untied LM head).
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if subset == "all":
-        return [p for _, p in named]
-    if subset == "lora":
-        chosen = [p for n, p in named if "lora_" in n]
-        if not chosen:
-            raise ValueError("score.params='lora' but the model has no LoRA parameters")
-        return chosen
-    if subset.startswith("last:"):
-        n_last = int(subset.split(":", 1)[1])
-        layers = sorted(
-            {int(n.split("layers.")[1].split(".")[0]) for n, _ in named if "layers." in n}
-        )
-        if not 1 <= n_last <= len(layers):
-            raise ValueError(f"score.params='{subset}': the model has {len(layers)} blocks")
-        keep = {f"layers.{i}." for i in layers[-n_last:]}
-        return [
-            p
-            for n, p in named
-            if any(block in n for block in keep) or ("layers." not in n and "embed" not in n)
-        ]
-    raise ValueError(f"score.params='{subset}': expected 'all', 'lora' or 'last:N'")
-
-
 def flat_grad(loss: Tensor, params: list[torch.nn.Parameter]) -> Tensor:
     """grad of `loss` over `params`, flattened and concatenated. # [D]"""
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -153,7 +123,11 @@ def validation_sum(
     check_val_aggregate(aggregate)
     if aggregate == "sum":
         return summed_gradient(model, params, batch)
-    return sum(unit(g) for g in iter_group_gradients(model, params, batch))  # type: ignore[return-value]
+    total = None
+    for g in iter_group_gradients(model, params, batch):
+        total = unit(g) if total is None else total + unit(g)
+    assert total is not None
+    return total
 
 
 def exact_alignment(

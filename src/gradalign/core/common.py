@@ -5,13 +5,14 @@ Method: docs/method.md.
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 EPS = 1e-5  # every unit vector g / (||g|| + EPS) and cosine <g, d> / (||g|| + EPS)
 
 # How the validation groups' gradients are combined: g_V = sum_v g_v, or sum_v unit(g_v)
 ValAggregate = Literal["sum", "mean_of_unit"]
-VAL_AGGREGATES: tuple[str, ...] = ValAggregate.__args__  # type: ignore[attr-defined]
+VAL_AGGREGATES: tuple[str, ...] = typing.get_args(ValAggregate)
 
 
 def check_val_aggregate(aggregate: str) -> None:

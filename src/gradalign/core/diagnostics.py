@@ -14,6 +14,7 @@ variance: a zero-variance group has g_p = 0 and no score to rank by).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from torch import Tensor
@@ -35,7 +36,7 @@ def selection_auc(
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
-def cosine(a: Tensor | list[Tensor], b: Tensor | list[Tensor]) -> float:
+def cosine(a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]) -> float:
     """cos(a, b) of two gradients, each one tensor or a list of per-parameter pieces; 0.0
     when either is zero (no direction to compare)."""
     pa = [a] if isinstance(a, Tensor) else list(a)

@@ -24,6 +24,7 @@ is skipped and counted; a zero or non-finite validation direction falls back to 
 
 from __future__ import annotations
 
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ Mode = Literal[
     "sim", "dot", "norm", "align", "negsim", "simacc", "accgreedy", "acc", "rand", "none"
 ]
 ZeroVariance = Literal["zero", "last", "exclude"]
-MODES: tuple[str, ...] = Mode.__args__  # type: ignore[attr-defined]
+MODES: tuple[str, ...] = typing.get_args(Mode)
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,18 @@ class Candidates:
     val_norm: float | None = None  # ||g^_V||: ~1, 0 when g_V = 0; None: not checked
 
 
+# The per-candidate statistics of `Candidates`, under these names wherever they are written
+# (a run's rounds/NNNN/scores.jsonl, `gradalign score`'s scores.jsonl).
+STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
+
+
 @dataclass(frozen=True)
 class Selection:
     ids: np.ndarray  # int [n], chosen problem ids in rank (or draw) order
     scores: np.ndarray  # float [P], each candidate's score (NaN for sampled modes and skipped)
     excluded: int = 0  # candidates removed by zero_variance="exclude"
     skipped_nonfinite: int = 0  # candidates skipped for a NaN / Inf input
-    fallback: str | None = None  # "zero_validation_gradient" when the mode fell back to rand
+    fallback: str | None = None  # "zero_validation_gradient": fell back to rand; "empty_selection"
 
 
 class SelectionWarning(UserWarning):
@@ -229,8 +235,8 @@ def select(
     """Choose n of the chunk's problems under `mode`.
 
     Non-finite inputs: a candidate with a NaN or Inf among the inputs its mode reads
-    (`ModeRule.inputs`: dot_val, dot_chunk, norm, pass_rate) is skipped -- score NaN, never ranked or
-    drawn, so fewer than n may be chosen -- and counted in `Selection.skipped_nonfinite`; the
+    (`ModeRule.inputs`: dot_val, dot_chunk, norm, pass_rate) is skipped -- score NaN, never ranked
+    or drawn, so fewer than n may be chosen -- and counted in `Selection.skipped_nonfinite`; the
     other candidates' scores are unaffected. A `SelectionWarning` names the first ids.
 
     Zero validation gradient (documented fallback): the modes that read dot_val (`sim`, `dot`,

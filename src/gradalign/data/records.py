@@ -10,14 +10,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from gradalign.data.rewards import last_boxed
 
-if TYPE_CHECKING:
-    from gradalign.data.files import FileSpec
-
 AnswerExtractor = Literal["auto", "gsm8k", "boxed", "plain"]
+
+
+class RecordSpec(Protocol):
+    """How to read a record: the fields of a `gradalign.data.files.FileSpec` it uses."""
+
+    @property
+    def prompt_field(self) -> str | None: ...
+    @property
+    def answer_field(self) -> str | None: ...
+    @property
+    def answer_extractor(self) -> AnswerExtractor: ...
+    @property
+    def source(self) -> str | None: ...
+
+
 _PROMPT_FIELDS = ("prompt", "question", "problem")
 _ANSWER_FIELDS = ("reward_model.ground_truth", "answer")
 _GSM8K_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -133,7 +145,7 @@ class Record:
     columns: dict[str, Any] | None = None  # every field but the prompt (TRL rewards get them)
 
 
-def read_record(rec: Any, spec: FileSpec, default_source: str) -> Record:
+def read_record(rec: Any, spec: RecordSpec, default_source: str) -> Record:
     """One record's fields; raises ValueError with the reason."""
     if not isinstance(rec, dict):
         raise ValueError(f"expected an object, got {type(rec).__name__}")

@@ -22,10 +22,10 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from gradalign.data.problems import Problem
-from gradalign.data.rewards_style import STYLES, StyleError, adapt
+from gradalign.data.rewards_style import STYLES, RewardStyle, StyleError, adapt
 from gradalign.messages import show
 
 RewardFn = Callable[[Problem, str], float]
@@ -290,7 +290,7 @@ def resolve_reward(name: str) -> RewardFn:
     if not callable(obj):
         raise RewardError(f"reward '{name}': '{attr}' is not callable ({type(obj).__name__})")
     try:
-        fn = adapt(obj, style or "auto")  # type: ignore[arg-type]
+        fn = adapt(obj, cast(RewardStyle, style or "auto"))  # one of STYLES, checked above
     except StyleError as err:
         raise RewardError(f"reward '{name}': {err}") from None
     _USER_REWARDS[name] = fn
@@ -309,6 +309,15 @@ class RewardWarning(UserWarning):
 
 
 _WARNED: set[str] = set()  # reward names whose failure `score_completion` has shown
+
+
+def forget_rewards(module_name: str) -> None:
+    """Drop the rewards resolved from ``module_name`` (``"module:function"`` names) and their
+    shown warnings, so that the next `resolve_reward` imports the module again."""
+    for name in [n for n in _USER_REWARDS if n.partition(":")[0] == module_name]:
+        del _USER_REWARDS[name]
+    for name in [n for n in _WARNED if n.partition(":")[0] == module_name]:
+        _WARNED.discard(name)
 
 
 def _error_text(err: BaseException) -> str:

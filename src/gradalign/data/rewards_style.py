@@ -10,8 +10,9 @@ to ``RewardFn = (problem, completion) -> float``.
 - ``trl``: ``fn(completions, **kwargs) -> list[float]``, called with one completion:
   ``prompts=[prompt]``, ``completions=[completion]`` (standard format: strings) and the
   columns ``answer`` and ``ground_truth`` (the reference answer), ``data_source`` and
-  ``source``, then the record's own fields as TRL passes a dataset's columns (a file's
-  ``answer`` column, say, as written there, overriding ours), each a one-item list (a function without ``**kwargs`` gets the ones it names).
+  ``source``, then the record's own fields as TRL passes a dataset's columns (a file's ``answer``
+  column, say, as written there, overriding ours), each a one-item list (a function without
+  ``**kwargs`` gets the ones it names).
 
 ``auto`` tells them apart by parameter names: ``solution_str`` means verl, ``completions``
 means TRL, any other function callable with two positional arguments is ours. A function
@@ -23,11 +24,12 @@ counted (`rewards.checked_reward`).
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
 RewardStyle = Literal["auto", "gradalign", "verl", "trl"]
-STYLES: tuple[str, ...] = RewardStyle.__args__  # type: ignore[attr-defined]
+STYLES: tuple[str, ...] = typing.get_args(RewardStyle)
 SIGNATURES = (
     "(problem, completion) -> float [gradalign]; "
     "(data_source, solution_str, ground_truth, extra_info=None) -> float | dict [verl]; "

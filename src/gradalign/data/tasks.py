@@ -30,6 +30,7 @@ exactly what the reward checks, the gradients of disjoint problems cancel.
 from __future__ import annotations
 
 import hashlib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -136,7 +137,8 @@ def draw_problems(
     `partition`; also return their reference solutions. With `at_most`, stop early when new
     prompts run out. `met` collects the drawn prompts skipped for being in `exclude`."""
     draw = FAMILIES[family]
-    problems, solutions = [], []
+    problems: list[Problem] = []
+    solutions: list[str] = []
     misses = 0
     while len(problems) < n:
         if misses > 2000:
@@ -182,11 +184,12 @@ def make_task(
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
     sets = []
-    for base, size, part in (
+    parts: tuple[tuple[int, int, Partition], ...] = (
         (2_000_000, eval_size, "heldout"),
         (1_000_000, val_size, "heldout"),
         (0, pool_size, "pool"),
-    ):
+    )
+    for base, size, part in parts:
         problems: list[Problem] = []
         for i, family in enumerate(families):
             share = size // len(families) + (1 if i < size % len(families) else 0)
@@ -206,7 +209,7 @@ def warmstart_examples(
     they made the examples differ from those of an empty `exclude`."""
     rng = np.random.default_rng(seed)
     out: list[tuple[str, str]] = []
-    seen, skipped = set(exclude), set()
+    seen, skipped = set(exclude), set[str]()
     for i, family in enumerate(families):
         share = n // len(families) + (1 if i < n % len(families) else 0)
         problems, solutions = draw_problems(
@@ -221,7 +224,7 @@ def warmstart_examples(
 
 # ---------------------------------------------------------------- warm-start target flaws
 Flaw = Literal["none", "junk", "junk2", "lead", "lastdigit"]
-FLAWS: tuple[str, ...] = Flaw.__args__  # type: ignore[attr-defined]
+FLAWS: tuple[str, ...] = typing.get_args(Flaw)
 JUNK = "x"  # after an answer, every built-in reward rejects it (exact match, countdown)
 JUNK2 = "z"  # the same flaw with another character (`junk2`)
 LEAD = "y"  # before an answer (`lead`): rejected by every built-in reward

@@ -43,7 +43,7 @@ def halving_rollouts(
     if not len(idx):
         return first, survive
     more = sample(
-        [chunk[i] for i in idx],
+        [chunk[int(i)] for i in idx],
         k_r - k_r0,
         round_seed(seed, round_, Stream.HALVING),
         "candidate rollouts, second stage",

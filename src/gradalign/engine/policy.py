@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -168,7 +169,8 @@ def load_pretrained(path: str | Path, dtype: str = "float32", device: str = "cpu
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     with quiet_libraries():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = model.to(device)
     _set_generation_ids(model, tokenizer)
     if "token_type_ids" not in inspect.signature(model.forward).parameters:
         # a causal LM takes none, and transformers 4's generate refuses them (through TRL)
@@ -226,3 +228,33 @@ def format_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
     enc = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
     ids = enc["input_ids"] if not isinstance(enc, list) else enc
     return list(ids)
+
+
+def scored_parameters(model: torch.nn.Module, subset: str = "all") -> list[torch.nn.Parameter]:
+    """Parameters whose gradient is scored.
+
+    ``all``: every trainable parameter; ``lora``: LoRA adapter weights only;
+    ``last:N``: the last N transformer blocks plus the final norm (and an untied LM head).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if subset == "all":
+        return [p for _, p in named]
+    if subset == "lora":
+        chosen = [p for n, p in named if "lora_" in n]
+        if not chosen:
+            raise ValueError("score.params='lora' but the model has no LoRA parameters")
+        return chosen
+    if subset.startswith("last:"):
+        n_last = int(subset.split(":", 1)[1])
+        layers = sorted(
+            {int(n.split("layers.")[1].split(".")[0]) for n, _ in named if "layers." in n}
+        )
+        if not 1 <= n_last <= len(layers):
+            raise ValueError(f"score.params='{subset}': the model has {len(layers)} blocks")
+        keep = {f"layers.{i}." for i in layers[-n_last:]}
+        return [
+            p
+            for n, p in named
+            if any(block in n for block in keep) or ("layers." not in n and "embed" not in n)
+        ]
+    raise ValueError(f"score.params='{subset}': expected 'all', 'lora' or 'last:N'")

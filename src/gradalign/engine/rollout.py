@@ -182,9 +182,9 @@ def sample_completions(
     progress: Callable[[int], None] | None = None,
     batches: range | None = None,
 ) -> list[list[int]]:
-    """`group_size` completions per prompt (prompt-major), in batches of `sampling.prompts_per_batch`
-    prompts; batch b samples with seed + b, so any run of `batches` (one rank's share) gives
-    exactly the completions the whole would give for those prompts."""
+    """`group_size` completions per prompt (prompt-major), in batches of
+    `sampling.prompts_per_batch` prompts; batch b samples with seed + b, so any run of `batches`
+    (one rank's share) gives exactly the completions the whole would give for those prompts."""
     if greedy and group_size != 1:
         raise ValueError("greedy decoding gives one completion per problem (group_size=1)")
     device = next(model.parameters()).device

@@ -2,24 +2,17 @@
 
 Notation: P chunk problems (candidates) · V validation problems · D scored parameters.
 
-`score_chunk` runs, as the mode needs (`selection.needs`): k_r rollouts per candidate, k_v per
-validation problem, the validation direction g^_V (`validation_direction`, the one place it
-is computed) and every candidate's alignment statistics (`group_alignment`), and returns them
+`ChunkScorer.score` runs, as the mode needs (`selection.needs`): k_r rollouts per candidate, k_v per
+validation problem, the validation direction g^_V (`direction_with_split_half`, the one place a
+round computes it) and every candidate's alignment statistics (`group_alignment`), and returns them
 as a `RoundScores` record with the round's metrics. `select_chunk` then chooses with the
 round's seeded generator. The caller brings the rollouts (`Sample`: the loop's sharded HF or
 vLLM sampling and problem rewards; the callback's TRL prompts and reward functions) and keeps
 what is its own (run directory, checkpoints, TRL's sampler).
 
-Metrics (stable names, shared by the run directory and the callback's ``gradalign/*`` logs):
-``select/chunk_pass_rate``, ``select/chunk_zero_variance_frac``, ``rollouts/bad_rewards``,
-``rollouts/candidates``, ``rollouts/validation`` (rollouts generated), ``select/stopped_frac``
-(``select.budget=halving``: candidates stopped after the first stage, `budget`),
-``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``val/split_half_cos``
-(a `SelectionWarning` when <= 0), ``score/cos_mean``,
-``score/val_norm``, then from `selection_metrics` ``select/n``, ``select/excluded``,
-``select/skipped_nonfinite``, ``select/fallback``, ``select/pass_rate`` (and, for problems
-with provenance, ``select/source_mix``, ``select/corrupted_share``,
-``select/low_utility_share``), and the ``time/*_s`` of each phase.
+Metrics: stable names, shared by the run directory, `gradalign score` and the callback's
+``gradalign/*`` logs, each defined once in docs/metrics.md (``select/*``, ``rollouts/*``,
+``val/*``, ``score/*`` and the ``time/*_s`` of each phase are computed here).
 """
 
 from __future__ import annotations
@@ -29,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,6 +37,7 @@ from gradalign.core.grpo import SequenceBatch
 from gradalign.core.selection import Candidates, Selection, SelectionWarning, needs, select
 from gradalign.data.problems import Problem, Stream, round_seed
 from gradalign.engine.budget import halving_rollouts
+from gradalign.engine.policy import scored_parameters
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
 from gradalign.scoring import output_features, precondition, sharded
@@ -75,81 +69,116 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
 
 @contextmanager
 def no_bar(description: str, total: int) -> Iterator[Progress]:
-    yield lambda n=1: None
+    yield no_progress
+
+
+def no_progress(n: int = 1) -> None:
+    """`no_bar`'s advance: counts nothing."""
+
+
+def no_stage(stage: str, round_: int) -> None:
+    """`ChunkScorer.stage_done` by default: nothing to mark."""
 
 
 def sampling_config(r: RolloutConfig) -> SamplingConfig:
     return SamplingConfig(r.temperature, r.top_p, r.max_new_tokens, r.prompts_per_batch)
 
 
-def score_chunk(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    chunk: Sequence[Item],
-    ids: np.ndarray,
-    validation: Sequence[Item],
-    rollout: RolloutConfig,
-    s: SelectConfig,
-    seed: int,
-    round_: int,
-    sample: Sample,
-    *,
-    optimizer: torch.optim.Optimizer | None = None,
-    timings: dict[str, float] | None = None,
-    stage_done: Callable[[str], None] | None = None,
-    bar: Bar = no_bar,
-) -> RoundScores:
-    """Rollouts, validation direction and group gradients of round `round_`'s chunk (ids
-    [P], in chunk order), as mode ``s.mode`` needs them, under the current policy.
+@dataclass(frozen=True)
+class ChunkScorer:
+    """Scores round chunks under the current policy: built once per run (the loop, `gradalign
+    score`, `gradalign diagnose`, the TRL callback) with what stays fixed, then
+    `score(chunk, ids, round_)` per round.
 
     `sample` draws the rollouts, seeded by `round_seed(seed, round_, Stream.CANDIDATES /
-    VALIDATION)` (and ``Stream.HALVING`` for ``s.budget=halving``'s second stage); `optimizer` gives Adam's second moment for ``s.precondition=adam``;
-    `timings` collects ``time/candidate_rollouts_s``, ``time/validation_rollouts_s`` and
-    ``time/scoring_s``; `stage_done("rollouts" | "scoring")` is called as each stage ends."""
-    timings = {} if timings is None else timings
-    done = stage_done or (lambda stage: None)
-    need = needs(s.mode)
-    if not need:
-        return RoundScores(Candidates(ids), [], {})
-    with timed(timings, "time/candidate_rollouts_s"):
-        cand, survive = candidate_rollouts(chunk, rollout, s, seed, round_, sample)
-    done("rollouts")
-    zv = cand.zero_variance()
+    VALIDATION)` (and ``Stream.HALVING`` for ``select.budget=halving``'s second stage);
+    `optimizer` gives Adam's second moment for ``select.precondition=adam``; `stage_done(stage,
+    round_)` is called as the "rollouts" and the "scoring" stage ends; `bar` shows the
+    scoring's progress."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    validation: Sequence[Any]  # the validation items `sample` is given
+    rollout: RolloutConfig
+    select: SelectConfig
+    seed: int
+    sample: Sample
+    optimizer: torch.optim.Optimizer | None = None
+    stage_done: Callable[[str, int], None] = no_stage
+    bar: Bar = no_bar
+
+    def score(
+        self,
+        chunk: Sequence[Any],
+        ids: np.ndarray,
+        round_: int,
+        timings: dict[str, float] | None = None,
+    ) -> RoundScores:
+        """Rollouts, validation direction and group gradients of round `round_`'s chunk (ids
+        [P], in chunk order), as mode ``select.mode`` needs them. `timings` collects
+        ``time/candidate_rollouts_s``, ``time/validation_rollouts_s`` and ``time/scoring_s``."""
+        timings = {} if timings is None else timings
+        s, need = self.select, needs(self.select.mode)
+        if not need:
+            return RoundScores(Candidates(ids), [], {})
+        with timed(timings, "time/candidate_rollouts_s"):
+            cand, survive = candidate_rollouts(
+                chunk, self.rollout, s, self.seed, round_, self.sample
+            )
+        self.stage_done("rollouts", round_)
+        zv = cand.zero_variance()
+        metrics = candidate_metrics(cand, survive)
+        if "gradients" not in need:
+            return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
+        val_seed = round_seed(self.seed, round_, Stream.VALIDATION)
+        with timed(timings, "time/validation_rollouts_s"):
+            val = self.sample(self.validation, self.rollout.k_v, val_seed, "validation rollouts")
+        metrics |= validation_metrics(val)
+        with timed(timings, "time/scoring_s"):
+            al, split, features = _gradient_scores(
+                self.model, self.tokenizer, cand, val, s, self.seed, self.optimizer, self.bar
+            )
+        self.stage_done("scoring", round_)
+        metrics["val/split_half_cos"] = split
+        if split <= 0:  # NaN (a half without gradient) compares False: nothing to say
+            warnings.warn(
+                f"split-half validation cosine {split:+.3f}: the two halves of the validation "
+                "set pull in opposite directions, so this round's g^_V is no direction to "
+                "select by (a larger validation set, or `gradalign diagnose` on this model "
+                "and data)",
+                SelectionWarning,
+                stacklevel=2,
+            )
+        metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN: a non-finite gradient
+        metrics["score/val_norm"] = al.val_norm
+        cands = Candidates(
+            ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
+        )
+        return RoundScores(cands, [cand, val], metrics, features)
+
+
+def candidate_metrics(cand: Rollouts, survive: np.ndarray | None) -> dict[str, Any]:
+    """The chunk's ``select/chunk_*`` and ``rollouts/*`` metrics (``select/stopped_frac``
+    for ``select.budget=halving``)."""
     metrics: dict[str, Any] = {
         "select/chunk_pass_rate": float(cand.pass_rates().mean()),
-        "select/chunk_zero_variance_frac": float(zv.mean()),
+        "select/chunk_zero_variance_frac": float(cand.zero_variance().mean()),
         "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
         "rollouts/candidates": len(cand.rewards),
     }
     if survive is not None:
         metrics["select/stopped_frac"] = float(1 - survive.mean())
-    if "gradients" not in need:
-        return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
-    val_seed = round_seed(seed, round_, Stream.VALIDATION)
-    with timed(timings, "time/validation_rollouts_s"):
-        val = sample(validation, rollout.k_v, val_seed, "validation rollouts")
-    metrics["rollouts/validation"] = len(val.rewards)
-    metrics["val/pass_rate"] = float(val.rewards.mean())
-    metrics["val/bad_rewards"] = val.bad_rewards
-    metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
-    with timed(timings, "time/scoring_s"):
-        al, split, features = _gradient_scores(model, tokenizer, cand, val, s, seed, optimizer, bar)
-    done("scoring")
-    metrics["val/split_half_cos"] = split
-    if split <= 0:  # NaN (a half without gradient) compares False: nothing to say
-        warnings.warn(
-            f"split-half validation cosine {split:+.3f}: the two halves of the validation set "
-            "pull in opposite directions, so this round's g^_V is no direction to select by "
-            "(a larger validation set, or `gradalign diagnose` on this model and data)",
-            SelectionWarning,
-            stacklevel=2,
-        )
-    metrics["score/cos_mean"] = float(np.mean(al.cos_val))  # NaN shows a non-finite gradient
-    metrics["score/val_norm"] = al.val_norm
-    cands = Candidates(
-        ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
-    )
-    return RoundScores(cands, [cand, val], metrics, features)
+    return metrics
+
+
+def validation_metrics(val: Rollouts) -> dict[str, Any]:
+    """The round's ``rollouts/validation`` and ``val/*`` metrics of the validation rollouts."""
+    return {
+        "rollouts/validation": len(val.rewards),
+        "val/pass_rate": float(val.rewards.mean()),
+        "val/bad_rewards": val.bad_rewards,
+        "val/zero_variance_frac": float(val.zero_variance().mean()),
+    }
 
 
 def candidate_rollouts(
@@ -189,7 +218,7 @@ def _gradient_scores(
         model.eval()
         with bar("scoring", cand.num_groups) as advance:
             return (*output_scores(model, cand_batch, val_batch, s, seed, advance), None)
-    params = alignment.scored_parameters(model, s.params)
+    params = scored_parameters(model, s.params)
     exp_avg_sq = None
     if s.precondition == "adam" and optimizer is not None and optimizer.state:
         exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
@@ -197,7 +226,7 @@ def _gradient_scores(
     if sharded.is_sharded(model):  # train.fsdp: the directions sharded too (docs/fsdp.md)
         return _sharded_scores(model, params, cand_batch, val_batch, s, seed, exp_avg_sq, bar)
     with bar("scoring", cand.num_groups) as advance:
-        direction, split = validation_direction(model, params, val_batch, s)
+        direction, split = direction_with_split_half(model, params, val_batch, s)
         al = group_alignment(model, params, cand_batch, direction, s, exp_avg_sq, advance)
     features = None
     if s.project_dim:
@@ -255,7 +284,7 @@ def output_scores(
     return al, split_half_cosine(a, b)
 
 
-def validation_direction(
+def direction_with_split_half(
     model: torch.nn.Module, params: list, val_batch: SequenceBatch, s: SelectConfig
 ) -> tuple[Direction, float]:
     """The round's g^_V = unit(g_V) (``s.val_aggregate``) and the split-half cosine
@@ -264,6 +293,9 @@ def validation_direction(
     extra backward: flat [D] with the exact scorer, pieces (summed over ranks' shards) with
     the batched one."""
     halves = split_halves(val_batch.num_groups)
+    a: Direction
+    b: Direction
+    direction: Direction
     if s.scorer == "exact":
         a, b = (
             alignment.validation_sum(model, params, val_batch.take_groups(h), s.val_aggregate)
@@ -271,7 +303,7 @@ def validation_direction(
             else torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
             for h in halves
         )
-        direction: Direction = alignment.unit(a + b)
+        direction = alignment.unit(a + b)
     else:
         a, b = dd.distributed_validation_halves(
             model, params, val_batch, halves, s.val_aggregate, s.groups_per_micro
@@ -316,16 +348,28 @@ def select_chunk(
     scored: RoundScores, s: SelectConfig, seed: int, round_: int, pool_ids: np.ndarray
 ) -> Selection:
     """The round's selection under ``s.mode``, random choices seeded by `round_seed(seed,
-    round_, Stream.SELECT)`. Mode `none` selects the whole pool (`pool_ids`): plain GRPO."""
+    round_, Stream.SELECT)`. Mode `none` selects the whole pool (`pool_ids`): plain GRPO. A
+    selection left empty (``zero_variance=exclude`` with every group zero-variance, or every
+    input non-finite) falls back to the whole chunk in chunk order, with ``fallback``
+    "empty_selection" and a `SelectionWarning`: the loop and the TRL callback both train on it."""
     rng = np.random.default_rng(round_seed(seed, round_, Stream.SELECT))
     sel = select(s.mode, scored.candidates, s.n_select, rng, s.zero_variance)
     if s.mode == "none":
         return Selection(np.asarray(pool_ids), sel.scores)
+    if len(sel.ids) == 0:
+        ids = scored.candidates.ids
+        warnings.warn(
+            f"selection mode '{s.mode}' left none of the {len(ids)} candidates "
+            f"(select.zero_variance={s.zero_variance}); training on the whole chunk instead",
+            SelectionWarning,
+            stacklevel=2,
+        )
+        return replace(sel, ids=np.array(ids, copy=True), fallback="empty_selection")
     return sel
 
 
 def selection_metrics(
-    chosen: Sequence[int],
+    chosen: Sequence[int] | np.ndarray,
     cand: Candidates,
     sel: Selection,
     problems: Sequence[Problem] | None = None,

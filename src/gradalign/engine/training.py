@@ -25,34 +25,12 @@ from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
 from gradalign.engine.policy import format_prompt, plain_prompt, quiet_libraries
-from gradalign.engine.trl_args import build_grpo_config, optimizer_settings, schedule_settings
-
-
-def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
-    """(per-device batch in sequences, gradient accumulation steps) for a step of
-    batch_size problems x num_generations completions, with micro-batches of at most
-    `micro_batch` sequences that hold whole groups (TRL needs that divisibility)."""
-    per_micro = max(
-        d
-        for d in range(1, batch_size + 1)
-        if batch_size % d == 0 and (d * num_generations <= micro_batch or d == 1)
-    )
-    return per_micro * num_generations, batch_size // per_micro
-
-
-def per_rank_batch(batch_size: int) -> int:
-    """Problems per optimizer step on each rank: train.batch_size is the global batch, so a
-    run under torchrun takes the same steps as one process."""
-    from gradalign.scoring.distributed import world
-
-    size = world()[1]
-    if batch_size % size:
-        from gradalign.config import ConfigError
-
-        raise ConfigError(
-            f"train.batch_size ({batch_size}) must be a multiple of the {size} processes"
-        )
-    return batch_size // size
+from gradalign.engine.trl_args import (
+    build_grpo_config,
+    grpo_settings,
+    optimizer_settings,
+    schedule_settings,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,64 +81,25 @@ def nonfinite(model: torch.nn.Module, probe: list[int]) -> str | None:
     return None if bool(torch.isfinite(logits).all()) else "the logits hold NaN or Inf"
 
 
-def grpo_settings(
-    cfg: TrainConfig,
-    max_completion_length: int,
-    seed: int,
-    device: str,
-    bf16: bool,
-    output_dir: str,
-) -> dict[str, Any]:
-    """The GRPOConfig fields gradalign sets (`trl_args.SET_BY_GRADALIGN`); TRL on CPU needs
-    bf16 off, no activation checkpointing, and an explicit max_completion_length."""
-    per_device, accum = micro_batching(
-        per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
-    )
-    return {
-        "output_dir": output_dir,
-        "use_cpu": device == "cpu",
-        "bf16": bf16,
-        "activation_checkpointing": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",  # the run's tracker writes TRL's logs too (`run.tracking`)
-        "save_strategy": "no",
-        "per_device_train_batch_size": per_device,
-        "gradient_accumulation_steps": accum,
-        "num_generations": cfg.num_generations,
-        "max_completion_length": max_completion_length,
-        "max_steps": 1,
-        "learning_rate": cfg.learning_rate,
-        "beta": cfg.beta,
-        "loss_type": cfg.loss_type,
-        "scale_rewards": cfg.scale_rewards,
-        "max_grad_norm": cfg.max_grad_norm,
-        "logging_steps": 1,
-        "seed": seed,
-        "disable_tqdm": True,
-        "temperature": cfg.temperature,
-        "ddp_find_unused_parameters": False,  # under torchrun: every trained weight is used
-    } | (FSDP2_SETTINGS if cfg.fsdp else {})
-
-
-# train.fsdp: accelerate's FSDP v2 plugin, each transformer block sharded (its
-# _no_split_modules) and the root; gradalign shards the policy itself first
-# (`scoring.sharded.shard_model`), which accelerate then takes as it is.
-FSDP2_SETTINGS = {
-    "fsdp": True,
-    "fsdp_config": {
-        "version": 2,
-        "reshard_after_forward": True,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "state_dict_type": "FULL_STATE_DICT",
-        "cpu_ram_efficient_loading": False,
-    },
-}
-
-
 def _completion_text(completion: Any) -> str:
     if isinstance(completion, list):  # conversational: [{"role": "assistant", "content": ...}]
         return "".join(m.get("content", "") for m in completion)
     return str(completion)
+
+
+def step_callback(training: GRPOTraining) -> Any:
+    """The TrainerCallback that hands TRL's step ends and log entries to `training`."""
+    with quiet_libraries():
+        from transformers import TrainerCallback
+
+    class StepCallback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            training.step_end(control)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            training.logged(state.global_step, logs)
+
+    return StepCallback()
 
 
 class GRPOTraining:
@@ -181,7 +120,7 @@ class GRPOTraining:
         from datasets import Dataset
 
         with quiet_libraries():
-            from transformers import TrainerCallback, get_scheduler
+            from transformers import get_scheduler
             from transformers.trainer_callback import PrinterCallback, ProgressCallback
             from trl import GRPOTrainer
 
@@ -206,46 +145,48 @@ class GRPOTraining:
         name, warmup = schedule_settings(cfg, args, total_steps)
         self.scheduler = get_scheduler(name, self.optimizer, warmup, total_steps)
 
-        outer = self
-
-        class _StepCallback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                outer._steps_done += 1
-                reason = nonfinite(outer.model, outer._probe)
-                if reason is not None:  # stop before sampling with these weights
-                    outer.diverged = (outer._steps_done, reason)
-                    control.should_training_stop = True
-                    return
-                if outer.on_step is not None:
-                    outer.on_step()
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if outer.on_log is not None and logs:
-                    outer.on_log(state.global_step, dict(logs))
-
-        def reward(completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
-            call = next(outer._calls)
-            return [
-                score_completion(
-                    outer.by_id[pid],
-                    _completion_text(c),
-                    salt=f"train:{outer._round_seed}:{call}:{i}",
-                )
-                for i, (c, pid) in enumerate(zip(completions, problem_id))
-            ]
-
         with quiet_libraries():
             self.trainer = GRPOTrainer(
                 model=model,
                 processing_class=tokenizer,
-                reward_funcs=[reward],
+                reward_funcs=[self.reward],
                 args=args,
                 train_dataset=self._dataset([]),
                 optimizers=(self.optimizer, self.scheduler),
-                callbacks=[_StepCallback()],
+                callbacks=[step_callback(self)],
             )
         self.trainer.remove_callback(PrinterCallback)
         self.trainer.remove_callback(ProgressCallback)
+
+    def reward(self, completions: list[Any], problem_id: list[int], **_: Any) -> list[float | None]:
+        """TRL's reward function: each completion scored by its problem's reward, salted by
+        the round and the call (so a resumed round draws the same coin flips)."""
+        call = next(self._calls)
+        return [
+            score_completion(
+                self.by_id[pid],
+                _completion_text(c),
+                salt=f"train:{self._round_seed}:{call}:{i}",
+            )
+            for i, (c, pid) in enumerate(zip(completions, problem_id))
+        ]
+
+    def step_end(self, control: Any) -> None:
+        """After each optimizer step: stop before sampling with non-finite weights, else
+        `on_step`."""
+        self._steps_done += 1
+        reason = nonfinite(self.model, self._probe)
+        if reason is not None:  # stop before sampling with these weights
+            self.diverged = (self._steps_done, reason)
+            control.should_training_stop = True
+            return
+        if self.on_step is not None:
+            self.on_step()
+
+    def logged(self, step: int, logs: dict[str, float] | None) -> None:
+        """TRL's log entry of `step`, to `on_log`."""
+        if self.on_log is not None and logs:
+            self.on_log(step, dict(logs))
 
     def _dataset(self, problems: list[Problem]):
         plain = getattr(self.tokenizer, "chat_template", None) is None  # `format_prompt`

@@ -19,13 +19,14 @@ from typing import Any
 from gradalign.config import ConfigError, TrainConfig
 from gradalign.engine.policy import quiet_libraries
 from gradalign.messages import show
+from gradalign.ranks import world
 
-# The GRPOConfig fields gradalign sets, each with the field (or the reason) that governs it.
+# The GRPOConfig fields gradalign passes (`grpo_settings` sets exactly these), each with the
+# field (or the reason) that governs it.
 SET_BY_GRADALIGN = {
     "output_dir": "the run directory holds what a run produces (out_dir)",
     "use_cpu": "model.device",
     "bf16": "model.dtype",
-    "fp16": "model.dtype",
     "report_to": "train.report_to",
     "save_strategy": "the run directory's checkpoints (checkpoints/round-NNNN)",
     "per_device_train_batch_size": "train.batch_size and train.micro_batch",
@@ -33,7 +34,6 @@ SET_BY_GRADALIGN = {
     "num_generations": "train.num_generations",
     "max_completion_length": "rollout.max_new_tokens",
     "max_steps": "train.steps_per_round (and rounds)",
-    "num_train_epochs": "train.steps_per_round (and rounds)",
     "learning_rate": "train.learning_rate",
     "beta": "train.beta",
     "loss_type": "train.loss_type",
@@ -43,9 +43,21 @@ SET_BY_GRADALIGN = {
     "seed": "seed (every round trains from its own seed)",
     "logging_steps": "every step's metrics are read back into the round metrics",
     "disable_tqdm": "gradalign's progress lines",
-    "fsdp": "train.fsdp",
+}
+# Fields gradalign does not pass but decides otherwise; `train.trl_args` may set neither kind.
+DECIDED_BY_GRADALIGN = SET_BY_GRADALIGN | {
+    "fp16": "model.dtype",
+    "num_train_epochs": "train.steps_per_round (and rounds)",
+    "fsdp": "train.fsdp",  # passed only with train.fsdp (`FSDP2_SETTINGS`)
     "fsdp_config": "train.fsdp",
     "optim": "gradalign creates the AdamW optimizer (weight_decay, adam_* fields pass through)",
+}
+
+# Defaults gradalign gives GRPOConfig that train.trl_args may override.
+TRL_DEFAULTS = {
+    "activation_checkpointing": False,
+    "gradient_checkpointing": False,
+    "ddp_find_unused_parameters": False,  # under torchrun: every trained weight is used
 }
 
 TORCH_ADAMW_WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default, what gradalign trains with
@@ -60,7 +72,7 @@ def trl_kwargs(given: dict[str, Any], fields: Collection[str]) -> dict[str, Any]
     """`given` (train.trl_args) in the installed GRPOConfig's names (`RENAMED`)."""
     out = {}
     for name, value in given.items():
-        new = RENAMED.get(name)
+        new = RENAMED.get(name, name)
         out[new if name not in fields and new in fields else name] = value
     return out
 
@@ -74,12 +86,12 @@ def grpo_fields() -> dict[str, dataclasses.Field]:
 def _name_error(name: str, fields: dict[str, dataclasses.Field]) -> ConfigError:
     import trl
 
-    if name in SET_BY_GRADALIGN:
+    if name in DECIDED_BY_GRADALIGN:
         return ConfigError(
             f"train.trl_args.{name}: gradalign sets this GRPOConfig field itself; "
-            f"use {SET_BY_GRADALIGN[name]}"
+            f"use {DECIDED_BY_GRADALIGN[name]}"
         )
-    close = difflib.get_close_matches(name, [f for f in fields if f not in SET_BY_GRADALIGN], 3)
+    close = difflib.get_close_matches(name, [f for f in fields if f not in DECIDED_BY_GRADALIGN], 3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(
         f"train.trl_args.{name}: not a field of GRPOConfig in the installed TRL "
@@ -134,7 +146,7 @@ def check_trl_args(t: TrainConfig) -> None:
                     f"train.trl_args.{name}: expected a ratio in [0, 1), got {show(value)}"
                 )
             continue
-        if name not in fields or name in SET_BY_GRADALIGN:
+        if name not in fields or name in DECIDED_BY_GRADALIGN:
             raise _name_error(name, fields)
         err = _type_error(name, value, hints.get(name, Any))
         if err is not None:
@@ -142,8 +154,8 @@ def check_trl_args(t: TrainConfig) -> None:
 
 
 def build_grpo_config(t: TrainConfig, own: dict[str, Any]) -> Any:
-    """GRPOConfig(**own | t.trl_args): `own` is what gradalign sets (`SET_BY_GRADALIGN`
-    among them). A value GRPOConfig refuses is a ConfigError naming train.trl_args."""
+    """GRPOConfig(**own | t.trl_args): `own` is what gradalign sets (`grpo_settings`). A value
+    GRPOConfig refuses is a ConfigError naming train.trl_args."""
     with quiet_libraries():
         from trl import GRPOConfig
 
@@ -165,8 +177,6 @@ def check_grpo_config(t: TrainConfig, max_completion_length: int, seed: int, dev
     check_trl_args(t)
     if not t.trl_args:
         return
-    from gradalign.engine.training import grpo_settings
-
     with tempfile.TemporaryDirectory(prefix="gradalign-check-") as tmp:
         build_grpo_config(t, grpo_settings(t, max_completion_length, seed, device, False, tmp))
 
@@ -193,3 +203,78 @@ def schedule_settings(t: TrainConfig, args: Any, total_steps: int) -> tuple[str,
         ratio = getattr(args, "warmup_ratio", 0.0) or 0.0
         warmup = warmup or int(ratio * total_steps + 0.999999)
     return name, warmup
+
+
+def micro_batching(batch_size: int, num_generations: int, micro_batch: int) -> tuple[int, int]:
+    """(per-device batch in sequences, gradient accumulation steps) for a step of
+    batch_size problems x num_generations completions, with micro-batches of at most
+    `micro_batch` sequences that hold whole groups (TRL needs that divisibility)."""
+    per_micro = max(
+        d
+        for d in range(1, batch_size + 1)
+        if batch_size % d == 0 and (d * num_generations <= micro_batch or d == 1)
+    )
+    return per_micro * num_generations, batch_size // per_micro
+
+
+def per_rank_batch(batch_size: int) -> int:
+    """Problems per optimizer step on each rank: train.batch_size is the global batch, so a
+    run under torchrun takes the same steps as one process."""
+    size = world()[1]
+    if batch_size % size:
+        raise ConfigError(
+            f"train.batch_size ({batch_size}) must be a multiple of the {size} processes"
+        )
+    return batch_size // size
+
+
+def grpo_settings(
+    cfg: TrainConfig,
+    max_completion_length: int,
+    seed: int,
+    device: str,
+    bf16: bool,
+    output_dir: str,
+) -> dict[str, Any]:
+    """The GRPOConfig fields gradalign sets: exactly `SET_BY_GRADALIGN`'s, then `TRL_DEFAULTS`
+    (which train.trl_args may override). TRL on CPU needs bf16 off
+    and an explicit max_completion_length."""
+    per_device, accum = micro_batching(
+        per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
+    )
+    return {
+        "output_dir": output_dir,
+        "use_cpu": device == "cpu",
+        "bf16": bf16,
+        "report_to": "none",  # the run's tracker writes TRL's logs too (`run.tracking`)
+        "save_strategy": "no",
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accum,
+        "num_generations": cfg.num_generations,
+        "max_completion_length": max_completion_length,
+        "max_steps": 1,
+        "learning_rate": cfg.learning_rate,
+        "beta": cfg.beta,
+        "loss_type": cfg.loss_type,
+        "scale_rewards": cfg.scale_rewards,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": 1,
+        "seed": seed,
+        "disable_tqdm": True,
+        "temperature": cfg.temperature,
+    } | TRL_DEFAULTS | (FSDP2_SETTINGS if cfg.fsdp else {})
+
+
+# train.fsdp: accelerate's FSDP v2 plugin, each transformer block sharded (its
+# _no_split_modules) and the root; gradalign shards the policy itself first
+# (`scoring.sharded.shard_model`), which accelerate then takes as it is.
+FSDP2_SETTINGS = {
+    "fsdp": True,
+    "fsdp_config": {
+        "version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+    },
+}

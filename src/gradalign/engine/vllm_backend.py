@@ -166,8 +166,8 @@ def generate_vllm(
     salt: str = "",
     progress: Callable[[int], None] | None = None,
 ) -> Rollouts:
-    """`gradalign.engine.rollout.generate` on a vLLM engine: `group_size` completions per
-    problem (greedy: 1) from `model`'s current weights. Problem i samples with seed ``seed + i``, so the
+    """`gradalign.engine.rollout.generate` on a vLLM engine: `group_size` completions per problem
+    (greedy: 1) from `model`'s current weights. Problem i samples with seed ``seed + i``, so the
     same weights, problems and seed give the same rollouts whatever the batching.
 
     ``functools.partial(generate_vllm, engine)`` has `rollout.generate`'s signature."""

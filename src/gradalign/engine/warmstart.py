@@ -34,7 +34,7 @@ from gradalign.engine.policy import (
     load_pretrained,
     quiet_transformers,
 )
-from gradalign.rundir import write_json
+from gradalign.storage import write_json
 
 WARMSTART_VERSION = 2  # bump when the recipe changes, to invalidate caches
 

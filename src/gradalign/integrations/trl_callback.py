@@ -26,7 +26,7 @@ names and seed streams), on the train dataset's rows:
 2. ``rollout.k_r`` rollouts per chunk row and, for the gradient modes, ``rollout.k_v`` per
    validation row (`gradalign.engine.rollout.generate` from TRL's prompt tokens), rewarded by
    the TRL reward functions (`trl_rewards`);
-3. `round_scoring.score_chunk` scores the rows and `round_scoring.select_chunk` picks
+3. `round_scoring.ChunkScorer` scores the rows and `round_scoring.select_chunk` picks
    n = ``select.chunk_size // select.k`` of them; mode ``none`` selects the whole train
    dataset, as `gradalign run` trains on the whole pool (plain GRPO, no rollouts);
 4. the round's ``steps_per_round`` steps train on those rows only, in TRL's batch layout
@@ -61,9 +61,9 @@ from gradalign.core import selection
 from gradalign.data.problems import ChunkSchedule, Problem
 from gradalign.engine.rollout import Rollouts, generate
 from gradalign.engine.round_scoring import (
+    ChunkScorer,
     RoundScores,
     sampling_config,
-    score_chunk,
     select_chunk,
     selection_metrics,
     timed,
@@ -251,7 +251,7 @@ class GradAlignCallback(TrainerCallback):
         with timed(timings, "time/selection_s"):
             pool = np.arange(len(trainer.train_dataset))
             sel = select_chunk(scored, self.select, self.seed, r, pool)
-        chosen = [int(i) for i in sel.ids] or [int(i) for i in positions]  # "exclude" left none
+        chosen = [int(i) for i in sel.ids]
         metrics = scored.metrics | selection_metrics(chosen, scored.candidates, sel) | timings
         pass_rate = scored.candidates.pass_rate
         record = {
@@ -272,20 +272,12 @@ class GradAlignCallback(TrainerCallback):
         self, model: Any, rows: list[Row], ids: np.ndarray, r: int, timings: dict[str, float]
     ) -> RoundScores:
         assert self.rollout is not None
-        return score_chunk(
-            model,
-            self.trainer.processing_class,
-            rows,
-            ids,
-            self.validation,
-            self.rollout,
-            self.select,
-            self.seed,
-            r,
-            functools.partial(self._rollouts, model),
+        scorer = ChunkScorer(  # the trainer's model and optimizer of this moment
+            model, self.trainer.processing_class, self.validation, self.rollout, self.select,
+            self.seed, functools.partial(self._rollouts, model),
             optimizer=getattr(self.trainer, "optimizer", None),
-            timings=timings,
-        )
+        )  # fmt: skip
+        return scorer.score(rows, ids, r, timings)
 
     def _rollouts(
         self, model: Any, rows: Sequence[Row], group_size: int, seed: int, what: str

@@ -11,16 +11,16 @@ from typing import Any
 
 import numpy as np
 
+from gradalign import ranks
 from gradalign.config import Config
 from gradalign.core.diagnostics import selection_auc
-from gradalign.core.selection import Candidates, Selection
+from gradalign.core.selection import STATS, Candidates, Selection
 from gradalign.data.problems import Problem, provenance
 from gradalign.data.tasks import TaskSets
 from gradalign.engine.round_scoring import RoundScores
 from gradalign.progress import log
 from gradalign.run.checkpoint import crash_point
-from gradalign.rundir import read_json, write_json, write_jsonl, write_npy
-from gradalign.scoring import distributed as dd
+from gradalign.storage import read_json, write_json, write_jsonl, write_npy
 
 
 def is_bad(p: Problem) -> bool:
@@ -59,7 +59,7 @@ def score_rows(chunk: list[Problem], cand: Candidates, sel: Selection) -> list[d
     for j, p in enumerate(chunk):
         row: dict[str, Any] = {"id": p.id, "source": p.source, **provenance(p)}
         row["score"] = sel.scores[j]
-        for name in ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm"):
+        for name in STATS:
             value = getattr(cand, name)
             row[name] = None if value is None else value[j]
         rows.append(row)
@@ -169,7 +169,7 @@ def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: flo
             for k in sorted({k for m in history for k in m if k.startswith("time/")})
         },
     }
-    if dd.is_main():
+    if ranks.is_main():
         write_json(out / "summary.json", summary)
     return summary
 

@@ -34,11 +34,12 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 
+from gradalign import ranks
 from gradalign.config import (
     RESUMABLE_FIELDS,
     Config,
@@ -47,9 +48,8 @@ from gradalign.config import (
     upgrade_saved,
 )
 from gradalign.run.sharded_state import load_full_state
-from gradalign.rundir import StorageError, write_bytes, write_json
-from gradalign.scoring import distributed as dd
 from gradalign.scoring import sharded
+from gradalign.storage import StorageError, write_bytes, write_json
 
 KEEP = 2  # checkpoints kept: a damaged newest one falls back to the one before
 KILL_ENV = "GRADALIGN_KILL_AT"
@@ -71,15 +71,15 @@ def from_main(fn: Callable[[], T]) -> T:
     refusal (locked run directory, other config, storage) is raised on every rank, so none
     waits for the others."""
     value, error = None, None
-    if dd.is_main():
+    if ranks.is_main():
         try:
             value = fn()
         except (RunLocked, ResumeError, StorageError) as err:
             error = err
-    value, error = dd.broadcast_object((value, error))
+    value, error = ranks.broadcast_object((value, error))
     if error is not None:
         raise error
-    return value  # type: ignore[return-value]  (fn's result: it returned, nothing raised)
+    return cast(T, value)  # fn's result: it returned, nothing raised
 
 
 def crash_point(name: str, round_: int) -> None:

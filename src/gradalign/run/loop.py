@@ -8,25 +8,20 @@ import functools
 import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gradalign import ranks
 from gradalign.config import Config, check
-from gradalign.core.selection import Selection, SelectionWarning
+from gradalign.core.selection import SelectionWarning
 from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
-from gradalign.engine.policy import format_prompt, resolve_device
+from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
-from gradalign.engine.round_scoring import (
-    RoundScores,
-    sampling_config,
-    score_chunk,
-    select_chunk,
-    selection_metrics,
-    timed,
-)
+from gradalign.engine.round_scoring import ChunkScorer, select_chunk, selection_metrics, timed
 from gradalign.engine.trl_args import check_grpo_config
 from gradalign.progress import bar, log
 from gradalign.run import sharded_state
@@ -56,61 +51,18 @@ from gradalign.run.checkpoint import (
 from gradalign.run.export import save_final
 from gradalign.run.setup import Setup, build_setup
 from gradalign.run.tracking import Tracker, check_trackers, write_metrics_lines
-from gradalign.rundir import write_json, write_jsonl, write_yaml
-from gradalign.scoring import distributed as dd
-from gradalign.scoring import sharded
-
-
-def sample(
-    setup: Setup,
-    problems: Sequence[Problem],
-    group_size: int,
-    seed: int,
-    what: str,
-    greedy: bool = False,
-) -> Rollouts:
-    """`group_size` seeded rollouts per problem (k_r, k_v, or 1 for eval). Under torchrun
-    the prompt batches are shared out over the ranks and gathered: every rank gets the
-    rollouts one process would sample."""
-    from gradalign.engine.rollout import num_batches, sample_completions, score_rollouts
-
-    sampling = sampling_config(setup.cfg.rollout)
-    problems = list(problems)
-    rank, size = dd.world()
-    salt = f"{what}:{seed}"
-    with bar(what, len(problems)) as advance:
-        if size == 1 or sharded.is_sharded(setup.model):  # FSDP: every forward is collective,
-            # so every rank samples every batch in lockstep (the same seeded rollouts)
-            return setup.generate(  # HF generate, or the vLLM engine build_setup installed
-                setup.model,
-                setup.tokenizer,
-                problems,
-                group_size,
-                sampling,
-                seed,
-                greedy=greedy,
-                salt=salt,
-                progress=advance,
-            )
-        prompt_ids = [format_prompt(setup.tokenizer, p.chat) for p in problems]
-        mine = dd.shard(num_batches(len(problems), sampling), rank, size)
-        part = sample_completions(
-            setup.model, setup.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
-            advance, mine,
-        )  # fmt: skip
-        completions = [c for ranked in dd.gather_objects(part) for c in ranked]
-        return score_rollouts(setup.tokenizer, problems, prompt_ids, completions, group_size, salt)
+from gradalign.storage import write_json, write_jsonl, write_yaml
 
 
 def evaluate(setup: Setup, seed: int, sampled: bool = False) -> dict[str, float]:
     """Greedy pass@1 on the eval set, overall and per source; with `sampled`, also the mean
     reward of `rollout.eval_samples` samples per problem (mean@k)."""
-    ro = sample(setup, setup.sets.eval, 1, seed, "eval", greedy=True)
+    ro = setup.sample(setup.sets.eval, 1, seed, "eval", greedy=True)
     out = {"eval/accuracy": float(ro.rewards.mean()), "eval/bad_rewards": ro.bad_rewards}
     out |= per_source(ro, "eval/accuracy")
     samples = setup.cfg.rollout.eval_samples
     if sampled and samples > 0:
-        ro = sample(setup, setup.sets.eval, samples, seed + 1, f"eval mean@{samples}")
+        ro = setup.sample(setup.sets.eval, samples, seed + 1, f"eval mean@{samples}")
         out["eval/mean_at_k"] = float(ro.rewards.mean())
         out |= per_source(ro, "eval/mean_at_k")
         out["eval/bad_rewards"] += ro.bad_rewards
@@ -132,7 +84,7 @@ def run(cfg: Config, setup: Setup | None = None, restart: bool = False) -> dict[
     the same checkpoint, samples and scores its share and trains through TRL's DDP."""
     check(cfg)  # again: a Config's fields may have been changed after it was built
     out = Path(cfg.out_dir)
-    dd.init_from_env(resolve_device(cfg.model.device))
+    ranks.init_from_env(resolve_device(cfg.model.device))
     if cfg.train.fsdp:
         sharded_state.check_training(resolve_device(cfg.model.device))
     check_trackers(cfg)  # before any model loads: the trackers' packages, TRL's fields
@@ -166,84 +118,144 @@ def on_main(fn: Callable[[], Checkpoint | None]) -> Checkpoint | None:
 
 
 def _run(cfg: Config, setup: Setup | None, out: Path, ckpt: Checkpoint | None) -> dict[str, Any]:
-    from gradalign.engine.training import GRPOTraining, TrainingDiverged
-
-    main = dd.is_main()
-    done = ckpt.round + 1 if ckpt else 0
-    if main:
+    """The rounds after checkpoint `ckpt` (all of them without one): the algorithm, with the
+    run directory's plumbing in `Rounds`."""
+    first = ckpt.round + 1 if ckpt else 0
+    if ranks.is_main():
         write_yaml(out / "config.yaml", cfg.to_dict())
-    if ckpt is not None and done == cfg.rounds:
+    if ckpt is not None and first == cfg.rounds:
         log(f"[{cfg.select.mode}] {out}: all {cfg.rounds} rounds already done (--restart reruns)")
         return write_summary(cfg, out, ckpt.state, 0.0)
-    setup = setup or build_setup(cfg)
-    if cfg.train.fsdp:  # from here every rank holds 1/R of the policy (docs/fsdp.md)
-        sharded_state.shard_policy(setup.model, resolve_device(cfg.model.device))
-    t_start = time.perf_counter()  # wall_s: the rounds and evals, not loading the model
-    pool, by_id = setup.sets.pool, {p.id: p for p in setup.sets.pool}
-    schedule = ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed)
-    if main:
-        write_json(out / "chunks" / "manifest.json", schedule.manifest(cfg.rounds))
-        write_jsonl(out / "problems.jsonl", problem_rows(setup.sets))
-    trainer = GRPOTraining(
-        setup.model,
-        setup.tokenizer,
-        cfg.train,
-        cfg.rollout.max_new_tokens,
-        cfg.seed,
-        resolve_device(cfg.model.device),
-        total_steps=cfg.rounds * cfg.train.steps_per_round,
-    )
-    tracker = Tracker(cfg, out) if main else Tracker.off(cfg)
-    state = start_state(setup, out, ckpt, trainer)
-    if ckpt is None:
-        tracker.initial(state["initial"])
-    history: list[dict[str, Any]] = state["history"]
-    for r in range(done, cfg.rounds):
+    run = Rounds.start(cfg, setup or build_setup(cfg), out, ckpt)
+    for r in range(first, cfg.rounds):
         timings: dict[str, float] = {}
-        chunk = [pool[i] for i in schedule.chunk(r)]
-        staged = None
-        if r == done:  # rank 0 reads what a crash left of this round
-            staged = dd.broadcast_object(
-                read_stage(round_dir(out, r), chunk, by_id) if main else None
+        chunk = run.chunk(r)
+        chosen, metrics = run.score_and_select(chunk, r, timings, resumed=r == first)
+        metrics |= run.train(chosen, r, timings)  # GRPO steps on the selected problems
+        metrics |= run.evaluate(r, timings)
+        run.persist(r, metrics | timings | {"round": r + 1})  # a staged round keeps its times
+    return run.finish()
+
+
+@dataclass
+class Rounds:
+    """A run in progress: what its rounds share (policy, trainer, scorer, tracker, state) and
+    the plumbing of each step of a round (staging, crash points, bars, checkpoints)."""
+
+    cfg: Config
+    setup: Setup
+    out: Path
+    trainer: Any  # engine.training.GRPOTraining
+    tracker: Tracker
+    scorer: ChunkScorer
+    schedule: ChunkSchedule
+    state: dict[str, Any]  # what a checkpoint saves: config, initial eval, history, wall_s
+    t_start: float  # wall_s counts the rounds and evals, not loading the model
+
+    @classmethod
+    def start(cls, cfg: Config, setup: Setup, out: Path, ckpt: Checkpoint | None) -> Rounds:
+        """The trainer, tracker and scorer of the run; problems.jsonl and the chunk manifest
+        written; the state of `ckpt` restored, or the initial eval run."""
+        from gradalign.engine.training import GRPOTraining
+
+        if cfg.train.fsdp:  # from here every rank holds 1/R of the policy (docs/fsdp.md)
+            sharded_state.shard_policy(setup.model, resolve_device(cfg.model.device))
+        t_start = time.perf_counter()
+        schedule = ChunkSchedule(len(setup.sets.pool), cfg.select.chunk_size, cfg.seed)
+        main = ranks.is_main()
+        if main:
+            write_json(out / "chunks" / "manifest.json", schedule.manifest(cfg.rounds))
+            write_jsonl(out / "problems.jsonl", problem_rows(setup.sets))
+        trainer = GRPOTraining(
+            setup.model,
+            setup.tokenizer,
+            cfg.train,
+            cfg.rollout.max_new_tokens,
+            cfg.seed,
+            resolve_device(cfg.model.device),
+            total_steps=cfg.rounds * cfg.train.steps_per_round,
+        )
+        tracker = Tracker(cfg, out) if main else Tracker.off(cfg)
+        state = start_state(setup, out, ckpt, trainer)
+        if ckpt is None:
+            tracker.initial(state["initial"])
+        scorer = ChunkScorer(
+            setup.model, setup.tokenizer, setup.sets.validation, cfg.rollout, cfg.select,
+            cfg.seed, setup.sample, trainer.optimizer, stage_done=crash_point, bar=bar,
+        )  # fmt: skip
+        return cls(cfg, setup, out, trainer, tracker, scorer, schedule, state, t_start)
+
+    def chunk(self, r: int) -> list[Problem]:
+        """Round r's chunk of the pool (`ChunkSchedule`)."""
+        return [self.setup.sets.pool[i] for i in self.schedule.chunk(r)]
+
+    def score_and_select(
+        self, chunk: list[Problem], r: int, timings: dict[str, float], resumed: bool
+    ) -> tuple[list[Problem], dict[str, Any]]:
+        """Round r's selection and metrics: read back from rounds/NNNN/ when the round a run
+        resumes at staged it before a crash (rank 0 reads, every rank gets it), else scored
+        (`score_and_select`)."""
+        by_id = {p.id: p for p in self.setup.sets.pool}
+        if resumed:
+            staged = ranks.broadcast_object(
+                read_stage(round_dir(self.out, r), chunk, by_id) if ranks.is_main() else None
             )
-        if staged is None:
-            chosen, metrics = score_and_select(setup, out, chunk, by_id, r, timings, trainer)
-        else:
-            chosen, metrics = staged
-            log(f"[{cfg.select.mode}] round {r + 1}: selection read back from the run directory")
-        with bar("GRPO steps", cfg.train.steps_per_round) as advance:
-            trainer.on_step = functools.partial(training_step_done, advance, r)
-            trainer.on_log = functools.partial(tracker.trl_step, r)
+            if staged is not None:
+                mode = self.cfg.select.mode
+                log(f"[{mode}] round {r + 1}: selection read back from the run directory")
+                return staged
+        return score_and_select(self.setup, self.scorer, self.out, chunk, by_id, r, timings)
+
+    def train(self, chosen: list[Problem], r: int, timings: dict[str, float]) -> dict[str, Any]:
+        """``train.steps_per_round`` GRPO steps on `chosen`, seeded by the round; each step
+        advances the bar, passes a crash point and reaches the tracker."""
+        from gradalign.engine.training import TrainingDiverged
+
+        steps, seed = self.cfg.train.steps_per_round, round_seed(self.cfg.seed, r, Stream.TRAIN)
+        with bar("GRPO steps", steps) as advance:
+            self.trainer.on_step = functools.partial(training_step_done, advance, r)
+            self.trainer.on_log = functools.partial(self.tracker.trl_step, r)
             with timed(timings, "time/training_s"):
                 try:
-                    metrics |= trainer.train_round(
-                        chosen, cfg.train.steps_per_round, round_seed(cfg.seed, r, Stream.TRAIN)
-                    )
+                    return self.trainer.train_round(chosen, steps, seed)
                 except TrainingDiverged as err:  # before this round writes anything
-                    raise err.at(r, str(checkpoint_dir(out, r - 1)) if r else None) from None
+                    kept = str(checkpoint_dir(self.out, r - 1)) if r else None
+                    raise err.at(r, kept) from None
+
+    def evaluate(self, r: int, timings: dict[str, float]) -> dict[str, float]:
+        """The eval after round r (sampled mean@k after the last round too)."""
         with timed(timings, "time/eval_s"):
-            eval_seed = round_seed(cfg.seed, r, Stream.EVAL)
-            metrics |= evaluate(setup, eval_seed, sampled=r == cfg.rounds - 1)
+            last = r == self.cfg.rounds - 1
+            metrics = evaluate(self.setup, round_seed(self.cfg.seed, r, Stream.EVAL), last)
         crash_point("eval", r)
-        metrics |= timings | {"round": r + 1}  # a staged round keeps its scoring times
+        return metrics
+
+    def persist(self, r: int, metrics: dict[str, Any]) -> None:
+        """Round r's metrics into the history; rank 0 writes metrics.json, the checkpoint and
+        metrics.jsonl; the tracker and the console get the round."""
+        history: list[dict[str, Any]] = self.state["history"]
         history.append(metrics)
-        state["wall_s"] += time.perf_counter() - t_start
-        t_start = time.perf_counter()
-        whole = sharded_state.full_state(setup.model, trainer.optimizer)  # FSDP: all gather
-        if main:
-            write_json(round_dir(out, r) / "metrics.json", metrics)
+        self.state["wall_s"] += time.perf_counter() - self.t_start
+        self.t_start = time.perf_counter()
+        model, trainer = self.setup.model, self.trainer
+        whole = sharded_state.full_state(model, trainer.optimizer)  # FSDP: all gather
+        if ranks.is_main():
+            write_json(round_dir(self.out, r) / "metrics.json", metrics)
             save_checkpoint(
-                out, r, setup.model, trainer.optimizer, trainer.scheduler, state, whole
+                self.out, r, model, trainer.optimizer, trainer.scheduler, self.state, whole
             )
-            write_metrics_lines(out, history)
-        tracker.round_done(r, metrics)
-        log(round_line(cfg, r, metrics))
-    trainer.close()
-    tracker.close()
-    whole = sharded_state.full_weights(setup.model) if cfg.train.fsdp else None
-    if main:
-        save_final(out, setup.model, setup.tokenizer, cfg, whole)
-    return write_summary(cfg, out, state, time.perf_counter() - t_start)
+            write_metrics_lines(self.out, history)
+        self.tracker.round_done(r, metrics)
+        log(round_line(self.cfg, r, metrics))
+
+    def finish(self) -> dict[str, Any]:
+        """Close the trainer and the tracker, write final/ and the summary."""
+        self.trainer.close()
+        self.tracker.close()
+        whole = sharded_state.full_weights(self.setup.model) if self.cfg.train.fsdp else None
+        if ranks.is_main():
+            save_final(self.out, self.setup.model, self.setup.tokenizer, self.cfg, whole)
+        return write_summary(self.cfg, self.out, self.state, time.perf_counter() - self.t_start)
 
 
 def start_state(setup: Setup, out: Path, ckpt: Checkpoint | None, trainer: Any) -> dict[str, Any]:
@@ -291,49 +303,28 @@ def resume_point(cfg: Config, out: Path) -> Checkpoint | None:
 
 def score_and_select(
     setup: Setup,
+    scorer: ChunkScorer,
     out: Path,
     chunk: list[Problem],
     by_id: dict[int, Problem],
     r: int,
-    timings: dict,
-    trainer: Any,
+    timings: dict[str, float],
 ) -> tuple[list[Problem], dict[str, Any]]:
     """Rollouts, scores and the selection of round r (`round_scoring`), staged in
     rounds/NNNN/ (selection.json last) so that a crash during training does not redo them."""
+    cfg = setup.cfg
     with warnings.catch_warnings(record=True) as caught:  # split-half, fallback, skipped ones
         warnings.simplefilter("always", SelectionWarning)
-        scored, sel = _score_and_select(setup, chunk, r, timings, trainer)
+        scored = scorer.score(chunk, np.array([p.id for p in chunk]), r, timings)
+        with timed(timings, "time/selection_s"):
+            pool_ids = np.array([p.id for p in setup.sets.pool])
+            sel = select_chunk(scored, cfg.select, cfg.seed, r, pool_ids)
     for w in caught:
         log(f"warning: round {r + 1}: {w.message}")
-    sel = dd.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
+    sel = ranks.broadcast_object(sel)  # every rank selects the same; rank 0's is the one
     chosen = [by_id[int(i)] for i in sel.ids]
     metrics = scored.metrics | selection_metrics(sel.ids, scored.candidates, sel, chosen)
     metrics |= selection_quality(chunk, scored.candidates, sel) | timings
-    if dd.is_main():
+    if ranks.is_main():
         write_stage(round_dir(out, r), r, chunk, scored, sel, metrics, by_id)
     return chosen, metrics
-
-
-def _score_and_select(
-    setup: Setup, chunk: list[Problem], r: int, timings: dict, trainer: Any
-) -> tuple[RoundScores, Selection]:
-    cfg = setup.cfg
-    scored = score_chunk(
-        setup.model,
-        setup.tokenizer,
-        chunk,
-        np.array([p.id for p in chunk]),
-        setup.sets.validation,
-        cfg.rollout,
-        cfg.select,
-        cfg.seed,
-        r,
-        functools.partial(sample, setup),
-        optimizer=trainer.optimizer,
-        timings=timings,
-        stage_done=lambda stage: crash_point(stage, r),
-        bar=bar,
-    )
-    with timed(timings, "time/selection_s"):
-        pool_ids = np.array([p.id for p in setup.sets.pool])
-        return scored, select_chunk(scored, cfg.select, cfg.seed, r, pool_ids)

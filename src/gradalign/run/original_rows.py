@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gradalign.config import ConfigError
 from gradalign.data.problems import Problem, ProblemError, jsonl_lines
-from gradalign.rundir import write_bytes
+from gradalign.storage import write_bytes
 
 
 def write_selected(out: Path, chosen: list[Problem]) -> list[Path]:
@@ -51,7 +51,8 @@ def _parquet_rows(chosen: list[Problem]) -> bytes:
     by_file: dict[str, list[int]] = defaultdict(list)
     for p in chosen:
         by_file[p.meta["file"]].append(p.meta["row"])
-    tables, start = [], {}
+    tables: list[pa.Table] = []
+    start: dict[str, int] = {}
     for file, rows in by_file.items():
         try:
             table = pq.read_table(file)

@@ -3,7 +3,7 @@
 The pool of a run config (its problem files or built-in regime, model, mode, k_r, k_v,
 scored parameters, LoRA, device) is scored in consecutive chunks of ``select.chunk_size``
 problems (pool order; the last chunk may be smaller) by the loop's one chunk-scoring path
-(`engine.round_scoring.score_chunk`), with no training in between. Chunk c samples its
+(`engine.round_scoring.ChunkScorer`), with no training in between. Chunk c samples its
 candidate rollouts with `round_seed(seed, c, Stream.CANDIDATES)`; every chunk uses the same
 validation rollouts, sampled once with `round_seed(seed, 0, Stream.VALIDATION)`, so the
 validation direction g^_V is the same for the whole pool.
@@ -36,21 +36,19 @@ from typing import Any
 
 import numpy as np
 
+from gradalign import ranks
 from gradalign.config import RESUMABLE_FIELDS, Config, ConfigError, differing_fields, load_config
-from gradalign.core.selection import Candidates, SelectionWarning, select
+from gradalign.core.selection import STATS, Candidates, SelectionWarning, select
 from gradalign.data.problems import Problem, Stream, provenance, round_seed
 from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
-from gradalign.engine.round_scoring import score_chunk
+from gradalign.engine.round_scoring import ChunkScorer
 from gradalign.progress import bar, log
 from gradalign.run import sharded_state
 from gradalign.run.checkpoint import ResumeError, RunLock, from_main
 from gradalign.run.original_rows import write_selected
 from gradalign.run.setup import Setup, build_setup
-from gradalign.rundir import read_json, read_jsonl, write_json, write_jsonl
-from gradalign.scoring import distributed as dd
-
-STATS = ("pass_rate", "zero_variance", "dot_val", "dot_chunk", "norm")
+from gradalign.storage import read_json, read_jsonl, write_json, write_jsonl
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,7 @@ def score(
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ConfigError(f"--fraction: expected a share in (0, 1], got {fraction}")
     out = Path(out_dir)
-    dd.init_from_env(resolve_device(cfg.model.device))
+    ranks.init_from_env(resolve_device(cfg.model.device))
     with contextlib.ExitStack() as stack:
         setup = setup or build_setup(cfg)
         if cfg.train.fsdp:  # every rank holds 1/R of the policy (docs/fsdp.md)
@@ -103,13 +101,13 @@ def score(
         n = len(pool) if fraction is None else round(fraction * len(pool))
         n = max(1, min(top if top is not None else n, len(pool)))
         scores, order = _rank(cfg, pool, stats, n)
-        ranks = {pos: r for r, pos in enumerate(order)}
+        rank_of = {pos: r for r, pos in enumerate(order)}
         chosen = [pool[j] for j in order[:n]] if top is not None or fraction is not None else []
         selected: list[Path] = []
-        if dd.is_main():
+        if ranks.is_main():
             write_jsonl(
                 out / "scores.jsonl",
-                (_row(p, stats, scores, ranks.get(j), j) for j, p in enumerate(pool)),
+                (_row(p, stats, scores, rank_of.get(j), j) for j, p in enumerate(pool)),
             )
             if chosen:
                 selected = write_selected(out, chosen)
@@ -177,10 +175,12 @@ def _score_chunks(
     setup: Setup, out: Path, chunks: list[list[Problem]], done: dict[int, dict]
 ) -> dict[str, np.ndarray]:
     """Every chunk's statistics (finished ones read back), concatenated in pool order."""
-    from gradalign.run.loop import sample
-
     cfg = setup.cfg
-    draw = functools.partial(_validation_once(functools.partial(sample, setup)), config=cfg)
+    draw = functools.partial(_validation_once(setup.sample), config=cfg)
+    scorer = ChunkScorer(
+        setup.model, setup.tokenizer, setup.sets.validation, cfg.rollout, cfg.select,
+        cfg.seed, draw, bar=bar,
+    )  # fmt: skip
     parts = []
     shown: set[str] = set()  # one g^_V for every chunk: its warnings are shown once
     with bar("chunks", len(chunks)) as advance:
@@ -188,7 +188,7 @@ def _score_chunks(
             if c not in done:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", SelectionWarning)
-                    done[c] = _score_one(setup, out, c, chunk, draw)
+                    done[c] = _score_one(scorer, out, c, chunk)
                 for text in dict.fromkeys(str(w.message) for w in caught):
                     if text not in shown:
                         shown.add(text)
@@ -204,20 +204,15 @@ def _score_chunks(
     }
 
 
-def _score_one(setup: Setup, out: Path, c: int, chunk: list[Problem], draw: Any) -> dict:
-    cfg = setup.cfg
-    ids = np.array([p.id for p in chunk])
-    scored = score_chunk(
-        setup.model, setup.tokenizer, chunk, ids, setup.sets.validation,
-        cfg.rollout, cfg.select, cfg.seed, c, draw, bar=bar,
-    )  # fmt: skip
+def _score_one(scorer: ChunkScorer, out: Path, c: int, chunk: list[Problem]) -> dict:
+    scored = scorer.score(chunk, np.array([p.id for p in chunk]), c)
     cand = scored.candidates
     stats = {
         name: [None] * len(chunk) if getattr(cand, name) is None else getattr(cand, name).tolist()
         for name in STATS
     }
     stats["val_norm"] = [cand.val_norm] * len(chunk)
-    if dd.is_main():  # the metrics first: the rows mark the chunk finished
+    if ranks.is_main():  # the metrics first: the rows mark the chunk finished
         write_json(out / "chunks" / f"{c:04d}.metrics.json", scored.metrics)
         rows = [{"id": p.id, **{k: v[j] for k, v in stats.items()}} for j, p in enumerate(chunk)]
         write_jsonl(out / "chunks" / f"{c:04d}.jsonl", rows)
@@ -258,16 +253,10 @@ def _rank(
 def _row(
     p: Problem, stats: dict[str, np.ndarray], scores: np.ndarray, rank: int | None, j: int
 ) -> dict[str, Any]:
-    """scores.jsonl: a problem's provenance, score, rank and statistics."""
+    """scores.jsonl: a problem's provenance, score, rank and statistics (`STATS`, named as a
+    run's scores.jsonl names them)."""
+    row: dict[str, Any] = {"id": p.id, "source": p.source, **provenance(p)}
+    row |= {"score": scores[j], "rank": rank} | {name: stats[name][j] for name in STATS}
     zv = stats["zero_variance"][j]
-    return {
-        "id": p.id,
-        "source": p.source,
-        **provenance(p),
-        "score": scores[j],
-        "rank": rank,
-        "dot": stats["dot_val"][j],
-        "norm": stats["norm"][j],
-        "pass_rate": stats["pass_rate"][j],
-        "zero_variance": None if np.isnan(zv) else bool(zv),
-    }
+    row["zero_variance"] = None if np.isnan(zv) else bool(zv)
+    return row

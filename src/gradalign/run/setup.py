@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gradalign import ranks
 from gradalign.config import Config, ConfigError
-from gradalign.data.problems import check_disjoint
+from gradalign.data.problems import Problem, check_disjoint
 from gradalign.data.tasks import TaskSets, make_regime, parse_family_flaws
-from gradalign.engine.policy import resolve_device
+from gradalign.engine.policy import format_prompt, resolve_device
 from gradalign.engine.rollout import Rollouts, generate
-from gradalign.progress import bar, log
-from gradalign.scoring import distributed as dd
+from gradalign.engine.round_scoring import sampling_config
+from gradalign.progress import Advance, bar, log
+from gradalign.scoring import sharded
 
 
 @dataclass
@@ -23,6 +25,48 @@ class Setup:
     tokenizer: Any
     sets: TaskSets
     generate: Callable[..., Rollouts] = generate  # rollout engine (HF generate or vLLM)
+
+    def sample(
+        self,
+        problems: Sequence[Problem],
+        group_size: int,
+        seed: int,
+        what: str,
+        greedy: bool = False,
+    ) -> Rollouts:
+        """`group_size` seeded rollouts per problem (k_r, k_v, or 1 for eval). Under torchrun
+        the prompt batches are shared out over the ranks and gathered: every rank gets the
+        rollouts one process would sample."""
+        from gradalign.engine.rollout import num_batches, sample_completions, score_rollouts
+
+        sampling = sampling_config(self.cfg.rollout)
+        problems = list(problems)
+        rank, size = ranks.world()
+        salt = f"{what}:{seed}"
+        with bar(what, len(problems)) as advance:
+            if size == 1 or sharded.is_sharded(self.model):  # FSDP: every forward is
+                # collective, so every rank samples every batch in lockstep (same rollouts)
+                return self.generate(  # HF generate, or the vLLM engine build_setup installed
+                    self.model,
+                    self.tokenizer,
+                    problems,
+                    group_size,
+                    sampling,
+                    seed,
+                    greedy=greedy,
+                    salt=salt,
+                    progress=advance,
+                )
+            prompt_ids = [format_prompt(self.tokenizer, p.chat) for p in problems]
+            mine = ranks.shard(num_batches(len(problems), sampling), rank, size)
+            part = sample_completions(
+                self.model, self.tokenizer, prompt_ids, group_size, sampling, seed, greedy,
+                advance, mine,
+            )  # fmt: skip
+            completions = [c for ranked in ranks.gather_objects(part) for c in ranked]
+            return score_rollouts(
+                self.tokenizer, problems, prompt_ids, completions, group_size, salt
+            )
 
 
 def build_sets(cfg: Config) -> TaskSets:
@@ -62,7 +106,7 @@ def build_setup(cfg: Config) -> Setup:
     if cfg.rollout.backend == "vllm":
         from gradalign.engine.vllm_backend import require
 
-        if dd.world()[1] > 1:
+        if ranks.world()[1] > 1:
             raise ConfigError(
                 "rollout.backend=vllm runs in one process (vLLM shards the model itself); "
                 "launch without torchrun, or use rollout.backend=hf"
@@ -141,7 +185,7 @@ def fit_context(cfg: Config, model: Any, tokenizer: Any, sets: TaskSets) -> Task
     return TaskSets(**kept)
 
 
-def warmstart_progress(advance: Callable[[int], None], step: int, loss: float, total: int) -> None:
+def warmstart_progress(advance: Advance, step: int, loss: float, total: int) -> None:
     """One warm-start step: its loss goes into the progress lines of a log (`progress.bar`)."""
-    advance.note = f"loss {loss:.3f}"  # type: ignore[attr-defined]
+    advance.note = f"loss {loss:.3f}"
     advance(1)

@@ -1,6 +1,6 @@
 """Where a run's problems and policy come from when the user brings their own: problem files
-(``data.pool_files`` / ``validation_files`` / ``eval_files``) and a local Hugging Face model directory
-(``model.name``), optionally wrapped with LoRA (``model.lora_r > 0``).
+(``data.pool_files`` / ``validation_files`` / ``eval_files``) and a local Hugging Face model
+directory (``model.name``), optionally wrapped with LoRA (``model.lora_r > 0``).
 
 Every error names the config field it comes from (``data.pool_files[0].path: ...``), so a bad
 YAML entry is found without reading a traceback.
@@ -117,7 +117,9 @@ def sets_from_files(cfg: Config, log: Callable[[str], None] | None = None) -> Ta
     prompt is in either are dropped (and counted), so the pool never trains on them.
     """
     if log is None:
-        from gradalign.progress import log
+        from gradalign.progress import log as print_log
+
+        log = print_log
     d = cfg.data
     loaded: dict[str, list[Problem]] = {}
     for field, role, first_id in SET_FIELDS:
@@ -250,8 +252,8 @@ def with_lora(model: Any, cfg: Config) -> Any:
 def check_scored_params(cfg: Config, model: Any) -> None:
     """``select.params`` must pick parameters of this model ('last:N': at most its blocks);
     ``select.features=output`` needs a head `logprobs.split_head` can read."""
-    from gradalign.core.alignment import scored_parameters
     from gradalign.core.logprobs import split_head
+    from gradalign.engine.policy import scored_parameters
 
     if cfg.select.features == "output" and split_head(model) is None:
         raise ConfigError(

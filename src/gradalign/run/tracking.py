@@ -12,9 +12,9 @@ at step 0. transformers' own tracker integrations are not used: each round is on
 call of TRL, whose step counter starts again at 0.
 
 Writers: tensorboard writes RUN_DIR/tb/ (`torch.utils.tensorboard`); wandb, trackio and
-mlflow run offline into the run directory (RUN_DIR/wandb, trackio's local store,
-RUN_DIR/mlflow.db or RUN_DIR/mlruns) unless their own environment variables (WANDB_MODE, MLFLOW_TRACKING_URI)
-say otherwise. A tracker whose package is missing is a config error when the run starts.
+mlflow run offline into the run directory (RUN_DIR/wandb, trackio's local store, RUN_DIR/mlflow.db
+or RUN_DIR/mlruns) unless their own environment variables (WANDB_MODE, MLFLOW_TRACKING_URI) say
+otherwise. A tracker whose package is missing is a config error when the run starts.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from gradalign.config import Config, ConfigError, flatten_config
-from gradalign.rundir import write_jsonl
+from gradalign.storage import write_jsonl
 
 PACKAGES = {
     "tensorboard": "tensorboard",
@@ -161,6 +161,8 @@ WRITERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "m
 
 class Tracker:
     """The run's trackers (none for report_to=none); rank 0 only."""
+
+    writers: list[Any]  # one writer per tracker: .log(values, step), .close()
 
     def __init__(self, cfg: Config, out: Path) -> None:
         self.steps_per_round = cfg.train.steps_per_round

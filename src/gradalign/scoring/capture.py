@@ -140,5 +140,6 @@ def collect(
             for name, j in cap.owners[m]:
                 r = rows[name].float()
                 g = r.new_zeros((p, *r.shape[1:])).index_add_(0, sub.group, r)  # [P, *shape]
-                local[j] = g if local[j] is None else local[j] + g  # type: ignore[operator]
+                prev = local[j]
+                local[j] = g if prev is None else prev + g
     return uses, local, lay.tm

@@ -10,75 +10,27 @@ each rank sums over its own groups and one all_reduce per scored parameter adds 
     g_C = sum_r sum_{p in shard r} g_p    (mode `align` only)                    -> g^_C = unit(g_C)
 
 Each rank then reads dot_val, dot_chunk and norm of its groups off one batched backward
-(`gradalign.scoring.fastscore`), and an all_gather puts the 3 floats per group back in group order
-on every rank. Every rank then holds the same scores and makes the same selection; the loop
-broadcasts rank 0's (`broadcast_object`), so all ranks train on one selection even if their
-floating-point results ever differed.
+(`gradalign.scoring.fastscore`), and an all_gather puts the 3 floats per group back in group
+order on every rank. Every rank then holds the same scores and makes the same selection; the
+loop broadcasts rank 0's (`gradalign.ranks.broadcast_object`), so all ranks train on one
+selection even if their floating-point results ever differed.
 With one process (torch.distributed not initialised) this is exactly the fastscore path.
-Backends: gloo on CPU, NCCL on CUDA (`init_from_env`, for `torchrun` / `accelerate launch`).
+The process group itself (rank, world size, collectives): `gradalign.ranks`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
 
 import numpy as np
-import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradalign.core.alignment import GroupAlignment, Progress, direction_norm
 from gradalign.core.common import ValAggregate
 from gradalign.core.grpo import SequenceBatch
+from gradalign.ranks import all_reduce_sum, gather_groups, shard, world
 from gradalign.scoring import fastscore
-from gradalign.scoring.pieces import Pieces, unit_pieces, zero_pieces
-
-T = TypeVar("T")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main() -> bool:
-    """True on rank 0 (and in a single process): the rank that writes, and whose selection
-    every rank trains on."""
-    return world()[0] == 0
-
-
-def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
-    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
-    environment (WORLD_SIZE > 1, RANK, MASTER_ADDR/PORT): gloo on CPU, NCCL on CUDA, where
-    each rank's current CUDA device becomes LOCAL_RANK (so "cuda" means its own GPU).
-    Idempotent; without a launcher nothing happens. Returns (rank, world size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        cuda = torch.device(device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return world()
-
-
-def shutdown() -> None:
-    """Leave the process group (after a barrier) if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def shard(n: int, rank: int, world_size: int) -> range:
-    """Rank `rank`'s contiguous share of n items: sizes differ by at most one, the first
-    n % world_size ranks take one more, and the shards in rank order cover 0..n-1."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside a world of {world_size}")
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
+from gradalign.scoring.pieces import Pieces, zero_pieces
 
 
 def shard_batch(batch: SequenceBatch, groups: range) -> SequenceBatch | None:
@@ -86,71 +38,6 @@ def shard_batch(batch: SequenceBatch, groups: range) -> SequenceBatch | None:
     if len(groups) == 0:
         return None
     return batch.take_groups(groups)
-
-
-def all_reduce_sum(pieces: Sequence[Tensor]) -> Pieces:
-    """Sum each piece over ranks (fp32 on the wire, one all_reduce per piece); dtype kept."""
-    out = []
-    for piece in pieces:
-        buf = piece.float().contiguous()
-        if world()[1] > 1:
-            dist.all_reduce(buf)
-        out.append(buf.to(piece.dtype))
-    return out
-
-
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """`src`'s object on every rank (a pickle); the object itself in a single process."""
-    if world()[1] == 1:
-        return obj
-    box = [obj if world()[0] == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]  # type: ignore[return-value]
-
-
-def gather_objects(obj: T) -> list[T]:
-    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
-    if world()[1] == 1:
-        return [obj]
-    parts: list = [None] * world()[1]
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def gather_groups(local: Sequence[np.ndarray], total: int) -> list[np.ndarray]:
-    """Per-group arrays of each rank's contiguous shard, concatenated in rank order: the
-    arrays of all `total` groups, on every rank."""
-    if world()[1] == 1:
-        return list(local)
-    parts: list = [None] * world()[1]
-    dist.all_gather_object(parts, [np.asarray(a) for a in local])
-    out = [np.concatenate([p[j] for p in parts]) for j in range(len(local))]
-    if any(len(a) != total for a in out):
-        raise RuntimeError(f"gathered {[len(a) for a in out]} groups, expected {total}")
-    return out
-
-
-def distributed_validation_direction(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    val_batch: SequenceBatch,
-    aggregate: ValAggregate = "sum",
-    groups_per_micro: int = 16,
-) -> Pieces:
-    """g^_V = unit(g_V), each rank summing g_V over its shard of the validation groups and one
-    all_reduce adding the parts; `fastscore.batched_validation_direction` in one process."""
-    rank, size = world()
-    if size == 1:
-        return fastscore.batched_validation_direction(
-            model, params, val_batch, aggregate, groups_per_micro
-        )
-    val = shard_batch(val_batch, shard(val_batch.num_groups, rank, size))
-    g_v = (
-        fastscore.batched_validation_sum(model, params, val, aggregate, groups_per_micro)
-        if val is not None
-        else zero_pieces(params)
-    )
-    return unit_pieces(all_reduce_sum(g_v))
 
 
 def distributed_validation_halves(
@@ -163,7 +50,7 @@ def distributed_validation_halves(
 ) -> list[Pieces]:
     """g_V summed over each of `halves` (disjoint validation group ranges covering the set),
     each rank summing over its shard's groups in each half and one all_reduce per half adding
-    the parts: the halves add up to `distributed_validation_direction`'s g_V."""
+    the parts: the halves add up to g_V (`fastscore.batched_validation_sum` in one process)."""
     rank, size = world()
     mine = set(shard(val_batch.num_groups, rank, size))
     out = []
@@ -214,28 +101,6 @@ def distributed_group_alignment(
         [local.dot_val, local.dot_chunk, local.norm], cand_batch.num_groups
     )
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
-
-
-def distributed_alignment(
-    model: nn.Module,
-    params: Sequence[Tensor],
-    cand_batch: SequenceBatch,
-    val_batch: SequenceBatch,
-    aggregate: ValAggregate = "sum",
-    groups_per_micro: int = 16,
-    chunk: bool = True,
-    exp_avg_sq: Mapping | None = None,
-    progress: Progress | None = None,
-) -> GroupAlignment:
-    """`distributed_group_alignment` against `distributed_validation_direction`: equal to
-    `fastscore.batched_alignment` against `fastscore.batched_validation_direction` (exactly
-    that in a single process). Call it on every rank with the same batches."""
-    direction = distributed_validation_direction(
-        model, params, val_batch, aggregate, groups_per_micro
-    )
-    return distributed_group_alignment(
-        model, params, cand_batch, direction, groups_per_micro, chunk, exp_avg_sq, progress
-    )
 
 
 def distributed_projected_gradients(

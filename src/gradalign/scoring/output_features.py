@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradalign import ranks
 from gradalign.core.alignment import GroupAlignment, Progress, direction_norm
 from gradalign.core.common import EPS, ValAggregate, check_val_aggregate
 from gradalign.core.grpo import SequenceBatch
@@ -181,8 +182,8 @@ def distributed_feature_halves(
 ) -> list[Pieces]:
     """sum_v G_v over each of `halves` (disjoint ranges of validation groups), each rank
     summing its shard's groups and one all_reduce per half adding the parts."""
-    rank, size = dd.world()
-    mine = set(dd.shard(val_batch.num_groups, rank, size))
+    rank, size = ranks.world()
+    mine = set(ranks.shard(val_batch.num_groups, rank, size))
     out = []
     for half in halves:
         groups = [g for g in half if g in mine]
@@ -191,7 +192,7 @@ def distributed_feature_halves(
             if groups
             else _Head(model, feature).zeros()
         )
-        out.append(dd.all_reduce_sum(part))
+        out.append(ranks.all_reduce_sum(part))
     return out
 
 
@@ -207,8 +208,8 @@ def distributed_feature_alignment(
     """dot_val against `direction` (g^_V's feature), dot_chunk (``chunk``: mode `align`,
     against unit(sum of every candidate's feature), one more forward pass) and norm of every
     candidate group, each rank scoring its shard; every rank gets all groups' statistics."""
-    rank, size = dd.world()
-    cand = dd.shard_batch(cand_batch, dd.shard(cand_batch.num_groups, rank, size))
+    rank, size = ranks.world()
+    cand = dd.shard_batch(cand_batch, ranks.shard(cand_batch.num_groups, rank, size))
     dirs = [direction]
     if chunk:
         part = (
@@ -216,11 +217,11 @@ def distributed_feature_alignment(
             if cand is not None
             else _Head(model, feature).zeros()
         )
-        dirs.append(unit_pieces(dd.all_reduce_sum(part)))
+        dirs.append(unit_pieces(ranks.all_reduce_sum(part)))
     if cand is None:  # more ranks than groups
         dots, norm = np.zeros((len(dirs), 0)), np.zeros(0)
     else:
         dots, norm = feature_alignment(model, cand, dirs, feature, groups_per_micro, progress)
     dot_chunk = dots[1] if chunk else np.full(len(norm), np.nan)
-    dot_val, dot_chunk, norm = dd.gather_groups([dots[0], dot_chunk, norm], cand_batch.num_groups)
+    dot_val, dot_chunk, norm = ranks.gather_groups([dots[0], dot_chunk, norm], cand_batch.num_groups)
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from gradalign import ranks
 from gradalign.core.alignment import GroupAlignment, Progress
 from gradalign.core.common import EPS, ValAggregate, check_val_aggregate
 from gradalign.core.diagnostics import split_halves
@@ -108,7 +109,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _all_reduce(values: list, dtype: torch.dtype, op=dist.ReduceOp.SUM) -> list:
     """Numbers reduced over ranks, on the device the backend needs (CUDA under NCCL)."""
-    if dd.world()[1] == 1:
+    if ranks.world()[1] == 1:
         return values
     cuda = dist.get_backend() == "nccl"
     buf = torch.tensor(values, dtype=dtype, device="cuda" if cuda else "cpu")
@@ -123,7 +124,7 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
 def _partial_dot(a: Tensor, b: Tensor) -> float:
     """This rank's part of <a, b>: its shard of a DTensor; all of a plain (replicated) tensor
     on rank 0 alone."""
-    if not isinstance(a, DTensor) and dd.world()[0] != 0:
+    if not isinstance(a, DTensor) and ranks.world()[0] != 0:
         return 0.0
     return float((_local(a).double() * _local(b).double()).sum())
 
@@ -278,7 +279,7 @@ def summed_gradient(
             elif weights is not None:
                 losses = losses * torch.as_tensor(weights[ids.cpu().numpy()]).to(losses)
             losses.sum().backward()
-        size = dd.world()[1]
+        size = ranks.world()[1]
         return [
             q.grad.float() * size if q.grad is not None else torch.zeros_like(q).float()
             for q in params
@@ -317,8 +318,8 @@ def validation_halves(
     """g_V of each of `halves` (disjoint validation group ranges), sharded; each rank sums
     the groups of its shard in each half. `distributed.distributed_validation_halves`."""
     _require_shards(params)
-    rank, size = dd.world()
-    mine = set(dd.shard(val_batch.num_groups, rank, size))
+    rank, size = ranks.world()
+    mine = set(ranks.shard(val_batch.num_groups, rank, size))
     out = []
     for half in halves:
         groups = [g for g in half if g in mine]
@@ -344,8 +345,8 @@ def group_alignment(
     this rank's bytes: ``direction_held`` (its shards of the K directions) and
     ``direction_gathered`` (the largest K pieces of one parameter gathered at once)."""
     _require_shards(params)
-    rank, size = dd.world()
-    local = dd.shard_batch(cand_batch, dd.shard(cand_batch.num_groups, rank, size))
+    rank, size = ranks.world()
+    local = dd.shard_batch(cand_batch, ranks.shard(cand_batch.num_groups, rank, size))
     scale = adam_scale(params, exp_avg_sq) if exp_avg_sq is not None else None
     dirs = [Gathered(direction)]
     if chunk:  # g^_C = unit(sum_p g~_p) over every rank's groups, sharded
@@ -355,7 +356,7 @@ def group_alignment(
     job = fastscore._Job(model, params, dirs, "auto", sc)  # type: ignore[arg-type]
     found, sq, _ = _scan(job, local, cand_batch, groups_per_micro, progress)
     no_chunk = np.full(len(sq), np.nan)
-    dot_val, dot_chunk, norms = dd.gather_groups(
+    dot_val, dot_chunk, norms = ranks.gather_groups(
         [found[0], found[1] if chunk else no_chunk, np.sqrt(sq)], cand_batch.num_groups
     )
     if meter is not None:
@@ -403,11 +404,11 @@ def projected_gradients(
     """`fastscore.projected_gradients` of every candidate group, each rank projecting its
     shard (the sketch needs no direction). # -> [P, project_dim] float64"""
     _require_shards(params)
-    rank, size = dd.world()
-    local = dd.shard_batch(cand_batch, dd.shard(cand_batch.num_groups, rank, size))
+    rank, size = ranks.world()
+    local = dd.shard_batch(cand_batch, ranks.shard(cand_batch.num_groups, rank, size))
     scale = Gathered(adam_scale(params, exp_avg_sq)) if exp_avg_sq is not None else None
     sketch = CountSketch(params, project_dim, seed)
     job = fastscore._Job(model, params, [], "materialise", scale, sketch)  # type: ignore[arg-type]
     _, _, z = _scan(job, local, cand_batch, groups_per_micro)
     assert z is not None
-    return dd.gather_groups([z], cand_batch.num_groups)[0]
+    return ranks.gather_groups([z], cand_batch.num_groups)[0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -128,13 +128,16 @@ def _left_gram(u: Use, v: Use) -> Tensor:
 
 def gram_stats(uses: list[Use], dirs: list[Tensor], o: int, i: int) -> tuple[Tensor, Tensor]:
     """<G_p, G^_k> and ||G_p||^2 without forming G_p. # -> [K, P], [P]"""
-    sq = sum(
-        (_left_gram(u, v) * torch.bmm(u.right, v.right.transpose(1, 2))).sum((1, 2))
-        for u in uses
-        for v in uses
-    )
-    dots = [sum(use.dot(d.reshape(o, i)) for use in uses) for d in dirs]
-    return torch.stack(dots) if dots else sq.new_zeros(0, len(sq)), sq  # type: ignore[union-attr]
+    sq = cast(
+        Tensor,
+        sum(
+            (_left_gram(u, v) * torch.bmm(u.right, v.right.transpose(1, 2))).sum((1, 2))
+            for u in uses
+            for v in uses
+        ),
+    )  # [P]; `sum` of tensors: a tensor (uses is never empty)
+    dots = [cast(Tensor, sum(use.dot(d.reshape(o, i)) for use in uses)) for d in dirs]
+    return torch.stack(dots) if dots else sq.new_zeros(0, len(sq)), sq
 
 
 def verify(

@@ -1,7 +1,7 @@
 """`gradalign diagnose`: can gradient alignment select well for this model and data?
 
 On the starting policy, without training, the first `chunks` chunks of the pool are scored
-as a run's first rounds would score them (`round_scoring.score_chunk`, the loop's path, with
+as a run's first rounds would score them (`round_scoring.ChunkScorer`, the loop's path, with
 the `sim` score whatever `select.mode` says), and the measures of `core.diagnostics` are
 read off:
 
@@ -24,7 +24,6 @@ AUC 0.50–0.59.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from typing import Any
@@ -33,9 +32,9 @@ import numpy as np
 
 from gradalign.config import Config
 from gradalign.core.diagnostics import cosine, mean_by, selection_auc, split_halves
-from gradalign.core.selection import RULES, SelectionWarning
+from gradalign.core.selection import RULES, SelectionWarning, score_sim
 from gradalign.data.problems import ChunkSchedule, Problem
-from gradalign.engine.round_scoring import RoundScores, score_chunk
+from gradalign.engine.round_scoring import ChunkScorer, RoundScores
 from gradalign.progress import bar, log
 
 SPLIT_OK = 0.2  # split-half validation cosine above which g^_V is a usable direction
@@ -54,7 +53,6 @@ def label(p: Problem) -> str:
 def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
     """Score the first `chunks` chunks of cfg's pool on the starting policy; the measures and
     the verdict as a JSON-ready dict."""
-    from gradalign.run.loop import sample
     from gradalign.run.setup import build_setup
 
     s = cfg.select if RULES[cfg.select.mode].uses_validation else None
@@ -64,17 +62,17 @@ def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
     pool = setup.sets.pool
     schedule = ChunkSchedule(len(pool), s.chunk_size, cfg.seed)
     n = min(chunks, schedule.chunks_per_pass)
+    scorer = ChunkScorer(
+        setup.model, setup.tokenizer, setup.sets.validation, cfg.rollout, s, cfg.seed,
+        setup.sample, bar=bar,
+    )  # fmt: skip
     per_chunk = []
     for r in range(n):
         chunk = [pool[i] for i in schedule.chunk(r)]
         log(f"diagnose: chunk {r + 1}/{n} ({len(chunk)} candidates)")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SelectionWarning)
-            scored = score_chunk(
-                setup.model, setup.tokenizer, chunk, np.array([p.id for p in chunk]),
-                setup.sets.validation, cfg.rollout, s, cfg.seed, r,
-                functools.partial(sample, setup), bar=bar,
-            )  # fmt: skip
+            scored = scorer.score(chunk, np.array([p.id for p in chunk]), r)
         for w in caught:
             log(f"warning: chunk {r + 1}: {w.message}")
         per_chunk.append(_chunk_measures(setup, chunk, scored))
@@ -83,7 +81,8 @@ def diagnose(cfg: Config, chunks: int = 4) -> dict[str, Any]:
 
 def _chunk_measures(setup: Any, chunk: list[Problem], scored: RoundScores) -> dict[str, Any]:
     c = scored.candidates
-    cos = c.dot_val / (c.norm + 1e-5)
+    cos = score_sim(c)  # cos(g_p, g^_V), as mode `sim` ranks
+    assert c.zero_variance is not None  # mode sim computed the rollouts
     eligible = ~c.zero_variance
     labels = [label(p) for p in chunk]
     return {
@@ -99,7 +98,7 @@ def _chunk_measures(setup: Any, chunk: list[Problem], scored: RoundScores) -> di
 def _transfer(setup: Any, scored: RoundScores, eligible: np.ndarray, labels: list[str]) -> float:
     """cos of the summed GRPO gradients of the two halves of the chunk's eligible (clean,
     where labelled) candidates; NaN with fewer than 2 such candidates."""
-    from gradalign.core.alignment import scored_parameters
+    from gradalign.engine.policy import scored_parameters
     from gradalign.scoring import distributed as dd
 
     keep = [j for j in range(len(labels)) if eligible[j] and labels[j] == "clean"]
@@ -137,7 +136,9 @@ def summarise(per_chunk: list[dict[str, Any]], cfg: Config, n: int) -> dict[str,
     labelled = any(x != "clean" for x in labels)
     out: dict[str, Any] = {
         "model": cfg.model.name,
-        "data": ", ".join(cfg.data.pool_files) if cfg.data.pool_files else cfg.data.regime,
+        "data": ", ".join(str(f.get("path")) for f in cfg.data.pool_files)
+        if cfg.data.pool_files
+        else cfg.data.regime,
         "chunks": n,
         "candidates": len(cos),
         "k_r": cfg.rollout.k_r,
@@ -204,7 +205,10 @@ def verdict(d: dict[str, Any]) -> str:
         if auc >= AUC_OK:
             return f"yes: the GradAlign score ranks clean above corrupted problems (AUC {auc:.2f})"
         if auc >= AUC_WEAK:
-            return f"weak: the GradAlign score separates clean from corrupted only partly (AUC {auc:.2f})"
+            return (
+                "weak: the GradAlign score separates clean from corrupted only partly "
+                f"(AUC {auc:.2f})"
+            )
         return f"no: the GradAlign score does not separate clean from corrupted (AUC {auc:.2f})"
     if split >= SPLIT_OK:
         return (
