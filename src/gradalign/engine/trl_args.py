@@ -242,27 +242,31 @@ def grpo_settings(
     per_device, accum = micro_batching(
         per_rank_batch(cfg.batch_size), cfg.num_generations, cfg.micro_batch
     )
-    return {
-        "output_dir": output_dir,
-        "use_cpu": device == "cpu",
-        "bf16": bf16,
-        "report_to": "none",  # the run's tracker writes TRL's logs too (`run.tracking`)
-        "save_strategy": "no",
-        "per_device_train_batch_size": per_device,
-        "gradient_accumulation_steps": accum,
-        "num_generations": cfg.num_generations,
-        "max_completion_length": max_completion_length,
-        "max_steps": 1,
-        "learning_rate": cfg.learning_rate,
-        "beta": cfg.beta,
-        "loss_type": cfg.loss_type,
-        "scale_rewards": cfg.scale_rewards,
-        "max_grad_norm": cfg.max_grad_norm,
-        "logging_steps": 1,
-        "seed": seed,
-        "disable_tqdm": True,
-        "temperature": cfg.temperature,
-    } | TRL_DEFAULTS | (FSDP2_SETTINGS if cfg.fsdp else {})
+    return (
+        {
+            "output_dir": output_dir,
+            "use_cpu": device == "cpu",
+            "bf16": bf16,
+            "report_to": "none",  # the run's tracker writes TRL's logs too (`run.tracking`)
+            "save_strategy": "no",
+            "per_device_train_batch_size": per_device,
+            "gradient_accumulation_steps": accum,
+            "num_generations": cfg.num_generations,
+            "max_completion_length": max_completion_length,
+            "max_steps": 1,
+            "learning_rate": cfg.learning_rate,
+            "beta": cfg.beta,
+            "loss_type": cfg.loss_type,
+            "scale_rewards": cfg.scale_rewards,
+            "max_grad_norm": cfg.max_grad_norm,
+            "logging_steps": 1,
+            "seed": seed,
+            "disable_tqdm": True,
+            "temperature": cfg.temperature,
+        }
+        | TRL_DEFAULTS
+        | (FSDP2_SETTINGS if cfg.fsdp else {})
+    )
 
 
 # train.fsdp: accelerate's FSDP v2 plugin, each transformer block sharded (its

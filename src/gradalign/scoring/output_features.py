@@ -223,5 +223,7 @@ def distributed_feature_alignment(
     else:
         dots, norm = feature_alignment(model, cand, dirs, feature, groups_per_micro, progress)
     dot_chunk = dots[1] if chunk else np.full(len(norm), np.nan)
-    dot_val, dot_chunk, norm = ranks.gather_groups([dots[0], dot_chunk, norm], cand_batch.num_groups)
+    dot_val, dot_chunk, norm = ranks.gather_groups(
+        [dots[0], dot_chunk, norm], cand_batch.num_groups
+    )
     return GroupAlignment(dot_val, dot_chunk, norm, val_norm=direction_norm(direction))
