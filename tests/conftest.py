@@ -35,3 +35,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A local Hugging Face checkpoint (a random Qwen2 with a Qwen-style chat template and a
+    byte-level BPE tokenizer, `local_qwen.save_qwen`), shared by the session's tests."""
+    from local_qwen import save_qwen
+
+    return save_qwen(tmp_path_factory.mktemp("qwen2-tiny"))

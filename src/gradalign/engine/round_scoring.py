@@ -12,14 +12,17 @@ what is its own (run directory, checkpoints, TRL's sampler).
 
 Metrics (stable names, shared by the run directory and the callback's ``gradalign/*`` logs):
 ``select/chunk_pass_rate``, ``select/chunk_zero_variance_frac``, ``rollouts/bad_rewards``,
-``rollouts/candidates``, ``rollouts/validation`` (rollouts generated), ``select/stopped_frac``
+``rollouts/candidates``, ``rollouts/validation`` (rollouts generated),
+``rollouts/clipped_frac`` and ``val/clipped_frac`` (the share of candidate / validation
+rollouts that hit ``rollout.max_new_tokens`` without EOS; a `SelectionWarning` when over
+`CLIPPED_WARN`), ``select/stopped_frac``
 (``select.budget=halving``: candidates stopped after the first stage, `budget`),
 ``val/pass_rate``, ``val/bad_rewards``, ``val/zero_variance_frac``, ``val/split_half_cos``
 (a `SelectionWarning` when <= 0), ``score/cos_mean``,
 ``score/val_norm``, then from `selection_metrics` ``select/n``, ``select/excluded``,
 ``select/skipped_nonfinite``, ``select/fallback``, ``select/pass_rate`` (and, for problems
-with provenance, ``select/source_mix``, ``select/corrupted_share``,
-``select/low_utility_share``), and the ``time/*_s`` of each phase.
+with provenance, ``select/source_mix``, and for a built-in regime's problems
+``select/corrupted_share``, ``select/low_utility_share``), and the ``time/*_s`` of each phase.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TR
 # (items, rollouts per item, seed, what: "candidate rollouts" | "validation rollouts") -> rollouts
 Sample = Callable[[Sequence[Item], int, int, str], Rollouts]
 Bar = Callable[[str, int], AbstractContextManager[Progress]]
+CLIPPED_WARN = 0.5  # share of a stage's rollouts cut off at max_new_tokens that is warned of
 
 
 @dataclass
@@ -119,18 +123,22 @@ def score_chunk(
         "select/chunk_zero_variance_frac": float(zv.mean()),
         "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
         "rollouts/candidates": len(cand.rewards),
+        "rollouts/clipped_frac": clipped_share(cand),
     }
     if survive is not None:
         metrics["select/stopped_frac"] = float(1 - survive.mean())
     if "gradients" not in need:
+        warn_clipped({"candidate": cand}, rollout.max_new_tokens)
         return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
     val_seed = round_seed(seed, round_, Stream.VALIDATION)
     with timed(timings, "time/validation_rollouts_s"):
         val = sample(validation, rollout.k_v, val_seed, "validation rollouts")
+    warn_clipped({"candidate": cand, "validation": val}, rollout.max_new_tokens)
     metrics["rollouts/validation"] = len(val.rewards)
     metrics["val/pass_rate"] = float(val.rewards.mean())
     metrics["val/bad_rewards"] = val.bad_rewards
     metrics["val/zero_variance_frac"] = float(val.zero_variance().mean())
+    metrics["val/clipped_frac"] = clipped_share(val)
     with timed(timings, "time/scoring_s"):
         al, split, features = _gradient_scores(model, tokenizer, cand, val, s, seed, optimizer, bar)
     done("scoring")
@@ -149,6 +157,31 @@ def score_chunk(
         ids, cand.pass_rates(), zv, al.dot_val, al.dot_chunk, al.norm, val_norm=al.val_norm
     )
     return RoundScores(cands, [cand, val], metrics, features)
+
+
+def clipped_share(ro: Rollouts) -> float:
+    """The share of `ro`'s completions that hit the length limit without EOS."""
+    return ro.clipped / len(ro.completion_ids) if ro.completion_ids else 0.0
+
+
+def clipped_message(shares: dict[str, float], max_new_tokens: int) -> str | None:
+    """One warning for the stages ({"candidate": share, ...}) whose rollouts were mostly cut
+    off at `max_new_tokens` (share > `CLIPPED_WARN`), or None."""
+    over = [f"{share:.0%} of the {what} rollouts" for what, share in shares.items()]
+    over = [text for text, share in zip(over, shares.values()) if share > CLIPPED_WARN]
+    if not over:
+        return None
+    return (
+        f"{' and '.join(over)} hit rollout.max_new_tokens={max_new_tokens} before ending: "
+        "answers are cut off before the reward reads them; raise rollout.max_new_tokens (its "
+        "default of 12 is sized for the built-in tasks; real models need hundreds of tokens)"
+    )
+
+
+def warn_clipped(stages: dict[str, Rollouts], max_new_tokens: int) -> None:
+    message = clipped_message({k: clipped_share(v) for k, v in stages.items()}, max_new_tokens)
+    if message is not None:
+        warnings.warn(message, SelectionWarning, stacklevel=3)
 
 
 def candidate_rollouts(
@@ -275,7 +308,8 @@ def selection_metrics(
     problems: Sequence[Problem] | None = None,
 ) -> dict[str, Any]:
     """The ``select/*`` metrics of the chosen ids; with the chosen `problems` (same order),
-    also their source mix and the shares a regime made corrupted or low-utility."""
+    also their source mix and, for a built-in regime's problems (no file: only they carry
+    such labels), the shares the regime made corrupted or low-utility."""
     out: dict[str, Any] = {"select/n": len(chosen)}
     if problems is not None:
         mix: dict[str, int] = {}
@@ -290,7 +324,7 @@ def selection_metrics(
     if cand.pass_rate is not None and len(chosen):
         pos = {int(i): j for j, i in enumerate(cand.ids)}
         out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[int(i)]] for i in chosen]))
-    if problems is not None:
+    if problems is not None and all(p.meta.get("file") is None for p in problems):
         n = max(len(problems), 1)
         out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in problems) / n
         out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in problems) / n

@@ -23,7 +23,7 @@ import torch
 
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
-from gradalign.data.rewards import score_completion
+from gradalign.data.rewards import check_failures, checked_reward, warn_once
 from gradalign.engine.policy import format_prompt, plain_prompt, quiet_libraries
 from gradalign.engine.trl_args import build_grpo_config, optimizer_settings, schedule_settings
 
@@ -209,15 +209,18 @@ class GRPOTraining:
                     outer.on_log(state.global_step, dict(logs))
 
         def reward(completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
+            """The problems' own rewards (`rewards.checked_reward`: a failure scores 0, warned
+            once per function; a function failing on all its completions stops the run)."""
             call = next(outer._calls)
-            return [
-                score_completion(
-                    outer.by_id[pid],
-                    _completion_text(c),
-                    salt=f"train:{outer._round_seed}:{call}:{i}",
-                )
-                for i, (c, pid) in enumerate(zip(completions, problem_id))
+            problems = [outer.by_id[pid] for pid in problem_id]
+            checked = [
+                checked_reward(p, _completion_text(c), salt=f"train:{outer._round_seed}:{call}:{i}")
+                for i, (c, p) in enumerate(zip(completions, problems))
             ]
+            check_failures(problems, [e for _, e in checked], "GRPO step's completions")
+            for p, (_, error) in zip(problems, checked):
+                warn_once(p, error)
+            return [r for r, _ in checked]
 
         with quiet_libraries():
             self.trainer = GRPOTrainer(
