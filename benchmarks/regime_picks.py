@@ -2,7 +2,7 @@
 
 For each seed (run seed = data seed, so the pool, corruption, validation and eval sets vary)
 the first `--chunks` chunks are scored on the untrained policy as a run's first rounds score
-them (`round_scoring.score_chunk`, the loop's path), and every `--modes` mode selects from the
+them (`round_scoring.ChunkScorer`, the loop's path), and every `--modes` mode selects from the
 same scores (`select_chunk`). Per chunk:
 
 - share: of the n picks, the share that is coin-flip (noisy), from the minority family
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -37,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from gradalign.analysis.report import mean_ci
+from gradalign.analysis.runs import mean_ci
 from gradalign.config import load_config
 from gradalign.core.diagnostics import selection_auc
 from gradalign.data.problems import ChunkSchedule
-from gradalign.engine.round_scoring import score_chunk, select_chunk
+from gradalign.engine.round_scoring import ChunkScorer, select_chunk
 from gradalign.run.artifacts import is_bad
 
 RESAMPLE = 10_000  # rollout seed offset of the second scoring of the same chunk
@@ -53,8 +52,6 @@ def bad_of(p: Any, regime: str, minority: str) -> bool:
 
 
 def chunk_rows(setup: Any, cfg: Any, r: int, modes: list[str], resample: bool) -> dict:
-    from gradalign.run.loop import sample
-
     pool = setup.sets.pool
     chunk = [pool[i] for i in ChunkSchedule(len(pool), cfg.select.chunk_size, cfg.seed).chunk(r)]
     ids = np.array([p.id for p in chunk])
@@ -62,10 +59,11 @@ def chunk_rows(setup: Any, cfg: Any, r: int, modes: list[str], resample: bool) -
     flag = np.array([bad_of(p, regime, minority) for p in chunk])
 
     def scored_with(seed: int):
-        return score_chunk(
-            setup.model, setup.tokenizer, chunk, ids, setup.sets.validation, cfg.rollout,
-            cfg.select, seed, r, functools.partial(sample, setup),
+        scorer = ChunkScorer(
+            setup.model, setup.tokenizer, setup.sets.validation, cfg.rollout, cfg.select,
+            seed, setup.sample,
         )  # fmt: skip
+        return scorer.score(chunk, ids, r)
 
     scored = scored_with(cfg.seed)
     n = cfg.n_select

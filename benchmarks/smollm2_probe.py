@@ -106,8 +106,8 @@ def child(model_dir: str, sets: list[str], old: bool) -> None:
         grpo.token_logprobs = old_logprobs
         fastscore.token_logprobs = old_logprobs
         fastscore.grad_only_for = lambda *a: contextlib.nullcontext()  # the whole graph, as before
-    from gradalign.analysis.diagnose import diagnose
     from gradalign.config import load_config
+    from gradalign.run.diagnose import diagnose
 
     cfg = load_config(None, [f"model.name={model_dir}", "model.warmstart_steps=0", *sets])
     t0 = time.perf_counter()

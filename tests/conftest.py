@@ -63,3 +63,12 @@ def reward_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[C
     for name in made:
         sys.modules.pop(name, None)
         forget_rewards(name)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """A local Hugging Face checkpoint (a random Qwen2 with a Qwen-style chat template and a
+    byte-level BPE tokenizer, `local_qwen.save_qwen`), shared by the session's tests."""
+    from local_qwen import save_qwen
+
+    return save_qwen(tmp_path_factory.mktemp("qwen2-tiny"))

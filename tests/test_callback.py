@@ -254,7 +254,7 @@ def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer, featur
     cb.attach(trainer)
     trainer.train()
 
-    assert [h["round"] for h in cb.history] == list(range(rounds))
+    assert [h["round"] for h in cb.history] == list(range(1, rounds + 1))  # from 1, as runs
     prompt = [row["prompt"][0]["content"] for row in pool]
     for h in cb.history:  # sim: the top-2 of the chunk by cosine, ties by ascending row
         scores = np.array(h["scores"])
@@ -273,4 +273,4 @@ def test_callback_trains_each_round_on_its_selection(tmp_path, tokenizer, featur
     # rounds >= 1 are scored when the prefetch reads their first batch: one step early
     assert [h["scored_at_step"] for h in cb.history] == [0, spr - 1, 2 * spr - 1]
     logged = [e["gradalign/round"] for e in trainer.state.log_history if "gradalign/round" in e]
-    assert logged == [0, 0, 1, 1, 2, 2]
+    assert logged == [1, 1, 2, 2, 3, 3]

@@ -1,4 +1,5 @@
-"""Loading problem files: the real public sets in shared/data, verl and plain fixtures."""
+"""Loading problem files: the slices of real public sets in examples/data, verl and plain
+fixtures."""
 
 from __future__ import annotations
 
@@ -27,20 +28,15 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shared_data() -> Path:
-    """The public data sets at <repo>/../shared/data; skip only where they are absent."""
-    path = REPO.parent / "shared" / "data"
-    if not path.is_dir():
-        pytest.skip(f"public data sets not found at {path}")
-    return path
+DATA = REPO / "examples" / "data"  # slices of the public sets, shipped with the repository
 
 
 # --- the real public sets ----------------------------------------------------------------
 
 PUBLIC = {  # file: (records, documented options)
-    "gsm8k/test.jsonl": (1319, {}),
-    "gsm8k/train.jsonl": (7473, {}),
-    "math500/test.jsonl": (500, {"template": "{prompt}\n" + BOXED_INSTRUCTION}),
+    "gsm8k/test.jsonl": (150, {}),
+    "gsm8k/train.jsonl": (256, {}),
+    "math500/test.jsonl": (64, {"template": "{prompt}\n" + BOXED_INSTRUCTION}),
     "aime24/test.jsonl": (30, {}),
     "amc23/test.jsonl": (40, {}),
 }
@@ -48,8 +44,7 @@ PUBLIC = {  # file: (records, documented options)
 
 @pytest.fixture(scope="module")
 def public() -> dict[str, LoadResult]:
-    root = shared_data()
-    return {name: load_file(FileSpec(root / name, **opts)) for name, (_, opts) in PUBLIC.items()}
+    return {name: load_file(FileSpec(DATA / name, **opts)) for name, (_, opts) in PUBLIC.items()}
 
 
 @pytest.mark.parametrize("name", PUBLIC)
@@ -67,7 +62,7 @@ def test_public_spot_checks(public: dict[str, LoadResult]) -> None:
     assert gsm[0].prompt.startswith("Janet’s ducks lay 16 eggs per day.")
     assert gsm[0].answer == "18"
     assert gsm[146].answer == "2125"  # "#### 2,125": thousands comma dropped
-    assert gsm[146].meta == {"file": str(shared_data() / "gsm8k/test.jsonl"), "line": 147}
+    assert gsm[146].meta == {"file": str(DATA / "gsm8k/test.jsonl"), "line": 147}
     math = public["math500/test.jsonl"].problems
     assert math[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
     assert math[0].prompt.endswith("0 \\le \\theta < 2 \\pi.$\n" + BOXED_INSTRUCTION)
@@ -77,7 +72,7 @@ def test_public_spot_checks(public: dict[str, LoadResult]) -> None:
 
 def test_math500_boxed_solution_matches_answer_field(public: dict[str, LoadResult]) -> None:
     from_solution = load_file(
-        FileSpec(shared_data() / "math500/test.jsonl", answer_field="solution")
+        FileSpec(DATA / "math500/test.jsonl", answer_field="solution")
     ).problems
     assert [p.answer for p in from_solution] == [
         p.answer for p in public["math500/test.jsonl"].problems
@@ -107,7 +102,7 @@ def test_math500_reward_rejects_other_problems_answers(public: dict[str, LoadRes
 
 
 def test_mixed_public_pool_is_seeded() -> None:
-    root = shared_data()
+    root = DATA
     specs = [
         FileSpec(root / "gsm8k/train.jsonl", count=50),
         FileSpec(root / "math500/test.jsonl", count=20),
@@ -124,8 +119,8 @@ def test_mixed_public_pool_is_seeded() -> None:
     other = load_files(specs, seed=4, first_id=100).problems
     assert [p.prompt for p in other] != [p.prompt for p in first.problems]
     assert summarise(first) == (
-        "Loaded 80 problems from 3 file(s) (gsm8k/train.jsonl: 50 of 7473 records; "
-        "math500/test.jsonl: 20 of 500 records; gsm8k/test.jsonl: 10 of 1319 records). "
+        "Loaded 80 problems from 3 file(s) (gsm8k/train.jsonl: 50 of 256 records; "
+        "math500/test.jsonl: 20 of 64 records; gsm8k/test.jsonl: 10 of 150 records). "
         "Sources: gsm8k 50, gsm8k-test 10, math500 20. "
         "0 duplicate prompt(s) dropped; 0 record(s) rejected."
     )

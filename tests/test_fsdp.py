@@ -21,8 +21,8 @@ import pytest
 import torch
 from gradalign_runs import SCORED
 
-from gradalign.rundir import read_jsonl
 from gradalign.scoring import sharded
+from gradalign.storage import read_jsonl
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 STATE_WORKER = Path(__file__).with_name("fsdp_state_worker.py")

@@ -431,7 +431,7 @@ def test_a_reward_that_calls_sys_exit_scores_zero_and_the_run_goes_on(
         rewards._WARNED.discard("ga_exiting_reward:exits")
     assert (code, errors) == (0, [])
     assert str(caught[0].message) == (
-        "4 of 8 rewards (eval:53917133) could not be computed and scored 0; first: problem "
+        "4 of 8 rewards (eval) could not be computed and scored 0; first: problem "
         "2000000 (source 'eval'): reward 'ga_exiting_reward:exits' raised SystemExit (sys.exit(3))"
     )
     metrics = read_json(tmp_path / "run" / "rounds" / "0001" / "metrics.json")

@@ -308,7 +308,7 @@ def test_diagnose_and_a_lora_run_score_output_features(tmp_path) -> None:
     from typer.testing import CliRunner
 
     from gradalign.cli import app
-    from gradalign.rundir import read_json
+    from gradalign.storage import read_json
 
     runner = CliRunner()
     settings = [

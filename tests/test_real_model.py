@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from local_qwen import qwen_tokenizer
 
 from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core import alignment
@@ -24,89 +25,7 @@ from gradalign.storage import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "qwen2.5-math-1.5b.yaml"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Qwen2's pre-tokenisation (transformers' Qwen2Tokenizer rebuilds the tokenizer with it on load)
-QWEN_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def qwen_tokenizer():
-    """A byte-level BPE tokenizer trained here on a few strings, Qwen2-style, ~310 tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers.trainers import BpeTrainer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(
-        vocab_size=320,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = [
-        "What is 30 + 4? The answer is \\boxed{34}.",
-        "user\nassistant\nPlease reason step by step.",
-        "Compute 12 * 3 = 36. #### 36",
-    ]
-    tok.train_from_iterator(corpus * 4, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    hf.chat_template = QWEN_TEMPLATE
-    return hf
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory) -> Path:
-    """A random Qwen2 (hidden 64, 2 layers, 4 heads, 2 kv heads) saved as a user's checkpoint,
-    with an Instruct-style generation_config (repetition_penalty 1.05)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = qwen_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(  # as Qwen2.5-Instruct's generation_config.json
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        repetition_penalty=1.05,
-        temperature=0.7,
-        top_p=0.8,
-        top_k=20,
-    )
-    path = tmp_path_factory.mktemp("qwen2-tiny")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _write(path: Path, rows: list) -> str:
@@ -475,14 +394,11 @@ def test_example_config_loads_and_its_files_parse(tmp_path, monkeypatch):
     cfg = load_config(EXAMPLE, [f"model.name={tmp_path}"])
     assert cfg.model.name == str(tmp_path) and cfg.model.dtype == "bfloat16"
     assert (cfg.model.lora_r, cfg.select.params, cfg.select.mode) == (16, "lora", "sim")
-    assert cfg.n_select == 64 == cfg.train.batch_size * cfg.train.steps_per_round
-    data = ROOT.parent / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip(f"{data} (the example's data) is not on this machine")
+    assert cfg.n_select == 16 == cfg.train.batch_size * cfg.train.steps_per_round
     monkeypatch.chdir(ROOT)  # the example's paths are relative to the repository root
     lines: list[str] = []
-    sets = sets_from_files(cfg, log=lines.append)
-    assert (len(sets.pool), len(sets.validation), len(sets.eval)) == (7473, 40, 200)
+    sets = sets_from_files(cfg, log=lines.append)  # the slices shipped in examples/data
+    assert (len(sets.pool), len(sets.validation), len(sets.eval)) == (256, 40, 64)
     assert all("0 record(s) rejected" in line for line in lines)
     assert sets.validation[0].answer == "27" and sets.pool[0].answer == "72"
     assert sets.pool[0].prompt.endswith("put your final answer within \\boxed{}.")

@@ -179,7 +179,14 @@ def test_report_of_one_run_directory(bench_dir):
     assert res["final_accuracy"] == {
         "noisy": {"sim": {"mean": 0.2, "ci95": None, "n": 1, "seeds": {"1": 0.2}}}
     }
-    assert "n/a" in (run_dir / "report" / "report.md").read_text()
+    text = (run_dir / "report" / "report.md").read_text()  # its rounds, not a benchmark
+    assert text.startswith("# GradAlign run report") and "Difference to `rand`" not in text
+    # SIM_SPLIT[1] = [0.3, 0.2]: both > 0; no round fell back
+    assert "Split-half validation cosine > 0 in 2 of 2 rounds (0 without one)" in text
+    assert "Selection fell back to rand in 0 of 2 rounds" in text
+    assert "| round | eval accuracy | split-half cos | AUC clean | corrupted share |" in text
+    assert "| 1 | 0.000 | +0.30 | 0.90 | 0% |\n| 2 | 0.200 | +0.20 | – | 25% |" in text
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
     assert (run_dir / "report" / "accuracy.png").is_file()
 
 

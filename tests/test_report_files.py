@@ -24,8 +24,10 @@ def test_report_of_a_file_data_run_names_no_regime(tmp_path):
     assert list(res["final_accuracy"]) == ["files"]
     assert res["final_accuracy"]["files"]["sim"]["mean"] == 0.3
     text = (run_dir / "report" / "report.md").read_text()
-    assert "noisy" not in text and "corrupted" not in text.lower() and "Share of" not in text
-    assert "| mode | files |\n|---|---|\n| sim | 0.300 ± n/a (n=1) |" in text
+    assert "noisy" not in text and "Share of" not in text and "Difference to" not in text
+    assert "mode `sim` on problem files" in text
+    assert "Greedy eval accuracy 0.050 before training, 0.300 after the last round" in text
+    assert "| round | eval accuracy | corrupted share |" in text  # as this hand-made run wrote
     assert (run_dir / "report" / "accuracy.png").is_file()
 
 

@@ -126,7 +126,8 @@ def test_second_process_is_refused_with_the_holder_named(tmp_path):
         res = CliRunner().invoke(app, ["run", f"--set=out_dir={tmp_path}"])
         assert res.exit_code == 2
         text = " ".join(res.output.split())
-        assert f"is in use by pid {os.getpid()} on" in text and "Traceback" not in res.output
+        assert f"run directory: {tmp_path} is in use by pid {os.getpid()} on" in text
+        assert "Traceback" not in res.output
         with pytest.raises(RunLocked, match="another out_dir"):
             RunLock(tmp_path).__enter__()
     with RunLock(tmp_path):  # released on exit

@@ -30,13 +30,13 @@ def test_pool_swapped_each_round_and_adam_state_carries_over(monkeypatch):
     seen: list[int] = []
     import gradalign.engine.training as training
 
-    real = training.score_completion
+    real = training.checked_reward
 
     def spy(problem, completion, salt=""):
         seen.append(problem.id)
         return real(problem, completion, salt)
 
-    monkeypatch.setattr(training, "score_completion", spy)
+    monkeypatch.setattr(training, "checked_reward", spy)
     rounds = [
         [Problem(i, f"{i}+1", str(i + 1), "addition") for i in (1, 2, 3)],
         [Problem(i, f"{i}+2", str(i + 2), "addition") for i in (10, 11)],

@@ -30,10 +30,15 @@ app = typer.Typer(
 
 @app.callback()
 def _offline() -> None:
-    """Every command runs without the model hub (`policy.use_offline_hub`)."""
+    """Every command runs without the model hub (`policy.use_offline_hub`), and shows Python
+    warnings in one line each (`progress.one_line_warning`)."""
+    import warnings
+
     from gradalign.engine.policy import use_offline_hub
+    from gradalign.progress import one_line_warning
 
     use_offline_hub()
+    warnings.formatwarning = one_line_warning
 
 
 SetOpt = Annotated[
@@ -59,27 +64,37 @@ RestartOpt = Annotated[
 
 def _run_one(cfg: Config, restart: bool) -> dict:
     """loop.run with its expected failures as one-line messages: exit 2 for what the user
-    gave (config, data, a locked or foreign run directory), 1 for what failed while running
-    (a file the system cannot write or read, diverged training)."""
+    gave (config, data, a locked or foreign run directory, a reward function that never
+    works), 1 for what failed while running (a file the system cannot write or read, diverged
+    training), 130 for Ctrl-C."""
     from gradalign.run.loop import run as run_loop
 
     return _guarded(run_loop, cfg, restart=restart)
 
 
-def _guarded(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+RESUMES = "interrupted; run the same command to resume"
+
+
+def _guarded(
+    call: Callable[..., T], *args: Any, interrupted: str = RESUMES, directory: str = "run directory",
+    **kwargs: Any,
+) -> T:  # fmt: skip
     """`call(*args, **kwargs)` with the expected failures of loading and running as one-line
-    messages (see `_run_one`)."""
+    messages (see `_run_one`); `interrupted` is the line Ctrl-C ends with, `directory` the
+    label of a locked or foreign output directory."""
     from gradalign.data.problems import ProblemError
-    from gradalign.data.rewards import RewardError
+    from gradalign.data.rewards import RewardError, RewardFailed
     from gradalign.engine.training import TrainingDiverged
     from gradalign.run.checkpoint import ResumeError, RunLocked
 
     try:
         return call(*args, **kwargs)
     except (RunLocked, ResumeError) as err:
-        _fail("run directory", err, 2)
+        _fail(directory, err, 2)
     except (ConfigError, ProblemError, RewardError) as err:  # found while loading data
         _fail("config error", err, 2)
+    except RewardFailed as err:
+        _fail("reward error", err, 2)
     except StorageError as err:
         _fail("storage error", err, 1)
     except TrainingDiverged as err:
@@ -87,6 +102,9 @@ def _guarded(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     except OSError as err:  # one no writer above named: still the path and the cause
         where = f"{err.filename}: " if err.filename else ""
         _fail("storage error", f"{where}{describe(err)}", 1)
+    except KeyboardInterrupt:
+        console.print(interrupted, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _fail(label: str, err: Exception | str, code: int) -> NoReturn:
@@ -117,7 +135,9 @@ def run(
     summary = _run_one(cfg, restart)
     shutdown()
     console.print(comparison_table({cfg.select.mode: summary}))
-    console.print(f"run directory: {cfg.out_dir}  (wall time {summary['wall_s']:.0f} s)")
+    console.print(
+        f"run directory: {cfg.out_dir}  (wall time {summary['wall_s']:.0f} s)", soft_wrap=True
+    )
 
 
 @app.command("score")
@@ -131,28 +151,17 @@ def score_command(
     """Score a whole pool once under the starting policy (no training): OUT/scores.jsonl
     with each problem's file and line or row; with --top / --fraction the chosen rows in
     the pool files' own format, for any trainer. Rerunning resumes from finished chunks."""
-    from gradalign.data.problems import ProblemError
-    from gradalign.data.rewards import RewardError
-    from gradalign.run.checkpoint import ResumeError, RunLocked
     from gradalign.run.score import score
 
     cfg = _load(config, set_)
-    try:
-        result = score(cfg, out, top=top, fraction=fraction)
-    except (RunLocked, ResumeError) as err:
-        _fail("output directory", err, 2)
-    except (ConfigError, ProblemError, RewardError) as err:
-        _fail("config error", err, 2)
-    except StorageError as err:
-        _fail("storage error", err, 1)
-    except OSError as err:
-        where = f"{err.filename}: " if err.filename else ""
-        _fail("storage error", f"{where}{describe(err)}", 1)
+    result = _guarded(score, cfg, out, top=top, fraction=fraction, directory="output directory")
     shutdown()
     written = ", ".join(str(p) for p in result.selected)
     console.print(
         f"scored {result.n_scored} problems: {result.scores}"
-        + (f"; selected {result.n_selected}: {written}" if written else "")
+        + (f"; selected {result.n_selected}: {written}" if written else ""),
+        markup=False,
+        soft_wrap=True,
     )
 
 
@@ -226,7 +235,7 @@ def export(
     except OSError as err:
         where = f"{err.filename}: " if err.filename else ""
         _fail("storage error", f"{where}{describe(err)}", 1)
-    console.print(f"{what}: {dest}")
+    console.print(f"{what}: {dest}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -249,9 +258,9 @@ def diagnose(
     from gradalign.run.diagnose import diagnose as run_diagnose
 
     cfg = _load(config, set_)
-    result = _guarded(run_diagnose, cfg, chunks)
+    result = _guarded(run_diagnose, cfg, chunks, interrupted="interrupted")
     console.print(diagnosis_table(result))
-    console.print(f"verdict: {result['verdict']}", markup=False)
+    console.print(f"verdict: {result['verdict']}", markup=False, soft_wrap=True)
     if json_out is not None and is_main():  # under torchrun every rank holds the same result
         from gradalign.storage import write_json
 
@@ -259,7 +268,7 @@ def diagnose(
             write_json(json_out, result)
         except StorageError as err:
             _fail("storage error", err, 1)
-        console.print(f"measures: {json_out}")
+        console.print(f"measures: {json_out}", markup=False, soft_wrap=True)
     shutdown()
 
 
@@ -286,6 +295,13 @@ def diagnosis_table(d: dict) -> Table:
     table.add_row("split-half validation cosine", series(d["split_half_cos"]))
     table.add_row("transfer cosine (chunk halves)", series(d["transfer_cos"]))
     table.add_row("zero-variance share", f"{d['zero_variance_share']:.0%}")
+    rates = [("pool chunks", "chunk_pass_rate"), ("validation set", "val_pass_rate")]
+    table.add_row("pass rate", ", ".join(f"{w} {num(d.get(k), signed=False)}" for w, k in rates))
+    cut = [("candidate", "clipped_share"), ("validation", "val_clipped_share")]
+    table.add_row(
+        f"cut off at max_new_tokens={d.get('max_new_tokens')}",
+        ", ".join(f"{w} {_share(d.get(k))}" for w, k in cut),
+    )
     q = d["cos_quantiles"]
     if q:
         table.add_row(
@@ -302,12 +318,24 @@ def diagnosis_table(d: dict) -> Table:
     return table
 
 
+def _share(x: float | None) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.0%}"
+
+
 @app.command()
 def fields() -> None:
-    """List every configuration field with its default and meaning."""
-    table = Table("field", "default", "meaning", box=None)
+    """List every configuration field with its default and meaning. The defaults are sized
+    for the built-in models; the last column says what a real model needs instead."""
+    from gradalign.config import REAL_MODEL
+
+    table = Table(
+        "field", "default", "meaning", "for a local model (GPU)", box=None,
+        caption="Defaults are sized for the built-in models (builtin:tiny on a CPU); the last "
+        "column is a starting point for your own Hugging Face model "
+        "(examples/qwen2.5-math-1.5b.yaml).",
+    )  # fmt: skip
     for name, default, help_ in field_docs():
-        table.add_row(name, default, help_)
+        table.add_row(name, default, help_, REAL_MODEL.get(name, ""))
     console.print(table)
 
 
@@ -319,11 +347,12 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
     made bad (or, for imbalance, that come from the minority family), and the time spent
     selecting and training."""
     rounds = max(len(s["eval_accuracy"]) for s in summaries.values())
+    measured = {mode: s.get("selected_share") or {} for mode, s in summaries.items()}  # files: None
     shares = [
         k
         for k in SHARE_LABELS
-        if any(k in s.get("selected_share", {}) for s in summaries.values())
-        and (k == "minority" or any(s["selected_share"].get(k, 0) > 0 for s in summaries.values()))
+        if any(k in m for m in measured.values())
+        and (k == "minority" or any(m.get(k, 0) > 0 for m in measured.values()))
     ]
     sampled = all(s.get("final_eval_mean_at_k") is not None for s in summaries.values())
     table = Table(title="greedy eval accuracy (pass@1) after each round", box=None)
@@ -342,7 +371,7 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
             f"{s['final_eval_accuracy']:.3f}",
             f"{s['final_eval_accuracy'] - s['initial_eval_accuracy']:+.3f}",
             *(_sampled_cells(s) if sampled else []),
-            *[f"{100 * s['selected_share'][k]:.0f}%" for k in shares],
+            *[f"{100 * measured[mode][k]:.0f}%" if k in measured[mode] else "–" for k in shares],
             f"{select_s:.0f}",
             f"{t.get('time/training_s', 0):.0f}",
             f"{s['wall_s']:.0f}",
@@ -431,8 +460,22 @@ def report(
     except FileNotFoundError as err:
         console.print(f"[red]report error:[/red] {err}")
         raise typer.Exit(2) from None
-    console.print(results_table(res))
+    console.print(round_table(res["rounds"]) if "rounds" in res else results_table(res))
     console.print(f"report: {directory / 'report' / 'report.md'}")
+
+
+def round_table(rows: list[dict]) -> Table:
+    """One run's rounds (`analysis.run_report`): eval accuracy, pass rates, split-half cosine,
+    fallbacks."""
+    from gradalign.analysis.run_report import cells
+
+    header, body = cells(rows)
+    table = Table(title="one run, per round", box=None)
+    for col in header:
+        table.add_column(col, justify="right")
+    for line in body:
+        table.add_row(*line)
+    return table
 
 
 def results_table(res: dict) -> Table:

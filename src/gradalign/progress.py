@@ -6,7 +6,8 @@ logs): a step (warm start, rollouts, scoring, GRPO steps) prints ``  NAME: DONE/
 T s`` when it passes a tenth of its total, and at least every `HEARTBEAT_S` seconds while it
 runs (a background thread checks, so a single long step still shows life). Lines at the
 tenths are held back within `QUIET_S` seconds of the last line: a step done in seconds
-prints nothing.
+prints nothing. Log lines are never wrapped (`log`: one line per message, for grep), and the
+`gradalign` command shows Python warnings in one line each (`one_line_warning`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 from rich.console import Console
@@ -153,4 +155,14 @@ def bar(description: str, total: int) -> Iterator[Advance]:
 
 
 def log(message: str) -> None:
-    console.print(message, markup=False)
+    """One line of the run's log, never wrapped (a file or pipe gets it whole, for grep)."""
+    console.print(message, markup=False, soft_wrap=True)
+
+
+def one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line=None
+) -> str:
+    """A Python warning as one line, ``file.py:12: FutureWarning: text``, without the source
+    line `warnings.formatwarning` prints under it (set by the `gradalign` command)."""
+    text = " ".join(str(message).split())
+    return f"{Path(filename).name}:{lineno}: {category.__name__}: {text}\n"

@@ -1,4 +1,5 @@
-"""Report of a bench directory (or of one run directory) from what its runs saved.
+"""Report of a bench directory (or of one run directory: `analysis.run_report`) from what its
+runs saved.
 
 Reads ``config.yaml``, ``summary.json``, ``rounds/*/metrics.json`` and ``bench-run.json`` of
 every run below the directory (nothing is re-run) and writes ``report/`` in it:
@@ -330,16 +331,25 @@ def _round_columns(rounds: int, most: int = 12) -> list[int]:
 
 
 def build_report(root: Path, out: Path | None = None) -> dict[str, Any]:
-    """Write report.md, results.json and the plots to `out` (default ROOT/report)."""
+    """Write report.md, results.json and the plots to `out` (default ROOT/report). For one
+    run directory, report.md is its per-round report and results.json also holds ``rounds``."""
     root = Path(root)
     out = Path(out) if out is not None else root / "report"
     runs = collect(root)
     if not runs:
         raise FileNotFoundError(f"{root}: no run directories (config.yaml or bench-run.json)")
     res = summarize(runs)
+    single = len(runs) == 1 and Path(runs[0].path) == root  # one run: its rounds, no comparison
+    if single:
+        from gradalign.analysis import run_report
+
+        res["rounds"] = run_report.round_rows(root)
     write_json(out / "results.json", res)
     from gradalign.analysis.plots import plot  # matplotlib: imported when a report is drawn
 
     plot(runs, out)
-    write_text(out / "report.md", markdown(root, runs, res))
+    text = (
+        run_report.markdown(root, runs[0], res["rounds"]) if single else markdown(root, runs, res)
+    )
+    write_text(out / "report.md", text)
     return res

@@ -231,8 +231,9 @@ def _load_file(
     name = str(spec.path)
     kept: list[tuple[str, dict[str, Any]]] = []  # (raw prompt, Problem fields)
     rejected: list[Rejection] = []
-    records = duplicates = 0
+    records = duplicates = total = 0
     for position, (pos, rec, error) in enumerate(_records(spec.path, fmt)):
+        total = position + 1
         if not spec.reads(position):
             continue
         records += 1
@@ -253,6 +254,11 @@ def _load_file(
             continue
         seen.add(record.prompt)
         kept.append((record.prompt, problem_fields(record, spec.template, name, fmt, pos)))
+    if spec.offset > 0 and spec.offset >= total:
+        raise ProblemError(
+            f"{name}: offset {spec.offset} skipped all {total} records of the file (records "
+            f"count from 0: offset must be below {total})"
+        )
     if spec.count is not None:
         if spec.count > len(kept):
             raise ProblemError(

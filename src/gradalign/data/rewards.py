@@ -6,6 +6,13 @@ and training (TRL reward function), so a corrupted reward corrupts both, as in t
 A problem names its reward in ``Problem.reward``: a key of `REWARDS` (``"math"``, ``"exact"``,
 ``"final"``, ``"countdown"``, ``"coinflip"``) or a user function as
 ``"package.module:function"``, imported on first use by `resolve_reward`.
+
+Failures: a reward that raises or returns no finite number scores that completion 0 and is
+counted (`checked_reward`); a reward function that fails on *every* completion it is given in
+one stage (a round's candidate, validation or eval rollouts, one GRPO step's completions)
+stops the run with `RewardFailed` (`check_failures`): there is nothing to select or learn from,
+and it is found at the first such stage, before the first GRPO step when the function scores
+rollouts before training (as every reward of the pool, validation and eval sets does).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from gradalign.data.problems import Problem
@@ -332,6 +339,25 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+class RewardFailed(Exception):
+    """A reward function failed on every completion of a stage (`check_failures`); the
+    message names the function and its first failure. Not a RuntimeError: training's guard
+    against NaN weights must not mistake it for divergence."""
+
+    def __init__(self, reward: str, stage: str, calls: int, first: str, problem: Problem) -> None:
+        super().__init__(
+            f"{reward}: {first} (problem {problem.id}, source {problem.source!r}); it failed on "
+            f"all {calls} completions of the {stage}, so there is nothing to select or train on: "
+            "fix the function (a reward that fails on some completions only scores them 0, "
+            "counted as bad_rewards)"
+        )
+        self.reward, self.stage, self.calls = reward, stage, calls
+
+
+def _site(problem: Problem) -> str:
+    return f"problem {problem.id} (source {problem.source!r}): reward '{problem.reward}'"
+
+
 def checked_reward(problem: Problem, completion: str, salt: str = "") -> tuple[float, str | None]:
     """(reward, None) of one completion under the problem's reward function, or (0.0, why)
     when the function raised (`sys.exit` included: a user's reward never ends the run), or
@@ -340,7 +366,7 @@ def checked_reward(problem: Problem, completion: str, salt: str = "") -> tuple[f
     An unknown reward name still raises `RewardError` (a configuration error); Ctrl-C
     (KeyboardInterrupt) still stops the run."""
     fn = reward_of(problem)
-    where = f"problem {problem.id} (source {problem.source!r}): reward '{problem.reward}'"
+    where = _site(problem)
     try:
         value = coinflip(problem, completion, salt) if fn is coinflip else fn(problem, completion)
     except (Exception, SystemExit) as err:
@@ -356,15 +382,33 @@ def checked_reward(problem: Problem, completion: str, salt: str = "") -> tuple[f
     return reward, None
 
 
-def score_completion(problem: Problem, completion: str, salt: str = "") -> float:
-    """Reward of one completion under the problem's own reward function (`checked_reward`:
-    a failed reward scores 0.0 with a `RewardWarning`, shown once per reward name)."""
-    reward, error = checked_reward(problem, completion, salt)
+def check_failures(problems: Sequence[Problem], errors: Sequence[str | None], stage: str) -> None:
+    """Raise `RewardFailed` when one reward function failed on every completion it scored in
+    `stage` (`problems[i]` is completion i's problem, `errors[i]` its `checked_reward` error)."""
+    calls = Counter(p.reward for p in problems)
+    failed = Counter(p.reward for p, e in zip(problems, errors) if e is not None)
+    for name, n in calls.items():
+        if failed[name] == n:
+            p, error = next((p, e) for p, e in zip(problems, errors) if p.reward == name)
+            assert error is not None
+            first = error.removeprefix(_site(p)).strip().removeprefix("raised ")
+            raise RewardFailed(name, stage, n, first, p)
+
+
+def warn_once(problem: Problem, error: str | None) -> None:
+    """A `RewardWarning` for `error` (from `checked_reward`), shown once per reward name."""
     if error is not None and problem.reward not in _WARNED:
         _WARNED.add(problem.reward)
         warnings.warn(
             f"{error}; it scores 0 (later failures of this reward are not shown)",
             RewardWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def score_completion(problem: Problem, completion: str, salt: str = "") -> float:
+    """Reward of one completion under the problem's own reward function (`checked_reward`:
+    a failed reward scores 0.0 with a `RewardWarning`, shown once per reward name)."""
+    reward, error = checked_reward(problem, completion, salt)
+    warn_once(problem, error)
     return reward

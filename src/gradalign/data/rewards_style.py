@@ -7,12 +7,15 @@ to ``RewardFn = (problem, completion) -> float``.
   manager calls it: ``data_source`` is the record's ``data_source`` (else the problem's
   source), ``ground_truth`` the reference answer as read, ``extra_info`` the record's
   ``extra_info`` (a dict, ``{}`` when it has none);
-- ``trl``: ``fn(completions, **kwargs) -> list[float]``, called with one completion:
-  ``prompts=[prompt]``, ``completions=[completion]`` (standard format: strings) and the
-  columns ``answer`` and ``ground_truth`` (the reference answer), ``data_source`` and
-  ``source``, then the record's own fields as TRL passes a dataset's columns (a file's ``answer``
-  column, say, as written there, overriding ours), each a one-item list (a function without
-  ``**kwargs`` gets the ones it names).
+- ``trl``: ``fn(completions, **kwargs) -> list[float]``, called with one completion as TRL
+  calls it for the same dataset: for a problem whose prompt is a string, ``prompts=[prompt]``
+  and ``completions=[completion]`` (TRL's standard format: strings); for one whose prompt is
+  chat messages (verl-style records), ``prompts=[messages]`` and
+  ``completions=[[{"role": "assistant", "content": completion}]]`` (TRL's conversational
+  format, so ``completions[0][0]["content"]`` works under `gradalign run` as under TRL);
+  then the columns ``answer`` and ``ground_truth`` (the reference answer), ``data_source`` and
+  ``source``, then the record's own fields as TRL passes a dataset's columns (a file's
+  ``answer`` column, say, as written there, overriding ours), each a one-item list (a function without ``**kwargs`` gets the ones it names).
 
 ``auto`` tells them apart by parameter names: ``solution_str`` means verl, ``completions``
 means TRL, any other function callable with two positional arguments is ours. A function
@@ -137,9 +140,10 @@ def _trl(fn: Callable[..., Any]) -> Callable[..., Any]:
             "source": [problem.source],
         }
         dataset = {k: [v] for k, v in (getattr(problem, "columns", None) or {}).items()}
+        chat = getattr(problem, "messages", None) is not None  # conversational in and out
         columns = {
-            "prompts": [problem.prompt],
-            "completions": [completion],
+            "prompts": [problem.chat if chat else problem.prompt],
+            "completions": [[{"role": "assistant", "content": completion}] if chat else completion],
             **ours,
             **{k: v for k, v in dataset.items() if k not in ("prompts", "completions")},
         }

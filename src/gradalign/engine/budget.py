@@ -67,4 +67,5 @@ def extend(first: Rollouts, more: Rollouts, idx: np.ndarray) -> Rollouts:
         np.concatenate([first.rewards, more.rewards])[order],
         group[order],
         first.bad_rewards + more.bad_rewards,
+        first.clipped + more.clipped,
     )

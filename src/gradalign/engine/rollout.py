@@ -22,7 +22,7 @@ from gradalign.core.grpo import (
     zero_variance_groups,
 )
 from gradalign.data.problems import Problem
-from gradalign.data.rewards import RewardWarning, checked_reward
+from gradalign.data.rewards import RewardWarning, check_failures, checked_reward
 from gradalign.engine.policy import format_prompt
 
 
@@ -35,6 +35,7 @@ class Rollouts:
     rewards: np.ndarray  # float [N], always finite
     group: np.ndarray  # int [N], index into `problems`
     bad_rewards: int = 0  # rewards that raised or were not finite, scored 0 (`checked_reward`)
+    clipped: int = 0  # completions that hit max_new_tokens without EOS (answers cut off)
 
     @property
     def num_groups(self) -> int:
@@ -94,6 +95,13 @@ class SamplingConfig:
     prompts_per_batch: int = 64
 
 
+def stage_of(salt: str) -> str:
+    """The stage a rollout salt names, without its seed: "candidate rollouts:9012" ->
+    "candidate rollouts" (messages show the stage, never the salt's internal number)."""
+    stage, sep, seed = salt.rpartition(":")
+    return (stage if sep and seed.isdigit() else salt) or "rollouts"
+
+
 def score_rollouts(
     tokenizer,
     problems: list[Problem],
@@ -108,23 +116,30 @@ def score_rollouts(
     A reward function that raises or returns NaN / Inf / a non-number scores that rollout 0.0
     (a check that cannot be made is not a pass; training sees the same through
     `score_completion`); such rollouts are counted in `Rollouts.bad_rewards` and one
-    `RewardWarning` per call names the first (problem id, source, reward) and the count."""
+    `RewardWarning` per call names the first (problem id, source, reward) and the count. A
+    reward function that failed on every one of its completions here raises `RewardFailed`
+    (`rewards.check_failures`). Completions without EOS ran to the length limit: counted in
+    `Rollouts.clipped`."""
     group = np.repeat(np.arange(len(problems)), group_size)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     checked = [
         checked_reward(problems[g], t, salt=f"{salt}:{i}")
         for i, (g, t) in enumerate(zip(group, texts))
     ]
+    stage = stage_of(salt)
+    check_failures([problems[g] for g in group], [error for _, error in checked], stage)
     rewards = np.array([reward for reward, _ in checked], dtype=np.float64)
     errors = [error for _, error in checked if error is not None]
     if errors:
         warnings.warn(
-            f"{len(errors)} of {len(checked)} rewards ({salt or 'rollouts'}) could not be "
-            f"computed and scored 0; first: {errors[0]}",
+            f"{len(errors)} of {len(checked)} rewards ({stage}) could not be computed and "
+            f"scored 0; first: {errors[0]}",
             RewardWarning,
             stacklevel=2,
         )
-    return Rollouts(problems, prompt_ids, completions, texts, rewards, group, len(errors))
+    eos = tokenizer.eos_token_id
+    clipped = sum(not c or c[-1] != eos for c in completions)
+    return Rollouts(problems, prompt_ids, completions, texts, rewards, group, len(errors), clipped)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

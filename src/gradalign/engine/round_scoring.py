@@ -12,7 +12,8 @@ what is its own (run directory, checkpoints, TRL's sampler).
 
 Metrics: stable names, shared by the run directory, `gradalign score` and the callback's
 ``gradalign/*`` logs, each defined once in docs/metrics.md (``select/*``, ``rollouts/*``,
-``val/*``, ``score/*`` and the ``time/*_s`` of each phase are computed here).
+``val/*``, ``score/*`` and the ``time/*_s`` of each phase are computed here); a
+`SelectionWarning` when over `CLIPPED_WARN` of a stage's rollouts hit ``rollout.max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TR
 # (items, rollouts per item, seed, what: "candidate rollouts" | "validation rollouts") -> rollouts
 Sample = Callable[[Sequence[Item], int, int, str], Rollouts]
 Bar = Callable[[str, int], AbstractContextManager[Progress]]
+CLIPPED_WARN = 0.5  # share of a stage's rollouts cut off at max_new_tokens that is warned of
 
 
 @dataclass
@@ -129,10 +131,12 @@ class ChunkScorer:
         zv = cand.zero_variance()
         metrics = candidate_metrics(cand, survive)
         if "gradients" not in need:
+            warn_clipped({"candidate": cand}, self.rollout.max_new_tokens)
             return RoundScores(Candidates(ids, cand.pass_rates(), zv), [cand], metrics)
         val_seed = round_seed(self.seed, round_, Stream.VALIDATION)
         with timed(timings, "time/validation_rollouts_s"):
             val = self.sample(self.validation, self.rollout.k_v, val_seed, "validation rollouts")
+        warn_clipped({"candidate": cand, "validation": val}, self.rollout.max_new_tokens)
         metrics |= validation_metrics(val)
         with timed(timings, "time/scoring_s"):
             al, split, features = _gradient_scores(
@@ -165,6 +169,7 @@ def candidate_metrics(cand: Rollouts, survive: np.ndarray | None) -> dict[str, A
         "select/chunk_zero_variance_frac": float(cand.zero_variance().mean()),
         "rollouts/bad_rewards": cand.bad_rewards,  # failed or non-finite, scored 0
         "rollouts/candidates": len(cand.rewards),
+        "rollouts/clipped_frac": clipped_share(cand),
     }
     if survive is not None:
         metrics["select/stopped_frac"] = float(1 - survive.mean())
@@ -178,7 +183,33 @@ def validation_metrics(val: Rollouts) -> dict[str, Any]:
         "val/pass_rate": float(val.rewards.mean()),
         "val/bad_rewards": val.bad_rewards,
         "val/zero_variance_frac": float(val.zero_variance().mean()),
+        "val/clipped_frac": clipped_share(val),
     }
+
+
+def clipped_share(ro: Rollouts) -> float:
+    """The share of `ro`'s completions that hit the length limit without EOS."""
+    return ro.clipped / len(ro.completion_ids) if ro.completion_ids else 0.0
+
+
+def clipped_message(shares: dict[str, float], max_new_tokens: int) -> str | None:
+    """One warning for the stages ({"candidate": share, ...}) whose rollouts were mostly cut
+    off at `max_new_tokens` (share > `CLIPPED_WARN`), or None."""
+    over = [f"{share:.0%} of the {what} rollouts" for what, share in shares.items()]
+    over = [text for text, share in zip(over, shares.values()) if share > CLIPPED_WARN]
+    if not over:
+        return None
+    return (
+        f"{' and '.join(over)} hit rollout.max_new_tokens={max_new_tokens} before ending: "
+        "answers are cut off before the reward reads them; raise rollout.max_new_tokens (its "
+        "default of 12 is sized for the built-in tasks; real models need hundreds of tokens)"
+    )
+
+
+def warn_clipped(stages: dict[str, Rollouts], max_new_tokens: int) -> None:
+    message = clipped_message({k: clipped_share(v) for k, v in stages.items()}, max_new_tokens)
+    if message is not None:
+        warnings.warn(message, SelectionWarning, stacklevel=3)
 
 
 def candidate_rollouts(
@@ -375,7 +406,8 @@ def selection_metrics(
     problems: Sequence[Problem] | None = None,
 ) -> dict[str, Any]:
     """The ``select/*`` metrics of the chosen ids; with the chosen `problems` (same order),
-    also their source mix and the shares a regime made corrupted or low-utility."""
+    also their source mix and, for a built-in regime's problems (no file: only they carry
+    such labels), the shares the regime made corrupted or low-utility."""
     out: dict[str, Any] = {"select/n": len(chosen)}
     if problems is not None:
         mix: dict[str, int] = {}
@@ -390,7 +422,7 @@ def selection_metrics(
     if cand.pass_rate is not None and len(chosen):
         pos = {int(i): j for j, i in enumerate(cand.ids)}
         out["select/pass_rate"] = float(np.mean([cand.pass_rate[pos[int(i)]] for i in chosen]))
-    if problems is not None:
+    if problems is not None and all(p.meta.get("file") is None for p in problems):
         n = max(len(problems), 1)
         out["select/corrupted_share"] = sum(bool(p.meta.get("corruption")) for p in problems) / n
         out["select/low_utility_share"] = sum(bool(p.meta.get("utility")) for p in problems) / n

@@ -23,7 +23,7 @@ import torch
 
 from gradalign.config import TrainConfig
 from gradalign.data.problems import Problem
-from gradalign.data.rewards import score_completion
+from gradalign.data.rewards import check_failures, checked_reward, warn_once
 from gradalign.engine.policy import format_prompt, plain_prompt, quiet_libraries
 from gradalign.engine.trl_args import (
     build_grpo_config,
@@ -158,18 +158,21 @@ class GRPOTraining:
         self.trainer.remove_callback(PrinterCallback)
         self.trainer.remove_callback(ProgressCallback)
 
-    def reward(self, completions: list[Any], problem_id: list[int], **_: Any) -> list[float | None]:
+    def reward(self, completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
         """TRL's reward function: each completion scored by its problem's reward, salted by
-        the round and the call (so a resumed round draws the same coin flips)."""
+        the round and the call (so a resumed round draws the same coin flips). A failure
+        scores 0, warned once per function (`rewards.checked_reward`); a function failing on
+        all its completions stops the run (`rewards.check_failures`)."""
         call = next(self._calls)
-        return [
-            score_completion(
-                self.by_id[pid],
-                _completion_text(c),
-                salt=f"train:{self._round_seed}:{call}:{i}",
-            )
-            for i, (c, pid) in enumerate(zip(completions, problem_id))
+        problems = [self.by_id[pid] for pid in problem_id]
+        checked = [
+            checked_reward(p, _completion_text(c), salt=f"train:{self._round_seed}:{call}:{i}")
+            for i, (c, p) in enumerate(zip(completions, problems))
         ]
+        check_failures(problems, [e for _, e in checked], "GRPO step's completions")
+        for p, (_, error) in zip(problems, checked):
+            warn_once(p, error)
+        return [r for r, _ in checked]
 
     def step_end(self, control: Any) -> None:
         """After each optimizer step: stop before sampling with non-finite weights, else

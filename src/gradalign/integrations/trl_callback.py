@@ -95,7 +95,8 @@ class GradAlignCallback(TrainerCallback):
         reward_weights: per reward function; default: 1 each, or with the trainer's reward
             functions, the trainer's ``args.reward_weights``.
 
-    ``history`` holds one dict per round: ``round``, ``scored_at_step`` (trainer step when it
+    ``history`` holds one dict per round: ``round`` (from 1, as `gradalign run` numbers
+    rounds), ``scored_at_step`` (trainer step when it
     was scored), ``chunk`` and ``selected`` (train-dataset row indices; selected in rank
     order), ``scores`` and ``pass_rate`` (per chunk row), ``metrics`` (the names of
     `gradalign.engine.round_scoring`), ``features`` (with ``select.project_dim``) and
@@ -157,7 +158,7 @@ class GradAlignCallback(TrainerCallback):
         instead asks this callback for round r+1's rows at the moment that batch is read:
         every index of a round comes from that round's selection, and the policy that scores
         round r+1 has taken ``steps_per_round - 1`` of round r's steps, not all of them
-        (``history[r]["scored_at_step"]``). DataLoader workers would read further ahead, hence
+        (``history[r]["scored_at_step"]``, 0-based r). DataLoader workers would read further ahead, hence
         ``dataloader_num_workers=0``.
         """
         check_trl(trainer)  # the private hook below: present, and a tested TRL version
@@ -255,7 +256,7 @@ class GradAlignCallback(TrainerCallback):
         metrics = scored.metrics | selection_metrics(chosen, scored.candidates, sel) | timings
         pass_rate = scored.candidates.pass_rate
         record = {
-            "round": r,
+            "round": r + 1,  # from 1, as everywhere (rounds/0001/, the console's round 1/N)
             "scored_at_step": trainer.state.global_step,
             "chunk": positions.tolist(),
             "selected": chosen,
@@ -304,7 +305,8 @@ class GradAlignCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ callback events
     def round_of_step(self, step: int) -> int:
-        """The round that optimizer step `step` (0-based, this `train()` call) trains."""
+        """The round that optimizer step `step` (0-based, this `train()` call) trains, as an
+        index from 0 (``history[i]``, whose ``round`` is i + 1)."""
         return self._first_round + (step - self._first_step) // self.steps_per_round
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -319,11 +321,12 @@ class GradAlignCallback(TrainerCallback):
         """Add the current round's summary (``gradalign/*``) to training log entries."""
         if not logs or "loss" not in logs or state.global_step == 0:
             return
-        r = self.round_of_step(state.global_step - 1)
-        row = next((h for h in reversed(self.history) if h["round"] == r), None)
+        number = self.round_of_step(state.global_step - 1) + 1  # rounds count from 1
+        row = next((h for h in reversed(self.history) if h["round"] == number), None)
         if row is None:
             return
-        extra = {"gradalign/round": r} | {f"gradalign/{k}": v for k, v in row["metrics"].items()}
+        extra = {"gradalign/round": number}
+        extra |= {f"gradalign/{k}": v for k, v in row["metrics"].items()}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)

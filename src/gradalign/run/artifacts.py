@@ -104,9 +104,12 @@ def read_stage(
         return None
 
 
-def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float]:
+def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float] | None:
     """Mean share over rounds of the selected problems that the regime made bad
-    (corrupted / filler) or, for `imbalance`, that come from the minority family."""
+    (corrupted / filler) or, for `imbalance`, that come from the minority family; None for
+    problem files, which carry no such labels."""
+    if cfg.data.pool_files:
+        return None
     if not history:
         return {}
     out = {

@@ -118,7 +118,7 @@ class RunLock:
             holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
             raise RunLocked(
-                f"run directory {self.path.parent} is in use by {holder}; wait for that run "
+                f"{self.path.parent} is in use by {holder}; wait for that run "
                 "to finish, or give this one another out_dir"
             ) from None
         except OSError as err:  # e.g. ENOLCK: the file system cannot lock

@@ -13,7 +13,10 @@ read off:
 - the distribution of candidate cosines cos(g_p, g^_V), the zero-variance share (groups with
   no gradient to rank), the mean cosine per source and per regime label;
 - for built-in regimes, the AUC of the cosine for clean above corrupted or filler problems
-  among groups with reward variance, per chunk and over the chunks pooled.
+  among groups with reward variance, per chunk and over the chunks pooled;
+- the pass rates of the chunk and of the validation set, and the share of rollouts cut off at
+  ``rollout.max_new_tokens``: they say *why* when there is nothing to rank (answers cut off,
+  a set too hard or too easy for the policy).
 
 The verdict's thresholds are rules of thumb from the built-in testbed (docs/testbed.md): there,
 a warm start that shares a direction with the reward gives split-half +0.36…+0.60, transfer
@@ -38,6 +41,8 @@ from gradalign.engine.round_scoring import ChunkScorer, RoundScores
 from gradalign.progress import bar, log
 
 SPLIT_OK = 0.2  # split-half validation cosine above which g^_V is a usable direction
+CLIPPED_MAX = 0.5  # share of rollouts cut off at max_new_tokens above which rewards mean little
+SOLVED_NONE, SOLVED_ALL = 0.05, 0.95  # pass rates at which a set is too hard / too easy
 TRANSFER_OK = 0.3  # the testbed's transfer gate
 AUC_OK, AUC_WEAK = 0.75, 0.6
 ZERO_VARIANCE_MAX = 0.9  # above it almost nothing has a gradient to rank
@@ -92,6 +97,10 @@ def _chunk_measures(setup: Any, chunk: list[Problem], scored: RoundScores) -> di
         "labels": labels,
         "split_half_cos": scored.metrics["val/split_half_cos"],
         "transfer_cos": _transfer(setup, scored, eligible, labels),
+        "chunk_pass_rate": scored.metrics["select/chunk_pass_rate"],
+        "val_pass_rate": scored.metrics["val/pass_rate"],
+        "clipped_share": scored.metrics["rollouts/clipped_frac"],
+        "val_clipped_share": scored.metrics["val/clipped_frac"],
     }
 
 
@@ -136,9 +145,7 @@ def summarise(per_chunk: list[dict[str, Any]], cfg: Config, n: int) -> dict[str,
     labelled = any(x != "clean" for x in labels)
     out: dict[str, Any] = {
         "model": cfg.model.name,
-        "data": ", ".join(str(f.get("path")) for f in cfg.data.pool_files)
-        if cfg.data.pool_files
-        else cfg.data.regime,
+        "data": data_label(cfg),
         "chunks": n,
         "candidates": len(cos),
         "k_r": cfg.rollout.k_r,
@@ -154,12 +161,23 @@ def summarise(per_chunk: list[dict[str, Any]], cfg: Config, n: int) -> dict[str,
         "cos_by_label": mean_by(np.where(ok, cos, np.nan), labels) if labelled else {},
         "auc_clean": None,
         "auc_clean_per_chunk": [],
+        "max_new_tokens": cfg.rollout.max_new_tokens,
     }
+    for key in ("chunk_pass_rate", "val_pass_rate", "clipped_share", "val_clipped_share"):
+        out[key] = _mean([c.get(key, math.nan) for c in per_chunk])
     if labelled:
         out["auc_clean_per_chunk"] = [_auc(c["cos"], c["labels"], c["eligible"]) for c in per_chunk]
         out["auc_clean"] = _auc(cos, labels, eligible)
     out["verdict"] = verdict(out)
     return out
+
+
+def data_label(cfg: Config) -> str:
+    """What the pool is: its files' paths, or the built-in regime."""
+    files = cfg.data.pool_files
+    if not files:
+        return f"the built-in {cfg.data.regime} regime"
+    return ", ".join(str(f.get("path", "?")) if isinstance(f, dict) else str(f) for f in files)
 
 
 def _auc(cos: np.ndarray, labels: list[str], eligible: np.ndarray) -> float | None:
@@ -176,17 +194,25 @@ def verdict(d: dict[str, Any]) -> str:
     """One line: can alignment select here, and if not, what stands in the way."""
     split, transfer = _mean(d["split_half_cos"]), _mean(d["transfer_cos"])
     zv, auc = d["zero_variance_share"], d["auc_clean"]
+    shares = (d.get("clipped_share"), d.get("val_clipped_share"))
+    clipped = max((x for x in shares if x is not None and math.isfinite(x)), default=0.0)
+    if clipped > CLIPPED_MAX:  # the cause of what follows: rewards of cut-off answers
+        return (
+            f"no: {clipped:.0%} of the rollouts hit rollout.max_new_tokens="
+            f"{d.get('max_new_tokens')} before ending, so answers are cut off before the reward "
+            "reads them; raise rollout.max_new_tokens (real models need hundreds of tokens)"
+        )
     if zv > ZERO_VARIANCE_MAX:
         return (
             f"no: {zv:.0%} of the candidates got the same reward in all {d['k_r']} rollouts, "
-            "so almost nothing has a gradient to rank (the pool is too easy or too hard for "
-            "this policy; raise rollout.k_r or change the pool)"
+            f"so almost nothing has a gradient to rank ({_too('pool', d.get('chunk_pass_rate'))}; "
+            "raise rollout.k_r or change the pool)"
         )
     if math.isnan(split):
         return (
             "no: the validation rollouts give no direction (in every diagnosed chunk a half of "
-            "the validation set got equal rewards in all its rollouts): a larger or harder "
-            "validation set, or more rollouts (rollout.k_v)"
+            "the validation set got equal rewards in all its rollouts): "
+            f"{_too('validation set', d.get('val_pass_rate'))}, or more rollouts (rollout.k_v)"
         )
     if split <= 0:
         return (
@@ -221,3 +247,19 @@ def verdict(d: dict[str, Any]) -> str:
         f"{SPLIT_OK}): g^_V is a noisy direction; a larger validation set or more rollouts "
         "(rollout.k_v) sharpen it"
     )
+
+
+def _too(what: str, pass_rate: float | None) -> str:
+    """What to change about a set whose groups got equal rewards, by its pass rate: one the
+    policy solves (almost) never needs an easier set or a stronger start, one it (almost)
+    always solves a harder set."""
+    if pass_rate is None or not math.isfinite(pass_rate):
+        return f"the {what} is too easy or too hard for this policy"
+    if pass_rate <= SOLVED_NONE:
+        return (
+            f"the policy solves almost none of the {what} (pass rate {pass_rate:.2f}): an "
+            f"easier {what} or a stronger starting policy"
+        )
+    if pass_rate >= SOLVED_ALL:
+        return f"the policy solves almost all of the {what} (pass rate {pass_rate:.2f}): a harder {what}"
+    return f"the {what}'s pass rate is {pass_rate:.2f}: a larger {what}"

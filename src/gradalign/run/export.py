@@ -13,13 +13,14 @@ cache, so a built-in LoRA run always writes merged weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from gradalign.config import Config, ConfigError, load_config
-from gradalign.engine.policy import quiet_libraries
+from gradalign.engine.policy import quiet_libraries, quiet_transformers
 from gradalign.progress import log
 
 
@@ -42,6 +43,7 @@ def save_policy(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    quiet_transformers()  # no "Writing model shards" bar in the run's log
     try:
         with quiet_libraries():
             what = _save(model, tokenizer, tmp, cfg, merge or builtin, whole)
@@ -104,14 +106,34 @@ def _checkpoint_path(run_dir: Path, round_: int | None) -> Path:
     return run_dir / "checkpoints" / name
 
 
+def policy_for_export(cfg: Config) -> tuple[Any, Any]:
+    """The policy `cfg` trains, on the CPU, to load a checkpoint into; built from the model
+    section alone, so the training data need not be there: a local directory (with its LoRA
+    adapters), or a built-in model's architecture, whose weights all come from the checkpoint.
+    Only a built-in LoRA run needs its warm-started base again (from the cache, or trained
+    anew), and with it the data its warm start excluded."""
+    from gradalign.engine.policy import build_model, build_tokenizer
+    from gradalign.run.setup import build_policy, build_sets
+    from gradalign.run.sources import policy_from_config
+
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device="cpu"))
+    kind, _, size = cfg.model.name.partition(":")
+    if kind != "builtin":
+        return policy_from_config(cfg)
+    if cfg.model.lora_r == 0:
+        tokenizer = build_tokenizer()
+        return build_model(tokenizer, size, seed=cfg.model.warmstart_seed), tokenizer
+    return build_policy(cfg, build_sets(cfg))
+
+
 def export_run(
     run_dir: Path, round_: int | None = None, merge: bool = False, dest: Path | None = None
 ) -> tuple[Path, str]:
-    """Rebuild the policy of `run_dir`'s config, load the checkpoint of round `round_` (its
+    """Rebuild the policy of `run_dir`'s config (`policy_for_export`: the model section and
+    the checkpoint, not the training data), load the checkpoint of round `round_` (its
     number in checkpoints/round-NNNN; None: the newest) and save it to `dest` (default
     RUN_DIR/final, or RUN_DIR/final-round-NNNN for a given round). Returns (dest, what)."""
     from gradalign.run.checkpoint import load_weights, read_checkpoint
-    from gradalign.run.setup import build_policy, build_sets
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -125,7 +147,7 @@ def export_run(
         ckpt = read_checkpoint(path)
     except ValueError as err:
         raise ExportError(str(err)) from None
-    model, tokenizer = build_policy(cfg, build_sets(cfg))
+    model, tokenizer = policy_for_export(cfg)
     load_weights(ckpt, model)
     if dest is None:
         dest = run_dir / ("final" if round_ is None else f"final-round-{round_:04d}")

@@ -21,7 +21,14 @@ from gradalign.core.selection import SelectionWarning
 from gradalign.data.problems import ChunkSchedule, Problem, Stream, round_seed
 from gradalign.engine.policy import resolve_device
 from gradalign.engine.rollout import Rollouts
-from gradalign.engine.round_scoring import ChunkScorer, select_chunk, selection_metrics, timed
+from gradalign.engine.round_scoring import (
+    ChunkScorer,
+    clipped_message,
+    clipped_share,
+    select_chunk,
+    selection_metrics,
+    timed,
+)
 from gradalign.engine.trl_args import check_grpo_config
 from gradalign.progress import bar, log
 from gradalign.run import sharded_state
@@ -59,6 +66,7 @@ def evaluate(setup: Setup, seed: int, sampled: bool = False) -> dict[str, float]
     reward of `rollout.eval_samples` samples per problem (mean@k)."""
     ro = setup.sample(setup.sets.eval, 1, seed, "eval", greedy=True)
     out = {"eval/accuracy": float(ro.rewards.mean()), "eval/bad_rewards": ro.bad_rewards}
+    out["eval/clipped_frac"] = clipped_share(ro)  # greedy answers cut off at max_new_tokens
     out |= per_source(ro, "eval/accuracy")
     samples = setup.cfg.rollout.eval_samples
     if sampled and samples > 0:
@@ -177,6 +185,7 @@ class Rounds:
         )
         tracker = Tracker(cfg, out) if main else Tracker.off(cfg)
         state = start_state(setup, out, ckpt, trainer)
+        tracker.counters = state.setdefault("trl_counters", {})  # saved with every checkpoint
         if ckpt is None:
             tracker.initial(state["initial"])
         scorer = ChunkScorer(
@@ -217,10 +226,12 @@ class Rounds:
             self.trainer.on_log = functools.partial(self.tracker.trl_step, r)
             with timed(timings, "time/training_s"):
                 try:
-                    return self.trainer.train_round(chosen, steps, seed)
+                    metrics = self.trainer.train_round(chosen, steps, seed)
                 except TrainingDiverged as err:  # before this round writes anything
                     kept = str(checkpoint_dir(self.out, r - 1)) if r else None
                     raise err.at(r, kept) from None
+        self.tracker.settle()  # TRL's running counters, continued by the next round
+        return metrics
 
     def evaluate(self, r: int, timings: dict[str, float]) -> dict[str, float]:
         """The eval after round r (sampled mean@k after the last round too)."""
@@ -271,6 +282,9 @@ def start_state(setup: Setup, out: Path, ckpt: Checkpoint | None, trainer: Any) 
         return ckpt.state
     initial = evaluate(setup, round_seed(cfg.seed, -1, Stream.EVAL), sampled=True)
     log(f"[{cfg.select.mode}] initial eval accuracy {initial['eval/accuracy']:.3f}")
+    cut = clipped_message({"greedy eval": initial["eval/clipped_frac"]}, cfg.rollout.max_new_tokens)
+    if cut is not None:  # before any training: the rounds warn of their own rollouts
+        log(f"warning: initial eval: {cut}")
     return {"config": cfg.to_dict(), "initial": initial, "history": [], "wall_s": 0.0}
 
 
@@ -283,8 +297,13 @@ def resume_point(cfg: Config, out: Path) -> Checkpoint | None:
     """The checkpoint to continue from, after checking that it is this config's run."""
     ckpt = latest_checkpoint(out, lambda msg: log(f"warning: {msg}"))
     if ckpt is None:
-        if (out / "rounds").is_dir():
-            log(f"warning: {out} has round artifacts but no usable checkpoint; starting over")
+        if any((out / "checkpoints").glob("round-*")):  # each was reported as it was skipped
+            log(f"warning: {out}: no checkpoint verifies; starting again from round 1")
+        elif (out / "rounds").is_dir():  # interrupted in round 1: nothing lost but its time
+            log(
+                f"[{cfg.select.mode}] {out}: no round had finished yet; starting round 1 (a "
+                "selection it had staged is read back)"
+            )
         return None
     current = json.loads(json.dumps(cfg.to_dict()))  # as state.json holds it
     diffs = config_differences(ckpt.state.get("config", {}), current)

@@ -287,8 +287,28 @@ def policy_from_config(cfg: Config):
             "directory (the one holding config.json, *.safetensors and the tokenizer files)"
         )
     device = model_device(m.device)
+    check_weight_files(path)
     try:
         model, tokenizer = load_pretrained(path, m.dtype, device)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name: cannot load {path}: {err}") from err
+    except Exception as err:  # whatever a damaged file makes transformers or tokenizers raise
+        why = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise ConfigError(f"model.name: cannot load {path}: {why}") from err
     return (with_lora(model, cfg) if m.lora_r > 0 else model), tokenizer
+
+
+def check_weight_files(path: Path) -> None:
+    """Every ``*.safetensors`` file of a model directory has a readable header that fits its
+    size; a truncated or damaged one (an interrupted download or copy) is a ConfigError naming
+    the file, before transformers meets it."""
+    from safetensors import safe_open
+
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(weights, framework="pt") as f:
+                f.keys()
+        except Exception as err:
+            why = " ".join(str(err).split())[:200]
+            raise ConfigError(
+                f"model.name: {weights} is not a readable safetensors file ({why}); it may be "
+                "truncated or damaged: copy or download it again"
+            ) from None

@@ -9,7 +9,10 @@ logged at the steps done so far in the run (round r's step s, both counted from 
 directory counts them, is r * train.steps_per_round + s + 1); round r's metrics are logged at
 the GRPO step that ends it, (r + 1) * train.steps_per_round, and the eval before any training
 at step 0. transformers' own tracker integrations are not used: each round is one `train()`
-call of TRL, whose step counter starts again at 0.
+call of TRL, whose step counter starts again at 0. TRL's running counters (`CUMULATIVE`:
+``trl/num_tokens``, ``trl/epoch``) restart with every `train()` call too; the tracker adds the
+totals of the rounds before, so they count over the whole run (the totals are kept in the
+checkpoint's state, so a resumed run continues them).
 
 Writers: tensorboard writes RUN_DIR/tb/ (`torch.utils.tensorboard`); wandb, trackio and
 mlflow run offline into the run directory (RUN_DIR/wandb, trackio's local store, RUN_DIR/mlflow.db
@@ -65,9 +68,36 @@ def scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+CUMULATIVE = ("num_tokens", "epoch")  # TRL counters that restart with each train() call
+
+
 def trl_scalars(logs: Mapping[str, Any]) -> dict[str, float]:
     """TRL's step logs under ``trl/``, in its own names (``trl/loss``, ``trl/reward``, ...)."""
     return {f"trl/{k}": v for k, v in scalars(logs).items()}
+
+
+# Fields that describe nothing of a run on problem files (the built-in task and regime) or on
+# a local model directory (the built-in model's warm start): left out of the logged config.
+BUILTIN_DATA = (
+    "families", "pool_size", "val_size", "eval_size", "regime", "corrupt_frac", "corruption",
+    "majority_frac", "minority", "lowutility_frac", "val_files",
+)  # fmt: skip
+BUILTIN_MODEL = (
+    "warmstart_steps", "warmstart_lr", "warmstart_batch_size", "warmstart_seed",
+    "warmstart_flaw", "warmstart_flaw_frac", "cache_dir",
+)  # fmt: skip
+
+
+def logged_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as the trackers log it: `Config.to_dict` without the fields that do
+    not apply to this run (`BUILTIN_DATA` for problem files, `BUILTIN_MODEL` for a local
+    model). config.yaml keeps every field."""
+    out = cfg.to_dict()
+    if cfg.data.pool_files:
+        out["data"] = {k: v for k, v in out["data"].items() if k not in BUILTIN_DATA}
+    if not cfg.model.name.startswith("builtin:"):
+        out["model"] = {k: v for k, v in out["model"].items() if k not in BUILTIN_MODEL}
+    return out
 
 
 class _TensorBoard:
@@ -75,7 +105,7 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(out / "tb"))
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        text = yaml.safe_dump(logged_config(cfg), sort_keys=False)
         self.writer.add_text("config", "```\n" + text + "\n```", 0)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -97,7 +127,7 @@ class _Wandb:
             project="gradalign",
             name=out.name,
             dir=str(out),
-            config=cfg.to_dict(),
+            config=logged_config(cfg),
             mode=os.environ.get("WANDB_MODE", "offline"),
             resume="allow",
             id="gradalign-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12],
@@ -115,7 +145,7 @@ class _Trackio:
         import trackio
 
         self.trackio = trackio
-        trackio.init(project="gradalign", name=out.name, config=cfg.to_dict(), resume="allow")
+        trackio.init(project="gradalign", name=out.name, config=logged_config(cfg), resume="allow")
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.trackio.log(values, step=step)
@@ -135,7 +165,7 @@ class _Mlflow:
             mlflow.set_tracking_uri(_mlflow_uri(out))
         mlflow.set_experiment("gradalign")
         mlflow.start_run(run_name=out.name)
-        params = {k: str(v)[:250] for k, v in flatten_config(cfg.to_dict()).items()}
+        params = {k: str(v)[:250] for k, v in flatten_config(logged_config(cfg)).items()}
         mlflow.log_params(params)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -160,19 +190,24 @@ WRITERS = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio, "m
 
 
 class Tracker:
-    """The run's trackers (none for report_to=none); rank 0 only."""
+    """The run's trackers (none for report_to=none); rank 0 only. `counters` holds the
+    `CUMULATIVE` TRL counters' totals over the finished rounds (the loop keeps it in the
+    checkpoint's state)."""
 
     writers: list[Any]  # one writer per tracker: .log(values, step), .close()
 
     def __init__(self, cfg: Config, out: Path) -> None:
         self.steps_per_round = cfg.train.steps_per_round
         self.writers = [WRITERS[n](Path(out), cfg) for n in cfg.train.report_to if n != "none"]
+        self.counters: dict[str, float] = {}
+        self._this_round: dict[str, float] = {}  # the counters' last values in this round
 
     @classmethod
     def off(cls, cfg: Config) -> Tracker:
         """A tracker that writes nothing (ranks other than 0)."""
         tracker = cls.__new__(cls)
         tracker.steps_per_round, tracker.writers = cfg.train.steps_per_round, []
+        tracker.counters, tracker._this_round = {}, {}
         return tracker
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -180,12 +215,24 @@ class Tracker:
             w.log(values, step)
 
     def trl_step(self, round_: int, step: int, logs: Mapping[str, Any]) -> None:
-        """TRL's logs of round `round_`'s `step`-th step (counted from 1 within the round)."""
+        """TRL's logs of round `round_`'s `step`-th step (counted from 1 within the round),
+        its `CUMULATIVE` counters continued from the rounds before."""
         values = trl_scalars(logs)
+        for key in CUMULATIVE:
+            if f"trl/{key}" in values:
+                self._this_round[key] = values[f"trl/{key}"]
+                values[f"trl/{key}"] += self.counters.get(key, 0.0)
         if values:
             self.log(values, round_ * self.steps_per_round + step)
 
+    def settle(self) -> None:
+        """Add this round's counters to the totals (the round's training is done)."""
+        for key, value in self._this_round.items():
+            self.counters[key] = self.counters.get(key, 0.0) + value
+        self._this_round = {}
+
     def round_done(self, round_: int, metrics: Mapping[str, Any]) -> None:
+        self.settle()
         self.log(scalars(metrics), (round_ + 1) * self.steps_per_round)
 
     def initial(self, metrics: Mapping[str, Any]) -> None:
