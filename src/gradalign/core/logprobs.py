@@ -19,6 +19,9 @@ head module must run, e.g. for hooks): it keeps the logits and no fp32 log-softm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +53,7 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(body, head) with logits = head(body(...).last_hidden_state), or None when the model
     is not known to compute its logits so (`PLAIN_HEADS`) or its head is not a plain Linear
     (e.g. a LoRA-wrapped head)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base: Any = getattr(model, "get_base_model", lambda: model)()  # a peft model: its base
     if type(base).__name__ not in PLAIN_HEADS:
         return None
     head = base.get_output_embeddings()
@@ -170,10 +173,10 @@ def token_logprobs(
     return logp.reshape(n, length - 1)  # [N, T]
 
 
-def uses_head(model: nn.Module, params: list[Tensor] | tuple[Tensor, ...]) -> bool:
+def uses_head(model: nn.Module, params: Sequence[Tensor]) -> bool:
     """Whether one of `params` is the LM head's weight or bias (a tied embedding included):
     then hooks on the head module must see it run (``token_logprobs(head_module=True)``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base: Any = getattr(model, "get_base_model", lambda: model)()  # a peft model: its base
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     own = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
     return any(id(p) in own for p in params)

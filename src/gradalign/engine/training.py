@@ -158,7 +158,7 @@ class GRPOTraining:
         self.trainer.remove_callback(PrinterCallback)
         self.trainer.remove_callback(ProgressCallback)
 
-    def reward(self, completions: list[Any], problem_id: list[int], **_: Any) -> list[float]:
+    def reward(self, completions: list[Any], problem_id: list[int], **_: Any) -> list[float | None]:
         """TRL's reward function: each completion scored by its problem's reward, salted by
         the round and the call (so a resumed round draws the same coin flips). A failure
         scores 0, warned once per function (`rewards.checked_reward`); a function failing on
@@ -170,7 +170,7 @@ class GRPOTraining:
             for i, (c, p) in enumerate(zip(completions, problems))
         ]
         check_failures(problems, [e for _, e in checked], "GRPO step's completions")
-        for p, (_, error) in zip(problems, checked):
+        for p, (_score, error) in zip(problems, checked):
             warn_once(p, error)
         return [r for r, _ in checked]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,7 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     Named as `named_parameters` names them (a tied weight once), as `checkpoint.trainable_state`."""
     full = get_model_state_dict(model, options=GATHER)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return {n: full[n] for n in names} if full else {}
+    return {n: cast(torch.Tensor, full[n]) for n in names} if full else {}
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict] | None:

@@ -66,8 +66,8 @@ class _Head:
                 "select.features=full"
             )
         self.body, head = split
-        self.weight, self.bias = head.weight.detach(), head.bias
-        self.bias = self.bias.detach() if self.bias is not None else None
+        self.weight = head.weight.detach()
+        self.bias: Tensor | None = head.bias.detach() if head.bias is not None else None
         vocab, hidden = self.weight.shape
         self.c = feature.chunk or chunk_tokens(vocab)
         self.proj = None
