@@ -32,9 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gradalign.core.alignment import scored_parameters
 from gradalign.core.grpo import SequenceBatch, group_advantages, pack_sequences
-from gradalign.engine.policy import build_model, build_tokenizer
+from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.scoring import sharded
 
 

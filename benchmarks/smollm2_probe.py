@@ -134,9 +134,8 @@ def scoring_only(model_dir: str, step: str, gpm: int, old: bool) -> None:
     import torch
     from qwen_shapes import synthetic_rollouts
 
-    from gradalign.core.alignment import scored_parameters
     from gradalign.core.diagnostics import split_halves
-    from gradalign.engine.policy import load_pretrained
+    from gradalign.engine.policy import load_pretrained, scored_parameters
     from gradalign.scoring import fastscore
     from gradalign.scoring import output_features as of
 

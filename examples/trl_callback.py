@@ -28,7 +28,7 @@ from gradalign.data.problems import Problem
 from gradalign.data.rewards import score_completion
 from gradalign.data.tasks import make_regime
 from gradalign.engine.rollout import SamplingConfig, generate
-from gradalign.engine.training import FSDP2_SETTINGS
+from gradalign.engine.trl_args import FSDP2_SETTINGS
 from gradalign.engine.warmstart import load_or_warmstart
 from gradalign.integrations.trl_callback import GradAlignCallback
 

@@ -59,7 +59,7 @@ def _selected(name: str, rewards: list, al: Any) -> list[int]:
 
 
 def reference() -> dict[str, Any]:
-    """One process, no FSDP: `round_scoring`'s own validation_direction and group_alignment."""
+    """One process, no FSDP: `round_scoring.direction_with_split_half` and group_alignment."""
     model = build_model(build_tokenizer(), "tiny", seed=3).eval()
     params = scored_parameters(model)
     out: dict[str, Any] = {}
@@ -67,7 +67,7 @@ def reference() -> dict[str, Any]:
         cand, val, exp_avg_sq, rewards = _setup(name, params)
         agg = "mean_of_unit" if name == "mean_of_unit" else "sum"
         s = SelectConfig(mode=MODE[name], val_aggregate=agg, groups_per_micro=2)  # type: ignore[arg-type]
-        direction, split = round_scoring.validation_direction(model, params, val, s)
+        direction, split = round_scoring.direction_with_split_half(model, params, val, s)
         done: list[int] = []
         al = round_scoring.group_alignment(
             model, params, cand, direction, s, exp_avg_sq, done.append

@@ -208,7 +208,7 @@ def test_gradalign_score_sharded_over_two_ranks_scores_as_one_process(tmp_path: 
     a, b = (read_jsonl(tmp_path / d / "scores.jsonl") for d in ("one", "two"))
     assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 48
     assert [r["pass_rate"] for r in a] == [r["pass_rate"] for r in b]  # the same rollouts
-    for key in ("score", "dot", "norm"):
+    for key in ("score", "dot_val", "norm"):
         x, y = (np.array([r[key] for r in rows], dtype=float) for rows in (a, b))
         assert np.abs(x).max() > 0
         np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7 * np.abs(x).max())

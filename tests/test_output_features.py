@@ -355,7 +355,8 @@ def test_a_model_without_a_plain_head_is_refused_when_the_run_starts(tied) -> No
 
 
 def test_scoring_a_subset_freezes_the_rest_only_while_it_runs(tied, batch) -> None:
-    from gradalign.core.alignment import exact_alignment, scored_parameters
+    from gradalign.core.alignment import exact_alignment
+    from gradalign.engine.policy import scored_parameters
     from gradalign.scoring import fastscore
 
     model = copy.deepcopy(tied)

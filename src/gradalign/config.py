@@ -452,20 +452,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # The defaults are sized for the built-in models (a 0.5M-parameter `builtin:tiny` on a CPU,
 # answers of a few characters): what a local Hugging Face model on a GPU needs instead,
 # shown by `gradalign fields` next to the default (examples/qwen2.5-math-1.5b.yaml uses them).
+BUILTIN_MODEL_FIELDS = (
+    "warmstart_steps", "warmstart_lr", "warmstart_batch_size", "warmstart_seed",
+    "warmstart_flaw", "warmstart_flaw_frac", "warmstart_family_flaws", "cache_dir",
+)  # fmt: skip
+BUILTIN_DATA_FIELDS = (
+    "families", "pool_size", "val_size", "eval_size", "regime", "corrupt_frac",
+    "corruption", "majority_frac", "minority", "lowutility_frac",
+)  # fmt: skip
 _BUILTIN_DATA = "built-in data only (unused with data.*_files)"
 _BUILTIN_MODEL = "built-in models only"
 REAL_MODEL = {
     "model.name": "your local HF model directory",
     "model.dtype": "bfloat16 (LoRA); float32 for full fine-tuning",
     "model.device": "cuda (or auto)",
-    **{f"model.{f}": _BUILTIN_MODEL for f in (
-        "warmstart_steps", "warmstart_lr", "warmstart_batch_size", "warmstart_seed",
-        "warmstart_flaw", "warmstart_flaw_frac", "cache_dir",
-    )},
-    **{f"data.{f}": _BUILTIN_DATA for f in (
-        "families", "pool_size", "val_size", "eval_size", "regime", "corrupt_frac",
-        "corruption", "majority_frac", "minority", "lowutility_frac",
-    )},
+    **{f"model.{f}": _BUILTIN_MODEL for f in BUILTIN_MODEL_FIELDS},
+    **{f"data.{f}": _BUILTIN_DATA for f in BUILTIN_DATA_FIELDS},
     "rollout.max_new_tokens": "512-1024: reasoning answers need hundreds of tokens",
     "rollout.prompts_per_batch": "8-32 (each prompt adds k samples to a generate call)",
     "train.micro_batch": "8 (one group of long sequences per forward/backward)",

@@ -15,7 +15,8 @@ to ``RewardFn = (problem, completion) -> float``.
   format, so ``completions[0][0]["content"]`` works under `gradalign run` as under TRL);
   then the columns ``answer`` and ``ground_truth`` (the reference answer), ``data_source`` and
   ``source``, then the record's own fields as TRL passes a dataset's columns (a file's
-  ``answer`` column, say, as written there, overriding ours), each a one-item list (a function without ``**kwargs`` gets the ones it names).
+  ``answer`` column, say, as written there, overriding ours), each a one-item list (a
+  function without ``**kwargs`` gets the ones it names).
 
 ``auto`` tells them apart by parameter names: ``solution_str`` means verl, ``completions``
 means TRL, any other function callable with two positional arguments is ours. A function

@@ -158,8 +158,8 @@ class GradAlignCallback(TrainerCallback):
         instead asks this callback for round r+1's rows at the moment that batch is read:
         every index of a round comes from that round's selection, and the policy that scores
         round r+1 has taken ``steps_per_round - 1`` of round r's steps, not all of them
-        (``history[r]["scored_at_step"]``, 0-based r). DataLoader workers would read further ahead, hence
-        ``dataloader_num_workers=0``.
+        (``history[r]["scored_at_step"]``, 0-based r). DataLoader workers would read further
+        ahead, hence ``dataloader_num_workers=0``.
         """
         check_trl(trainer)  # the private hook below: present, and a tested TRL version
         args, dataset = trainer.args, trainer.train_dataset

@@ -31,7 +31,13 @@ from typing import Any
 
 import yaml
 
-from gradalign.config import Config, ConfigError, flatten_config
+from gradalign.config import (
+    BUILTIN_DATA_FIELDS,
+    BUILTIN_MODEL_FIELDS,
+    Config,
+    ConfigError,
+    flatten_config,
+)
 from gradalign.storage import write_jsonl
 
 PACKAGES = {
@@ -78,25 +84,18 @@ def trl_scalars(logs: Mapping[str, Any]) -> dict[str, float]:
 
 # Fields that describe nothing of a run on problem files (the built-in task and regime) or on
 # a local model directory (the built-in model's warm start): left out of the logged config.
-BUILTIN_DATA = (
-    "families", "pool_size", "val_size", "eval_size", "regime", "corrupt_frac", "corruption",
-    "majority_frac", "minority", "lowutility_frac", "val_files",
-)  # fmt: skip
-BUILTIN_MODEL = (
-    "warmstart_steps", "warmstart_lr", "warmstart_batch_size", "warmstart_seed",
-    "warmstart_flaw", "warmstart_flaw_frac", "cache_dir",
-)  # fmt: skip
+BUILTIN_DATA = (*BUILTIN_DATA_FIELDS, "val_files")  # and the deprecated name of validation_files
 
 
 def logged_config(cfg: Config) -> dict[str, Any]:
     """The resolved config as the trackers log it: `Config.to_dict` without the fields that do
-    not apply to this run (`BUILTIN_DATA` for problem files, `BUILTIN_MODEL` for a local
-    model). config.yaml keeps every field."""
+    not apply to this run (`BUILTIN_DATA` for problem files, `BUILTIN_MODEL_FIELDS` for a
+    local model). config.yaml keeps every field."""
     out = cfg.to_dict()
     if cfg.data.pool_files:
         out["data"] = {k: v for k, v in out["data"].items() if k not in BUILTIN_DATA}
     if not cfg.model.name.startswith("builtin:"):
-        out["model"] = {k: v for k, v in out["model"].items() if k not in BUILTIN_MODEL}
+        out["model"] = {k: v for k, v in out["model"].items() if k not in BUILTIN_MODEL_FIELDS}
     return out
 
 
