@@ -11,7 +11,7 @@ import torch
 from gradalign.core.diagnostics import cosine, mean_by, selection_auc, split_halves
 from gradalign.core.selection import Candidates, Selection
 from gradalign.data.problems import Problem
-from gradalign.data.tasks import make_regime
+from gradalign.data.tasks import make_regime, make_task
 from gradalign.run.artifacts import problem_rows, selection_quality
 
 
@@ -44,8 +44,9 @@ def test_cosine_of_pieces_equals_cosine_of_the_concatenation() -> None:
 
 
 def test_split_halves_are_fixed_and_cover_the_set() -> None:
-    assert split_halves(5) == (range(0, 3), range(3, 5))
-    assert split_halves(4) == (range(0, 2), range(2, 4))
+    assert [list(h) for h in split_halves(5)] == [[0, 2, 4], [1, 3]]
+    assert [list(h) for h in split_halves(4)] == [[0, 2], [1, 3]]
+    assert [list(h) for h in split_halves(1)] == [[0], []]
 
 
 def test_mean_by_label() -> None:
@@ -79,3 +80,13 @@ def test_problem_rows_keep_every_set_and_meta() -> None:
     assert [r["set"] for r in rows] == ["pool"] * 8 + ["validation"] * 2 + ["eval"] * 3
     assert sum(r["meta"].get("corruption") == "coinflip" for r in rows) == 4
     assert {r["id"] for r in rows} == {p.id for p in sets.pool + sets.validation + sets.eval}
+
+
+def test_split_halves_put_every_family_of_a_builtin_validation_set_in_both_halves() -> None:
+    """The built-in validation set is drawn family by family (16 addition, then 16
+    countdown2); halves by contiguous position would be one family each."""
+    val = make_task(["addition", "countdown2"], 8, 32, 8, seed=0).validation
+    assert [p.source for p in val[:16]] == ["addition"] * 16
+    for half in split_halves(len(val)):
+        sources = [val[i].source for i in half]
+        assert sources.count("addition") == sources.count("countdown2") == 8

@@ -210,7 +210,7 @@ def markdown(root: Path, runs: list[Run], res: dict[str, Any]) -> str:
     out += _per_round_section(
         res["split_half_cos"],
         "Split-half validation cosine, per round",
-        "cos(g_V(first half), g_V(second half)); <= 0 means g^_V is no direction that round. "
+        "cos(g_V(even positions), g_V(odd ones)); <= 0 means g^_V is no direction that round. "
         "`> 0` = share of all rounds with a positive cosine.",
         "{:+.2f}",
     )

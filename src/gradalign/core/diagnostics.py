@@ -7,7 +7,7 @@ variance: a zero-variance group has g_p = 0 and no score to rank by).
 
 - selection AUC = P(score of a clean candidate > score of a corrupted one), ties count 1/2,
   over eligible candidates with a finite score; 0.5 is chance, 1.0 perfect separation;
-- split-half cosine = cos(g_V(first half of the validation set), g_V(second half)): when it is
+- split-half cosine = cos(g_V(even positions of the validation set), g_V(odd ones)): when it is
   <= 0 the two halves want opposite things and g^_V is no direction at all this round.
 """
 
@@ -48,10 +48,11 @@ def cosine(a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor]) -> float:
 
 
 def split_halves(num_val: int) -> tuple[range, range]:
-    """The two fixed halves of a validation set of `num_val` problems, by position: the first
-    ceil(num_val / 2) and the rest."""
-    mid = (num_val + 1) // 2
-    return range(mid), range(mid, num_val)
+    """The two fixed halves of a validation set of `num_val` problems: even positions and odd
+    positions. A set assembled source by source (the built-in families, several files) puts
+    each source in both halves; halves by contiguous position would be the sources, and
+    sources that want different directions would read as no direction at all."""
+    return range(0, num_val, 2), range(1, num_val, 2)
 
 
 def mean_by(values: np.ndarray, labels: list[str]) -> dict[str, float]:

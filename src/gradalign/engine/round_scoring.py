@@ -319,7 +319,7 @@ def direction_with_split_half(
     model: torch.nn.Module, params: list, val_batch: SequenceBatch, s: SelectConfig
 ) -> tuple[Direction, float]:
     """The round's g^_V = unit(g_V) (``s.val_aggregate``) and the split-half cosine
-    cos(g_V(first half), g_V(second half)) (`diagnostics.split_halves`; NaN when a half has
+    cos(g_V(even positions), g_V(odd positions)) (`diagnostics.split_halves`; NaN when a half has
     no gradient). g_V is computed as the sum of its two halves, so the cosine costs no
     extra backward: flat [D] with the exact scorer, pieces (summed over ranks' shards) with
     the batched one."""

@@ -5,7 +5,7 @@ as a run's first rounds would score them (`round_scoring.ChunkScorer`, the loop'
 the `sim` score whatever `select.mode` says), and the measures of `core.diagnostics` are
 read off:
 
-- split-half validation cosine: cos(g_V(first half), g_V(second half)) per chunk. <= 0: the
+- split-half validation cosine: cos(g_V(even positions), g_V(odd ones)) per chunk. <= 0: the
   validation set pulls two ways and g^_V is no direction;
 - transfer cosine: cos(sum g_p, sum g_p') between the GRPO gradients of the two halves of a
   chunk's candidates with reward variance (only the clean ones when the pool records its
