@@ -60,9 +60,9 @@ def test_defaults_load_and_pass_the_checks():
             "model.warmstart_family_flaws: 'addition:typo': unknown flaw 'typo'",
         ),
         (
-            ["model.warmstart_family_flaws=[countdown2:junk2]"],
-            "model.warmstart_family_flaws: family 'countdown2' is not in data.families "
-            "['addition', 'countdown']; add it there or drop its flaw",
+            ["model.warmstart_family_flaws=[countdwn2:junk2]"],
+            "model.warmstart_family_flaws: 'countdwn2:junk2': unknown family 'countdwn2' "
+            "(known: ",
         ),
         (
             ["model.warmstart_family_flaws=[addition:lead:2]"],
@@ -74,6 +74,13 @@ def test_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=overrides)
     assert field in str(err.value)
+
+
+def test_the_old_recipe_needs_no_family_flaws_cleared():
+    """The default's countdown2 flaw is unused when data.families leaves countdown2 out."""
+    cfg = load_config(overrides=["data.families=[addition,countdown]", "data.minority=countdown"])
+    assert cfg.model.warmstart_family_flaws == ["countdown2:junk2:0.6"]
+    assert cfg.data.families == ["addition", "countdown"]
 
 
 def test_batch_size_limit_is_the_pool_in_mode_none():

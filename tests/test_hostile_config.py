@@ -77,7 +77,7 @@ BAD_VALUES = [
     ("params last:x", "select:\n  params: last:x\n", "select.params: 'last:x': N in 'last:N' must be a whole number >= 1 (the last N transformer blocks)"),
     ("params last:0", "select:\n  params: last:0\n", "select.params: 'last:0': N in 'last:N' must be a whole number >= 1 (the last N transformer blocks)"),
     ("params last:-1", "select:\n  params: last:-1\n", "select.params: 'last:-1': N in 'last:N' must be a whole number >= 1 (the last N transformer blocks)"),
-    ("imbalance with one family", "data:\n  regime: imbalance\n  families: [countdown]\n", "data.families: regime 'imbalance' needs two or more families (the minority 'countdown' and a majority), got ['countdown']; add one or change data.regime"),
+    ("imbalance with one family", "data:\n  regime: imbalance\n  families: [countdown2]\n", "data.families: regime 'imbalance' needs two or more families (the minority 'countdown2' and a majority), got ['countdown2']; add one or change data.regime"),
     ("a family twice", "data:\n  families: [addition, countdown, addition]\n", "data.families: 'addition' is listed twice; list each family once"),
     ("device garbage", "model:\n  device: garbage\n", "model.device: 'garbage' is not 'cpu', 'cuda', 'cuda:N' or 'auto'"),
     ("device cuda:x", "model:\n  device: cuda:x\n", "model.device: 'cuda:x' is not 'cpu', 'cuda', 'cuda:N' or 'auto'"),
@@ -143,7 +143,7 @@ BAD_OBJECTS: list[tuple[str, Callable[[], Config], str]] = [
     ("device gpu", lambda: Config(model=ModelConfig(device="gpu")), "model.device: 'gpu' is not 'cpu', 'cuda', 'cuda:N' or 'auto'"),
     ("NaN learning rate", lambda: Config(train=TrainConfig(learning_rate=float("nan"))), "train.learning_rate: expected a finite number, got nan"),
     ("k_r is a bool", lambda: Config(rollout=RolloutConfig(k_r=True)), "rollout.k_r: expected int, got True"),
-    ("imbalance with one family", lambda: Config(data=DataConfig(regime="imbalance", families=["countdown"])), "data.families: regime 'imbalance' needs two or more families (the minority 'countdown' and a majority), got ['countdown']; add one or change data.regime"),
+    ("imbalance with one family", lambda: Config(data=DataConfig(regime="imbalance", families=["countdown2"])), "data.families: regime 'imbalance' needs two or more families (the minority 'countdown2' and a majority), got ['countdown2']; add one or change data.regime"),
     ("families not a list", lambda: Config(data=DataConfig(families=3)), "data.families: expected a list, got 3"),
 ]  # fmt: skip
 

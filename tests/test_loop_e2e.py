@@ -222,3 +222,28 @@ def test_rollouts_go_through_the_setups_engine():
     cfg = load_config(None, ["rollout.max_new_tokens=4"])
     setup = Setup(cfg, build_model(tok, "tiny"), tok, TaskSets(ok, ok, ok), generate=engine)
     assert "eval/accuracy" in evaluate(setup, 0) and calls == [3]
+
+
+@pytest.mark.slow
+def test_sampled_eval_every_round_changes_nothing_else(tmp_path):
+    """rollout.eval_samples_every=1 adds eval/mean_at_k to every round; the run itself (its
+    picks, its greedy evals, its final mean@k) is the same as without it."""
+    runs = {}
+    for every in (0, 1):
+        cfg = load_config(
+            None,
+            TINY
+            + [
+                f"rollout.eval_samples_every={every}",
+                f"out_dir={tmp_path / str(every)}",
+                f"model.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+        run(cfg)
+        runs[every] = read_jsonl(tmp_path / str(every) / "metrics.jsonl")
+    assert ["eval/mean_at_k" in m for m in runs[0]] == [False, True]
+    assert ["eval/mean_at_k" in m for m in runs[1]] == [True, True]
+    for a, b in zip(runs[0], runs[1]):
+        for key in ("select/source_mix", "eval/accuracy", "train/loss"):
+            assert a[key] == b[key]
+    assert runs[0][-1]["eval/mean_at_k"] == runs[1][-1]["eval/mean_at_k"]

@@ -60,7 +60,7 @@ def bench_dir(tmp_path):
         [0.2, 0.4],
         [0.0, 0.0],
         mixes=[{"addition": 2, "countdown": 6}, {"addition": 8}],
-        extra=["data.minority=countdown"],
+        extra=["data.families=[addition,countdown]", "data.minority=countdown"],
     )
     return root
 

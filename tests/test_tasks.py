@@ -313,3 +313,8 @@ def test_family_flaws_enter_the_key_only_when_given():
         key(None),
         key({"addition": ("lastdigit", 0.5)}),
     )
+    # a flaw for a family outside FAMS trains nothing and leaves the key as it was
+    assert key({"countdown2": ("junk2", 0.6)}) == key(None)
+    assert key({"addition": ("lastdigit", 0.4), "countdown2": ("junk2", 0.6)}) == key(
+        {"addition": ("lastdigit", 0.4)}
+    )

@@ -83,11 +83,12 @@ class ModelConfig(Section):
     )
     warmstart_flaw_frac: float = doc(0.6, "share of warm-start targets with the flaw, in [0, 1]")
     warmstart_family_flaws: list[str] = doc(
-        [],
+        ["countdown2:junk2:0.6"],
         "per-family warm-start flaws, each 'family:flaw' or 'family:flaw:share' (e.g. "
         "addition:lastdigit:0.4, countdown2:junk2): each listed family of data.families gets "
         "its own flaw (junk, junk2, lead, lastdigit, none), the others warmstart_flaw and "
-        "warmstart_flaw_frac (see docs/testbed.md)",
+        "warmstart_flaw_frac; items for families not in data.families are unused (see "
+        "docs/testbed.md)",
     )
     lora_r: int = doc(0, "LoRA rank (0 = full fine-tuning); with LoRA, scoring uses the adapters")
     lora_alpha: int = doc(16, "LoRA alpha")
@@ -101,7 +102,7 @@ class ModelConfig(Section):
 class DataConfig(Section):
     prefix: ClassVar[str] = "data."
     families: list[str] = doc(
-        ["addition", "countdown"],
+        ["addition", "countdown2"],
         "built-in task families in every set: addition, countdown, countdown2 (two numbers "
         "from 1..99), addition_steps (a column-addition scratchpad then the sum; needs "
         "rollout.max_new_tokens >= 20)",
@@ -119,8 +120,8 @@ class DataConfig(Section):
     corruption: Literal["coinflip", "labelflip"] = doc(
         "coinflip", "noisy: coin-flip reward (reference mechanism) or wrong reference answer"
     )
-    majority_frac: float = doc(0.9, "imbalance: share of the pool from the majority families")
-    minority: str = doc("countdown", "imbalance: family of the validation and eval sets")
+    majority_frac: float = doc(0.88, "imbalance: share of the pool from the majority families")
+    minority: str = doc("countdown2", "imbalance: family of the validation and eval sets")
     lowutility_frac: float = doc(0.8, "lowutility: fraction of the pool that is garbled filler")
     pool_files: list[dict] = doc(
         [],
@@ -159,6 +160,11 @@ class RolloutConfig(Section):
         "k samples per eval problem for the sampled accuracy eval/mean_at_k (verl's mean@k: "
         "the mean reward of k samples at rollout.temperature), at the start and after the last "
         "round; 0 = greedy pass@1 only",
+    )
+    eval_samples_every: int = doc(
+        0,
+        "also sample eval/mean_at_k after every N-th round (verl's trainer.test_freq), for a "
+        "per-round learning curve; 0 = only at the start and after the last round",
     )
     max_new_tokens: int = doc(12, "completion length limit (also GRPO's max_completion_length)")
     backend: Literal["hf", "vllm"] = doc(

@@ -74,8 +74,10 @@ def warmstart_key(
         "flaw": flaw if flaw_frac > 0 else "none",
         "flaw_frac": flaw_frac if flaw != "none" else 0.0,
     }
-    if family_flaws:  # only then: the keys of warm starts without it stay as they were
-        spec["family_flaws"] = {f: list(v) for f, v in sorted(family_flaws.items())}
+    # a flaw for a family the warm start does not train on changes nothing, nor the key
+    used = {f: list(v) for f, v in sorted((family_flaws or {}).items()) if f in families}
+    if used:  # only then: the keys of warm starts without it stay as they were
+        spec["family_flaws"] = used
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

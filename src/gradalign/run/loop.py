@@ -234,10 +234,12 @@ class Rounds:
         return metrics
 
     def evaluate(self, r: int, timings: dict[str, float]) -> dict[str, float]:
-        """The eval after round r (sampled mean@k after the last round too)."""
+        """The eval after round r (sampled mean@k too after the last round, and after every
+        `rollout.eval_samples_every`-th)."""
+        every = self.cfg.rollout.eval_samples_every
+        sampled = r == self.cfg.rounds - 1 or (every > 0 and (r + 1) % every == 0)
         with timed(timings, "time/eval_s"):
-            last = r == self.cfg.rounds - 1
-            metrics = evaluate(self.setup, round_seed(self.cfg.seed, r, Stream.EVAL), last)
+            metrics = evaluate(self.setup, round_seed(self.cfg.seed, r, Stream.EVAL), sampled)
         crash_point("eval", r)
         return metrics
 
