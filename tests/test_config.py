@@ -61,8 +61,7 @@ def test_defaults_load_and_pass_the_checks():
         ),
         (
             ["model.warmstart_family_flaws=[countdwn2:junk2]"],
-            "model.warmstart_family_flaws: 'countdwn2:junk2': unknown family 'countdwn2' "
-            "(known: ",
+            "model.warmstart_family_flaws: 'countdwn2:junk2': unknown family 'countdwn2' (known: ",
         ),
         (
             ["model.warmstart_family_flaws=[addition:lead:2]"],
