@@ -42,7 +42,7 @@ def test_two_round_run_writes_run_directory(tmp_path, mode, capsys):
         assert [s["id"] for s in scores] == manifest["chunks"][r] or mode == "none"
         for row in scores + selected:  # built-in problems: no file, a builtin data_source
             assert (row["file"], row["line"], row["row"], row["index"]) == (None,) * 4
-            assert row["data_source"] in ("builtin:addition", "builtin:countdown")
+            assert row["data_source"] in ("builtin:addition", "builtin:countdown2")
         expected_n = 48 if mode == "none" else 16 // 4
         assert len(selected) == expected_n == metrics["select/n"]
         assert metrics["train/steps"] == 2
@@ -67,6 +67,17 @@ def test_two_round_run_writes_run_directory(tmp_path, mode, capsys):
             assert "time/scoring_s" not in metrics
     summary_file = json.loads((out / "summary.json").read_text())
     assert summary_file["eval_accuracy"] == summary["eval_accuracy"]
+    picked = [
+        s for r in range(2) for s in read_jsonl(out / "rounds" / f"{r + 1:04d}" / "selected.jsonl")
+    ]
+    for source, share in summary["selected_sources"].items():
+        assert share == pytest.approx(
+            sum(s["data_source"] == f"builtin:{source}" for s in picked) / len(picked)
+        )
+    last = read_json(out / "rounds" / "0002" / "metrics.json")
+    assert summary["final_eval_accuracy_by_source"] == {
+        k: last[f"eval/accuracy/{k}"] for k in ("addition", "countdown2")
+    }
     assert len(summary["eval_accuracy"]) == 2
 
 

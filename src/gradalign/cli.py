@@ -134,7 +134,7 @@ def run(
     cfg = _load(config, (set_ or []) + ([f"select.scorer={scorer}"] if scorer else []))
     summary = _run_one(cfg, restart)
     shutdown()
-    console.print(comparison_table({cfg.select.mode: summary}))
+    print_tables({cfg.select.mode: summary})
     console.print(
         f"run directory: {cfg.out_dir}  (wall time {summary['wall_s']:.0f} s)", soft_wrap=True
     )
@@ -200,7 +200,7 @@ def demo(
         console.rule(f"mode {mode}")
         summaries[mode] = _run_one(cfg, restart)
     shutdown()
-    console.print(comparison_table(summaries))
+    print_tables(summaries)
     wall = time.perf_counter() - t0
     console.print(
         f"demo wall time {wall:.0f} s · {base.rounds} rounds × {base.train.steps_per_round} GRPO "
@@ -376,6 +376,35 @@ def comparison_table(summaries: dict[str, dict]) -> Table:
             f"{t.get('time/training_s', 0):.0f}",
             f"{s['wall_s']:.0f}",
         )
+    return table
+
+
+def print_tables(summaries: dict[str, dict]) -> None:
+    """The comparison table, and the per-source one when the pool has several sources."""
+    console.print(comparison_table(summaries))
+    if (by_source := source_table(summaries)) is not None:
+        console.print(by_source)
+
+
+def source_table(summaries: dict[str, dict]) -> Table | None:
+    """Per problem source: its share of each mode's picks and its final greedy pass@1 on the
+    eval set; None with fewer than two sources. A mode can pick fewer coin flips and still
+    leave a whole source untrained: this is where it shows."""
+    picks = {m: s.get("selected_sources") or {} for m, s in summaries.items()}
+    finals = {m: s.get("final_eval_accuracy_by_source") or {} for m, s in summaries.items()}
+    sources = sorted(
+        {k for p in picks.values() for k in p} | {k for f in finals.values() for k in f}
+    )
+    if len(sources) < 2:
+        return None
+    table = Table(title="per source: share of the picks · final greedy pass@1", box=None)
+    table.add_column("mode")
+    for head in [f"{k} sel" for k in sources] + [f"{k} final" for k in sources]:
+        table.add_column(head, justify="right")
+    for mode in summaries:
+        sel = [f"{100 * picks[mode][k]:.0f}%" if k in picks[mode] else "–" for k in sources]
+        fin = [f"{finals[mode][k]:.3f}" if k in finals[mode] else "–" for k in sources]
+        table.add_row(mode, *sel, *fin)
     return table
 
 

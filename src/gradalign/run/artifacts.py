@@ -128,6 +128,17 @@ def bad_share(cfg: Config, history: list[dict[str, Any]]) -> dict[str, float] | 
     return out
 
 
+def source_shares(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Each problem source's share of all the problems selected over the rounds (a mode
+    that trains on one source only shows it here first)."""
+    counts: dict[str, int] = {}
+    for m in history:
+        for source, c in (m.get("select/source_mix") or {}).items():
+            counts[source] = counts.get(source, 0) + c
+    total = sum(counts.values())
+    return {k: v / total for k, v in sorted(counts.items())} if total else {}
+
+
 def write_stage(
     path: Path,
     r: int,
@@ -166,6 +177,12 @@ def write_summary(cfg: Config, out: Path, state: dict[str, Any], extra_wall: flo
         "initial_eval_mean_at_k": initial.get("eval/mean_at_k"),
         "final_eval_mean_at_k": history[-1].get("eval/mean_at_k") if history else None,
         "selected_share": bad_share(cfg, history),
+        "selected_sources": source_shares(history),
+        "final_eval_accuracy_by_source": {
+            k.split("/", 2)[2]: v
+            for k, v in (history[-1] if history else {}).items()
+            if k.startswith("eval/accuracy/")
+        },
         "wall_s": state["wall_s"] + extra_wall,
         "time_totals": {
             k: sum(m.get(k) or 0.0 for m in history)
