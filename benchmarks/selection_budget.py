@@ -63,6 +63,7 @@ STRATEGIES: dict[str, list[str]] = {
     # the LM head's gradient from the forward pass alone, exact and projected (64 x 128)
     "output exact": ["select.features=output"],
     "output 64x128": ["select.features=output", "select.output_dims=64x128"],
+    "k_r=4 + k_v=4 + output": ["rollout.k_r=4", "rollout.k_v=4", "select.features=output"],
     "k_r=4 + k_v=2 + output": ["rollout.k_r=4", "rollout.k_v=2", "select.features=output"],
 }
 RESAMPLED = "full (resampled)"
