@@ -152,3 +152,15 @@ def test_groups_per_micro_zero_is_auto_and_negative_is_refused() -> None:
     assert load_config(None, ["select.groups_per_micro=4"]).select.groups_per_micro == 4
     with pytest.raises(ConfigError, match=r"select\.groups_per_micro: must be >= 0, got -1"):
         load_config(None, ["select.groups_per_micro=-1"])
+
+
+def test_fields_help_states_the_rule() -> None:
+    from typer.testing import CliRunner
+
+    from gradalign.cli import app
+
+    result = CliRunner().invoke(app, ["fields"], terminal_width=200)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    assert "0 = auto: as many whole groups (1..16) as keep the scored blocks'" in text
+    assert "activations within 640 MiB" in text
