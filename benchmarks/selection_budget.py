@@ -65,6 +65,18 @@ STRATEGIES: dict[str, list[str]] = {
     "output 64x128": ["select.features=output", "select.output_dims=64x128"],
     "k_r=4 + k_v=4 + output": ["rollout.k_r=4", "rollout.k_v=4", "select.features=output"],
     "k_r=4 + k_v=2 + output": ["rollout.k_r=4", "rollout.k_v=2", "select.features=output"],
+    "k_r=4 + k_v=2 + output 64x128": [
+        "rollout.k_r=4",
+        "rollout.k_v=2",
+        "select.features=output",
+        "select.output_dims=64x128",
+    ],
+    "k_r=3 + k_v=2 + output 64x128": [
+        "rollout.k_r=3",
+        "rollout.k_v=2",
+        "select.features=output",
+        "select.output_dims=64x128",
+    ],
 }
 RESAMPLED = "full (resampled)"
 SELECT_TIMES = (
