@@ -50,6 +50,7 @@ from gradalign.core.grpo import token_logprobs
 from gradalign.data.tasks import draw_problems
 from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
+from gradalign.scoring import micro
 from gradalign.scoring.fastscore import (
     batched_alignment,
     batched_summed_gradient,
@@ -140,13 +141,15 @@ def bench(size: str, args: argparse.Namespace) -> None:
     last1 = scored_parameters(model, "last:1")
     batch = chunk.to_batch(pad).to(args.device)
     vbatch = val.to_batch(pad).to(args.device)
-    gpm = args.groups_per_micro
+    rows, length = args.rollouts, max(batch.input_ids.shape[1], vbatch.input_ids.shape[1])
+    gpm = micro.groups_per_micro(model, params, rows, length, args.groups_per_micro)
+    rule = " (the rule)" if args.groups_per_micro == 0 else ""
     n_par = sum(p.numel() for p in params)
     tokens = int(batch.attention_mask.sum())
     print(
         f"\n== {size}: {n_par / 1e6:.2f}M scored params, {batch.num_groups} problems x "
         f"{args.rollouts} rollouts, {tokens} tokens, {int(chunk.zero_variance().sum())} "
-        f"zero-variance groups, {gpm} groups per micro-batch, {args.device}, {args.dtype}, "
+        f"zero-variance groups, {gpm} groups per micro-batch{rule}, {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, vocabulary {model.config.vocab_size}"
     )
     val_dir = flatten_pieces(batched_validation_direction(model, params, vbatch, "sum", gpm))
@@ -231,7 +234,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype")
     ap.add_argument("--params", default="all", help="scored parameters: all | last:N")
-    ap.add_argument("--groups-per-micro", type=int, default=16, help="groups per micro-batch")
+    ap.add_argument(
+        "--groups-per-micro",
+        type=int,
+        default=16,
+        help="groups per micro-batch, every step; 0: the rule of select.groups_per_micro=0 "
+        "for the full gradient (scoring.micro)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: its default)")
     ap.add_argument("--output-dims", default="64x128", help="projected output feature: AxB")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out")
