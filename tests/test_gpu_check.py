@@ -47,7 +47,7 @@ def test_without_a_gpu_the_real_run_refuses_in_one_line() -> None:
 def test_scoring_benchmark_takes_the_micro_batch_rule_with_zero() -> None:
     """--groups-per-micro 0 (GPM=0 in gpu_check.sh): the rule of select.groups_per_micro=0;
     qwen-tiny in bf16 is (2 blocks x (16 x 64 + 8 x 128) + 2 x 1,024) x 2 bytes per token,
-    well within 640 MiB at 4 rollouts: the cap of 16 groups."""
+    well within 512 MiB at 4 rollouts: the cap of 16 groups."""
     script = SCRIPT.parent / "scoring.py"
     skip = "exact per-group loop,batched, chunk=True,output exact,output 64x128"
     args = ["--sizes", "qwen-tiny", "--dtype", "bfloat16", "--problems", "4", "--rollouts", "4"]

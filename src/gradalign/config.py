@@ -205,7 +205,7 @@ class SelectConfig(Section):
     groups_per_micro: int = doc(
         0,
         "groups per forward/backward micro-batch when scoring; 0 = auto: as many whole groups "
-        "(1..16) as keep the scored blocks' activations within 640 MiB, estimated as rows x "
+        "(1..16) as keep the scored blocks' activations within 512 MiB, estimated as rows x "
         "padded length x (blocks from the first scored one up x (16 hidden + 8 intermediate) "
         "+ 2 vocab when the LM head is scored) x dtype bytes; 16 with select.features=output "
         "(docs/output-features.md)",

@@ -12,13 +12,14 @@ scored parameter, so every block from there up counts (all of them for ``all`` a
 ``lora``, N for ``last:N``).
 
 The rule: as many whole groups as keep rows x L x (bytes per token) within `MICRO_BYTES`,
-at least 1 and at most `MAX_GROUPS` (the former fixed default). 640 MiB gives SmolLM2 at
-``select.params=last:4`` 4 groups of 8 rollouts of 56 tokens, which keeps its whole
-diagnose under 3 GB, and the built-in tiny model 16 groups up to 105 tokens (its tasks:
-22-38). ``select.features=output`` runs no backward: its forward holds one block's
-activations at a time and bounded chunks of logits, so it takes `MAX_GROUPS`. A model
-without the usual config fields (hidden_size, intermediate_size, num_hidden_layers,
-vocab_size) takes `MAX_GROUPS` too. An explicit ``select.groups_per_micro`` > 0 wins.
+at least 1 and at most `MAX_GROUPS` (the former fixed default). 512 MiB gives SmolLM2 at
+``select.params=last:4`` 3 groups of 8 rollouts of 56 tokens, which keeps its whole
+diagnose under 3 GB with room to spare (4 groups peaked at 2.7-2.9 GB), and the built-in
+tiny model 16 groups up to 84 tokens (its tasks: 22-38). ``select.features=output`` runs
+no backward: its forward holds one block's activations at a time and bounded chunks of
+logits, so it takes `MAX_GROUPS`. A model without the usual config fields (hidden_size,
+intermediate_size, num_hidden_layers, vocab_size) takes `MAX_GROUPS` too. An explicit
+``select.groups_per_micro`` > 0 wins.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from gradalign.core.logprobs import uses_head
 
-MICRO_BYTES = 5 << 27  # 640 MiB of activations per scoring micro-batch
+MICRO_BYTES = 1 << 29  # 512 MiB of activations per scoring micro-batch
 MAX_GROUPS = 16
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
