@@ -9,10 +9,13 @@
 #   benchmarks/gpu_check.sh              # on the GPU machine, from the repository root
 #   benchmarks/gpu_check.sh --dry-run    # the same steps at a tiny shape on the CPU
 #
-# PY selects the interpreter (default .venv/bin/python).
+# PY selects the interpreter (default .venv/bin/python); GPM the scoring step's groups per
+# micro-batch (default 16; 0: the rule of select.groups_per_micro=0, which gives a 1.5B model
+# 1 group where 16 groups of 8 rollouts would hold tens of GB of activations).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+GPM=${GPM:-16}
 
 if [[ "${1:-}" == "--dry-run" ]]; then
     SHAPES=qwen-tiny DEVICE=cpu
@@ -30,7 +33,8 @@ else
 fi
 
 echo "== scoring: forward, floor, batched, last:1, output exact / 64x128, exact per group ($SHAPES, bfloat16, $DEVICE)"
-"$PY" benchmarks/scoring.py --sizes "$SHAPES" --device "$DEVICE" --dtype bfloat16 "${SCORE[@]}"
+"$PY" benchmarks/scoring.py --sizes "$SHAPES" --device "$DEVICE" --dtype bfloat16 "${SCORE[@]}" \
+    --groups-per-micro "$GPM"
 echo
 echo "== rollouts: HF generate vs vLLM ($SHAPES, bfloat16, $DEVICE)"
 "$PY" benchmarks/rollout_throughput.py --shapes "$SHAPES" --device "$DEVICE" --dtype bfloat16 \

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +50,7 @@ from gradalign.core.grpo import token_logprobs
 from gradalign.data.tasks import draw_problems
 from gradalign.engine.policy import build_model, build_tokenizer, scored_parameters
 from gradalign.engine.rollout import Rollouts, SamplingConfig, generate
+from gradalign.scoring import micro
 from gradalign.scoring.fastscore import (
     batched_alignment,
     batched_summed_gradient,
@@ -139,13 +141,15 @@ def bench(size: str, args: argparse.Namespace) -> None:
     last1 = scored_parameters(model, "last:1")
     batch = chunk.to_batch(pad).to(args.device)
     vbatch = val.to_batch(pad).to(args.device)
-    gpm = args.groups_per_micro
+    rows, length = args.rollouts, max(batch.input_ids.shape[1], vbatch.input_ids.shape[1])
+    gpm = micro.groups_per_micro(model, params, rows, length, args.groups_per_micro)
+    rule = " (the rule)" if args.groups_per_micro == 0 else ""
     n_par = sum(p.numel() for p in params)
     tokens = int(batch.attention_mask.sum())
     print(
         f"\n== {size}: {n_par / 1e6:.2f}M scored params, {batch.num_groups} problems x "
         f"{args.rollouts} rollouts, {tokens} tokens, {int(chunk.zero_variance().sum())} "
-        f"zero-variance groups, {gpm} groups per micro-batch, {args.device}, {args.dtype}, "
+        f"zero-variance groups, {gpm} groups per micro-batch{rule}, {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads, vocabulary {model.config.vocab_size}"
     )
     val_dir = flatten_pieces(batched_validation_direction(model, params, vbatch, "sum", gpm))
@@ -174,7 +178,7 @@ def bench(size: str, args: argparse.Namespace) -> None:
         f"output {args.output_dims}": lambda: output(proj_f),
         "exact per-group loop": lambda: exact_alignment(model, params, batch, val_dir),
     }
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = {s.strip() for s in re.split(r",(?! )", args.skip) if s.strip()}  # "a, b": one name
     steps = {k: v for k, v in steps.items() if k not in skip}
     measure(steps["floor (plain fwd+bwd)"], args.device)  # warm-up
     res = {name: measure(fn, args.device) for name, fn in steps.items()}
@@ -192,8 +196,9 @@ def bench(size: str, args: argparse.Namespace) -> None:
             f"{name:<23}{t:>8.2f}{t / t_floor:>8.2f}{t / t_fwd:>8.2f}{ex_t:>8}{'':>8}"
             f"{c:>8.2f}{c / c_floor:>8.2f}{ex_c:>8}{m:>10.0f}"
         )
-    b_sim, b_all = res["batched, chunk=False"][0], res["batched, chunk=True"][0]
-    if "exact per-group loop" in res:
+    b_sim = res["batched, chunk=False"][0]
+    b_all = res.get("batched, chunk=True", res["batched, chunk=False"])[0]
+    if "exact per-group loop" in res and "batched, chunk=True" in res:
         ex = res["exact per-group loop"][0]
         print(
             f"max rel. diff batched vs exact: dot_val {worst(ex.dot_val, b_all.dot_val):.1e}, "
@@ -229,7 +234,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights dtype")
     ap.add_argument("--params", default="all", help="scored parameters: all | last:N")
-    ap.add_argument("--groups-per-micro", type=int, default=16, help="groups per micro-batch")
+    ap.add_argument(
+        "--groups-per-micro",
+        type=int,
+        default=16,
+        help="groups per micro-batch, every step; 0: the rule of select.groups_per_micro=0 "
+        "for the full gradient (scoring.micro)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: its default)")
     ap.add_argument("--output-dims", default="64x128", help="projected output feature: AxB")
     ap.add_argument("--skip", default="", help="comma-separated steps to leave out")

@@ -26,6 +26,10 @@ Every figure is a mean over seeds (chunks pooled) with its 95% CI; each strategy
 AUC, overlap and accuracy are exact functions of the seeds.
 
     .venv/bin/python benchmarks/selection_budget.py --seeds 3 --chunks 4 --rounds 5
+
+`--set` overrides every run's config: pass the testbed recipe (``--set
+data.families=[addition,countdown] --set model.warmstart_family_flaws=[]``) to reproduce
+the documented figures whatever the defaults become.
 """
 
 from __future__ import annotations
@@ -63,7 +67,20 @@ STRATEGIES: dict[str, list[str]] = {
     # the LM head's gradient from the forward pass alone, exact and projected (64 x 128)
     "output exact": ["select.features=output"],
     "output 64x128": ["select.features=output", "select.output_dims=64x128"],
+    "k_r=4 + k_v=4 + output": ["rollout.k_r=4", "rollout.k_v=4", "select.features=output"],
     "k_r=4 + k_v=2 + output": ["rollout.k_r=4", "rollout.k_v=2", "select.features=output"],
+    "k_r=4 + k_v=2 + output 64x128": [
+        "rollout.k_r=4",
+        "rollout.k_v=2",
+        "select.features=output",
+        "select.output_dims=64x128",
+    ],
+    "k_r=3 + k_v=2 + output 64x128": [
+        "rollout.k_r=3",
+        "rollout.k_v=2",
+        "select.features=output",
+        "select.output_dims=64x128",
+    ],
 }
 RESAMPLED = "full (resampled)"
 SELECT_TIMES = (

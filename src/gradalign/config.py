@@ -208,7 +208,14 @@ class SelectConfig(Section):
     project_dim: int = doc(
         0, "save seeded random-projection features [P, project_dim] of each g_p per round (0 = off)"
     )
-    groups_per_micro: int = doc(16, "groups per forward/backward micro-batch when scoring")
+    groups_per_micro: int = doc(
+        0,
+        "groups per forward/backward micro-batch when scoring; 0 = auto: as many whole groups "
+        "(1..16) as keep the scored blocks' activations within 512 MiB, estimated as rows x "
+        "padded length x (blocks from the first scored one up x (16 hidden + 8 intermediate) "
+        "+ 2 vocab when the LM head is scored) x dtype bytes; 16 with select.features=output "
+        "(docs/output-features.md)",
+    )
     budget: Literal["full", "halving"] = doc(
         "full",
         "candidate rollouts: 'full' = rollout.k_r each; 'halving' = select.k_r0 each, then "

@@ -27,6 +27,7 @@ SEED_MAX = 2**32 - 1  # the largest seed numpy's legacy seeding (TRL, transforme
 # Fields for which 0 is a valid value; every other number must be > 0.
 _ZERO_OK = (
     "seed",
+    "groups_per_micro",
     "warmstart_seed",
     "warmstart_steps",
     "eval_samples",

@@ -41,7 +41,7 @@ from gradalign.engine.budget import halving_rollouts
 from gradalign.engine.policy import scored_parameters
 from gradalign.engine.rollout import Rollouts, SamplingConfig
 from gradalign.scoring import distributed as dd
-from gradalign.scoring import output_features, precondition, sharded
+from gradalign.scoring import micro, output_features, precondition, sharded
 from gradalign.scoring.pieces import Direction, unit_pieces
 
 Item = TypeVar("Item")  # a chunk or validation item: a Problem (the loop), a TRL row (callback)
@@ -250,6 +250,7 @@ def _gradient_scores(
         with bar("scoring", cand.num_groups) as advance:
             return (*output_scores(model, cand_batch, val_batch, s, seed, advance), None)
     params = scored_parameters(model, s.params)
+    s = replace(s, groups_per_micro=micro_groups(model, params, s, cand_batch, val_batch))
     exp_avg_sq = None
     if s.precondition == "adam" and optimizer is not None and optimizer.state:
         exp_avg_sq = precondition.adam_exp_avg_sq(optimizer, params)  # none before the 1st step
@@ -265,6 +266,18 @@ def _gradient_scores(
             model, params, cand_batch, s.project_dim, seed, s.groups_per_micro, exp_avg_sq
         )
     return al, split, features
+
+
+def micro_groups(
+    model: torch.nn.Module, params: list | None, s: SelectConfig, *batches: SequenceBatch
+) -> int:
+    """``select.groups_per_micro``, or when it is 0 the groups per micro-batch that the
+    scored blocks' activations allow at these batches' rows per group and padded length
+    (`micro.groups_per_micro`; `params` None: output features)."""
+    live = [b for b in batches if b.num_groups]
+    rows = max((int(torch.bincount(b.group).max()) for b in live), default=1)
+    length = max((int(b.input_ids.shape[1]) for b in live), default=1)
+    return micro.groups_per_micro(model, params, rows, length, s.groups_per_micro)
 
 
 def _sharded_scores(
@@ -304,6 +317,7 @@ def output_scores(
     candidate's LM-head gradient feature against the validation set's (`output_features`,
     seeded by `seed` when projected), and the split-half cosine of the feature."""
     feature = output_features.HeadFeature(parse_output_dims(s.output_dims), seed)
+    s = replace(s, groups_per_micro=micro_groups(model, None, s, cand_batch, val_batch))
     a, b = output_features.distributed_feature_halves(
         model, val_batch, split_halves(val_batch.num_groups), feature, s.val_aggregate,
         s.groups_per_micro,
@@ -336,8 +350,9 @@ def direction_with_split_half(
         )
         direction = alignment.unit(a + b)
     else:
+        gpm = micro_groups(model, params, s, val_batch)
         a, b = dd.distributed_validation_halves(
-            model, params, val_batch, halves, s.val_aggregate, s.groups_per_micro
+            model, params, val_batch, halves, s.val_aggregate, gpm
         )
         direction = unit_pieces([x + y for x, y in zip(a, b)])
     return direction, split_half_cosine(a, b)
@@ -370,8 +385,9 @@ def group_alignment(
     if s.scorer == "exact":
         assert isinstance(direction, torch.Tensor)
         return alignment.exact_alignment(model, params, cand_batch, direction, advance, chunk)
+    gpm = micro_groups(model, params, s, cand_batch)
     return dd.distributed_group_alignment(
-        model, params, cand_batch, list(direction), s.groups_per_micro, chunk, exp_avg_sq, advance
+        model, params, cand_batch, list(direction), gpm, chunk, exp_avg_sq, advance
     )
 
 

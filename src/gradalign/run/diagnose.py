@@ -37,7 +37,7 @@ from gradalign.config import Config
 from gradalign.core.diagnostics import cosine, mean_by, selection_auc, split_halves
 from gradalign.core.selection import RULES, SelectionWarning, score_sim
 from gradalign.data.problems import ChunkSchedule, Problem
-from gradalign.engine.round_scoring import ChunkScorer, RoundScores
+from gradalign.engine.round_scoring import ChunkScorer, RoundScores, micro_groups
 from gradalign.progress import bar, log
 
 SPLIT_OK = 0.2  # split-half validation cosine above which g^_V is a usable direction
@@ -117,6 +117,8 @@ def _transfer(setup: Any, scored: RoundScores, eligible: np.ndarray, labels: lis
     batch = scored.rollouts[0].to_batch(setup.tokenizer.pad_token_id, s.scale_advantages)
     batch = batch.take_groups(keep).to(next(setup.model.parameters()).device)
     halves = split_halves(len(keep))
+    params = None if s.features == "output" else scored_parameters(setup.model, s.params)
+    s = dataclasses.replace(s, groups_per_micro=micro_groups(setup.model, params, s, batch))
     if s.features == "output":  # the transfer cosine of the feature that is scored
         from gradalign.core.common import parse_output_dims
         from gradalign.scoring.output_features import HeadFeature, distributed_feature_halves
@@ -126,7 +128,7 @@ def _transfer(setup: Any, scored: RoundScores, eligible: np.ndarray, labels: lis
             setup.model, batch, halves, feature, "sum", s.groups_per_micro
         )
         return cosine(a, b)
-    params = scored_parameters(setup.model, s.params)
+    assert params is not None
     a, b = dd.distributed_validation_halves(
         setup.model, params, batch, halves, "sum", s.groups_per_micro
     )
