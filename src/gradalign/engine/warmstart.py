@@ -9,6 +9,7 @@ hash of everything that determines it, so a second run loads it instead of redoi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,7 +37,8 @@ from gradalign.engine.policy import (
 )
 from gradalign.storage import write_json
 
-WARMSTART_VERSION = 2  # bump when the recipe changes, to invalidate caches
+# bump when the recipe changes, to invalidate caches (3: trained on one CPU thread)
+WARMSTART_VERSION = 3
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -81,6 +83,19 @@ def warmstart_key(
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def one_cpu_thread():
+    """Run the block on one CPU thread, then restore the process's count. A warm start's sums
+    then come in one order whatever threads the process has, so a recipe (its cache key)
+    gives the same weights under `make demo`, a bench run with OMP_NUM_THREADS=1 or a test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def supervised_warmstart(
     model,
     tokenizer,
@@ -91,7 +106,22 @@ def supervised_warmstart(
     seed: int,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train on (prompt, solution) pairs, loss on solution tokens + EOS. Returns losses."""
+    """Train on (prompt, solution) pairs, loss on solution tokens + EOS, on one CPU thread
+    (`one_cpu_thread`). Returns losses."""
+    with one_cpu_thread():
+        return _train(model, tokenizer, examples, steps, lr, batch, seed, progress)
+
+
+def _train(
+    model,
+    tokenizer,
+    examples: list[tuple[str, str]],
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    progress: Callable[[int, float], None] | None,
+) -> list[float]:
     cache: dict[int, tuple[list[int], list[int]]] = {}
 
     def tokens(i: int) -> tuple[list[int], list[int]]:  # tokenised on first use
