@@ -109,63 +109,50 @@ def supervised_warmstart(
     """Train on (prompt, solution) pairs, loss on solution tokens + EOS, on one CPU thread
     (`one_cpu_thread`). Returns losses."""
     with one_cpu_thread():
-        return _train(model, tokenizer, examples, steps, lr, batch, seed, progress)
+        cache: dict[int, tuple[list[int], list[int]]] = {}
 
+        def tokens(i: int) -> tuple[list[int], list[int]]:  # tokenised on first use
+            if i not in cache:
+                prompt, solution = examples[i]
+                answer = tokenizer(solution, add_special_tokens=False)["input_ids"]
+                cache[i] = (format_prompt(tokenizer, prompt), answer + [tokenizer.eos_token_id])
+            return cache[i]
 
-def _train(
-    model,
-    tokenizer,
-    examples: list[tuple[str, str]],
-    steps: int,
-    lr: float,
-    batch: int,
-    seed: int,
-    progress: Callable[[int, float], None] | None,
-) -> list[float]:
-    cache: dict[int, tuple[list[int], list[int]]] = {}
-
-    def tokens(i: int) -> tuple[list[int], list[int]]:  # tokenised on first use
-        if i not in cache:
-            prompt, solution = examples[i]
-            answer = tokenizer(solution, add_special_tokens=False)["input_ids"]
-            cache[i] = (format_prompt(tokenizer, prompt), answer + [tokenizer.eos_token_id])
-        return cache[i]
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warm = max(1, steps * 3 // 100)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    )
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(examples), generator=gen)
-    losses, pos = [], 0
-    model.train()
-    for step in range(steps):
-        if pos + batch > len(order):
-            order, pos = torch.randperm(len(examples), generator=gen), 0
-        idx = order[pos : pos + batch].tolist()
-        pos += batch
-        pairs = [tokens(i) for i in idx]
-        ids, attn, mask = pack_sequences(
-            [p for p, _ in pairs], [a for _, a in pairs], tokenizer.pad_token_id
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        warm = max(1, steps * 3 // 100)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
         )
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[
-            :, :-1
-        ]  # [B, T, V]
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        ).view_as(mask)  # [B, T]
-        loss = (nll * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if progress is not None:
-            progress(step + 1, losses[-1])
-    model.eval()
-    return losses
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(examples), generator=gen)
+        losses, pos = [], 0
+        model.train()
+        for step in range(steps):
+            if pos + batch > len(order):
+                order, pos = torch.randperm(len(examples), generator=gen), 0
+            idx = order[pos : pos + batch].tolist()
+            pos += batch
+            pairs = [tokens(i) for i in idx]
+            ids, attn, mask = pack_sequences(
+                [p for p, _ in pairs], [a for _, a in pairs], tokenizer.pad_token_id
+            )
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[
+                :, :-1
+            ]  # [B, T, V]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+            ).view_as(mask)  # [B, T]
+            loss = (nll * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step + 1, losses[-1])
+        model.eval()
+        return losses
 
 
 def load_or_warmstart(
