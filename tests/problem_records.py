@@ -1,4 +1,5 @@
-"""A JSONL problem reader for the tests of problem records (`test_problems`, `test_hostile`)."""
+"""A JSONL problem reader for the tests of problem records (`test_problems`, `test_hostile`), and
+the well-formed record line they put around the bad ones."""
 
 from __future__ import annotations
 
@@ -40,3 +41,8 @@ def read_problems(path: str | Path) -> list[Problem]:
         seen[problem.id] = lineno
         problems.append(problem)
     return problems
+
+
+def good(i: int) -> bytes:
+    """A well-formed JSONL record: problem i ("what is i + 1?")."""
+    return b'{"question": "what is %d + 1?", "answer": "%d"}' % (i, i + 1)

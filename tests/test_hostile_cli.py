@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from problem_records import good
 from typer.testing import CliRunner
 
 from gradalign.cli import app
@@ -13,11 +14,6 @@ from gradalign.config import ConfigError, load_config
 from gradalign.run.sources import (
     file_specs,
 )
-
-
-def good(i: int) -> bytes:
-    return b'{"question": "what is %d + 1?", "answer": "%d"}' % (i, i + 1)
-
 
 # --- configuration ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from problem_records import read_problems
+from problem_records import good, read_problems
 
 from gradalign.config import ConfigError, config_from_dict, load_config
 from gradalign.core.selection import Candidates, select
@@ -27,11 +27,6 @@ from gradalign.run.sources import (
     model_context,
     sets_from_files,
 )
-
-
-def good(i: int) -> bytes:
-    return b'{"question": "what is %d + 1?", "answer": "%d"}' % (i, i + 1)
-
 
 # --- JSONL: one bad line between two good ones ----------------------------------------------
 

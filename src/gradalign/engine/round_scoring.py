@@ -274,6 +274,8 @@ def micro_groups(
     """``select.groups_per_micro``, or when it is 0 the groups per micro-batch that the
     scored blocks' activations allow at these batches' rows per group and padded length
     (`micro.groups_per_micro`; `params` None: output features)."""
+    if s.groups_per_micro > 0:  # set, or resolved already by the caller
+        return s.groups_per_micro
     live = [b for b in batches if b.num_groups]
     rows = max((int(torch.bincount(b.group).max()) for b in live), default=1)
     length = max((int(b.input_ids.shape[1]) for b in live), default=1)
